@@ -1,0 +1,1115 @@
+//! The runtime: builder, registration, recovery, the worker loop, the timer heap, queues,
+//! and the public queries (status, list, history) and commands (start, signal, cancel).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::context::{CatchUnwind, Context, Suspend};
+use crate::error::{Error, Result};
+use crate::journal::{Journal, JournalStats, Record, Writes, to_json};
+use crate::types::{
+    Durability, HistoryEntry, ListFilter, QueueConfig, StartOptions, WorkflowId, WorkflowInfo,
+    WorkflowStatus, ms_to_time, now_ms,
+};
+
+pub(crate) type BoxFut = Pin<Box<dyn Future<Output = std::result::Result<Value, String>> + Send>>;
+type Erased = Arc<dyn Fn(Context, Value) -> BoxFut + Send + Sync>;
+
+/// Configures and opens a [`Runtime`]; created by [`Runtime::builder`].
+pub struct RuntimeBuilder {
+    path: PathBuf,
+    durability: Durability,
+    concurrency: usize,
+    registry: HashMap<String, Erased>,
+    queues: HashMap<String, QueueConfig>,
+}
+
+impl fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
+            .field("concurrency", &self.concurrency)
+            .field("workflows", &self.registry.keys().collect::<Vec<_>>())
+            .field("queues", &self.queues)
+            .finish()
+    }
+}
+
+impl RuntimeBuilder {
+    /// Sets how much a completed step survives; the default is [`Durability::ProcessCrash`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How many workflow executions the worker runs at once (default 64, at least 1).
+    ///
+    /// Sleeping and waiting workflows hold no slot: they are suspended, not running.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Registers a workflow function under `name`.
+    ///
+    /// The function is a plain `async fn(Context, I) -> Result<O, E>`: `I` is deserialised from
+    /// the journaled input, `O` is serialised into the journal, and `E`'s `Display` text is
+    /// recorded as the failure message. Registering the same name twice keeps the last one.
+    pub fn register<F, Fut, I, O, E>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<O, E>> + Send + 'static,
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let erased: Erased = Arc::new(move |ctx: Context, input: Value| -> BoxFut {
+            let f = Arc::clone(&f);
+            Box::pin(async move {
+                let input: I = match serde_json::from_value(input) {
+                    Ok(i) => i,
+                    Err(source) => {
+                        let e = Error::Payload {
+                            id: ctx.id().clone(),
+                            what: "the workflow input".into(),
+                            source,
+                        };
+                        ctx.poison(e.to_string());
+                        return Err(e.to_string());
+                    }
+                };
+                match f(ctx, input).await {
+                    Ok(o) => serde_json::to_value(o)
+                        .map_err(|e| format!("the workflow output could not be serialised: {e}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        });
+        self.registry.insert(name.into(), erased);
+        self
+    }
+
+    /// Declares a named queue with its limits; see [`StartOptions::queue`].
+    pub fn queue(mut self, name: impl Into<String>, config: QueueConfig) -> Self {
+        self.queues.insert(name.into(), config);
+        self
+    }
+
+    /// Opens the journal, takes its lock, and recovers every unfinished workflow.
+    ///
+    /// Recovered workflows are queued for the worker (see [`Runtime::worker`]); they run
+    /// again from the start, with completed operations answered from the journal.
+    /// Records that cannot be recovered (unparseable, unregistered name, unknown queue) are
+    /// left untouched on disk and reported by [`Runtime::issues`]; the others run normally.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyOpen`] if another runtime, in this process or another, holds the
+    /// directory; [`Error::UnsupportedFormat`] for a journal from a newer build;
+    /// [`Error::Corrupt`] if sled cannot read the database; [`Error::Storage`] for I/O failures.
+    pub async fn open(self) -> Result<Runtime> {
+        let path = self.path.clone();
+        let durability = self.durability;
+        let journal = tokio::task::spawn_blocking(move || Journal::open(&path, durability))
+            .await
+            .map_err(|e| Error::Corrupt {
+                what: format!("opening the journal panicked: {e}"),
+            })??;
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let (done_tx, _) = watch::channel(0u64);
+        let (shutdown_tx, _) = watch::channel(false);
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(now_ms());
+            h.finish()
+        };
+        let queues = self
+            .queues
+            .iter()
+            .map(|(name, cfg)| {
+                (
+                    name.clone(),
+                    QueueState {
+                        cfg: *cfg,
+                        active: 0,
+                        pending: VecDeque::new(),
+                        tokens: cfg.per_second.map_or(0.0, |r| r.max(1.0)),
+                        last: Instant::now(),
+                        armed: false,
+                    },
+                )
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            journal,
+            registry: self.registry,
+            queue_names: self.queues.keys().cloned().collect(),
+            concurrency: self.concurrency,
+            sched: Mutex::new(Sched {
+                running: HashMap::new(),
+                suspended: HashMap::new(),
+                timers: BinaryHeap::new(),
+                queues,
+                slots: HashSet::new(),
+                cancelled: HashSet::new(),
+                generation: 0,
+                issues: Vec::new(),
+            }),
+            ready_tx,
+            ready_rx: Mutex::new(Some(ready_rx)),
+            timer_notify: Notify::new(),
+            done_tx,
+            shutdown_tx,
+            worker_done: watch::channel(false).0,
+            rng: Mutex::new(seed),
+        });
+        let rt = Runtime { inner };
+        let recover = rt.clone();
+        tokio::task::spawn_blocking(move || recover.recover())
+            .await
+            .map_err(|e| Error::Corrupt {
+                what: format!("recovery panicked: {e}"),
+            })?;
+        Ok(rt)
+    }
+}
+
+/// A problem found in the journal that affects one workflow but not the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// The workflow concerned, when known.
+    pub workflow: Option<String>,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.workflow {
+            Some(w) => write!(f, "workflow {w:?}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+struct QueueState {
+    cfg: QueueConfig,
+    active: usize,
+    pending: VecDeque<String>,
+    tokens: f64,
+    last: Instant,
+    armed: bool,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Wake { id: String, generation: u64 },
+    Queue { name: String },
+}
+
+struct Sched {
+    /// Executing workflows, with a flag set when something woke them while they ran.
+    running: HashMap<String, bool>,
+    /// Suspended workflows and the generation of their current suspension.
+    suspended: HashMap<String, u64>,
+    timers: BinaryHeap<Reverse<(u64, TimerKind)>>,
+    queues: HashMap<String, QueueState>,
+    /// Queued workflows that hold a concurrency slot of their queue.
+    slots: HashSet<String>,
+    cancelled: HashSet<String>,
+    generation: u64,
+    issues: Vec<Issue>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) journal: Journal,
+    registry: HashMap<String, Erased>,
+    queue_names: HashSet<String>,
+    concurrency: usize,
+    sched: Mutex<Sched>,
+    ready_tx: mpsc::UnboundedSender<String>,
+    ready_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    timer_notify: Notify,
+    done_tx: watch::Sender<u64>,
+    shutdown_tx: watch::Sender<bool>,
+    worker_done: watch::Sender<bool>,
+    rng: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data half-updated in a way
+    // that matters more than stopping, and workflow panics are caught outside them.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn is_registered(&self, name: &str) -> bool {
+        self.registry.contains_key(name)
+    }
+
+    pub(crate) fn cancel_requested(&self, id: &str) -> bool {
+        lock(&self.sched).cancelled.contains(id)
+    }
+
+    pub(crate) fn next_random(&self) -> u64 {
+        // splitmix64: small, fast, and good enough for jitter and journaled random values.
+        let mut s = lock(&self.rng);
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Makes a workflow runnable again: at once if suspended, after its current execution if
+    /// running. Spurious wakes are harmless: the workflow replays and suspends again.
+    pub(crate) fn wake(&self, id: &str) {
+        let mut s = lock(&self.sched);
+        if let Some(flag) = s.running.get_mut(id) {
+            *flag = true;
+        } else if s.suspended.remove(id).is_some() {
+            let _ = self.ready_tx.send(id.to_string());
+        }
+    }
+
+    pub(crate) fn dispatch_new(&self, id: &str) {
+        let _ = self.ready_tx.send(id.to_string());
+    }
+
+    fn issue(&self, workflow: Option<&str>, message: String) {
+        lock(&self.sched).issues.push(Issue {
+            workflow: workflow.map(str::to_string),
+            message,
+        });
+    }
+
+    /// Moves queued workflows to the ready channel while the queue's limits allow.
+    fn pump_queue(&self, s: &mut Sched, name: &str) {
+        let Some(q) = s.queues.get_mut(name) else {
+            return;
+        };
+        if let Some(rate) = q.cfg.per_second {
+            let now = Instant::now();
+            let cap = rate.max(1.0);
+            q.tokens = (q.tokens + now.duration_since(q.last).as_secs_f64() * rate).min(cap);
+            q.last = now;
+        }
+        let mut arm_at = None;
+        while q.active < q.cfg.concurrency && !q.pending.is_empty() {
+            if let Some(rate) = q.cfg.per_second {
+                if q.tokens < 1.0 {
+                    let wait = Duration::from_secs_f64((1.0 - q.tokens) / rate);
+                    arm_at = Some(now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) + 1);
+                    break;
+                }
+                q.tokens -= 1.0;
+            }
+            let Some(id) = q.pending.pop_front() else {
+                break;
+            };
+            q.active += 1;
+            s.slots.insert(id.clone());
+            let _ = self.ready_tx.send(id);
+        }
+        if let Some(at) = arm_at {
+            let q_armed = s.queues.get(name).is_some_and(|q| q.armed);
+            if !q_armed {
+                if let Some(q) = s.queues.get_mut(name) {
+                    q.armed = true;
+                }
+                s.timers.push(Reverse((
+                    at,
+                    TimerKind::Queue {
+                        name: name.to_string(),
+                    },
+                )));
+                self.timer_notify.notify_one();
+            }
+        }
+    }
+}
+
+/// A durable-execution runtime over one journal directory.
+///
+/// Cloning is cheap and shares the runtime. The journal stays open, and its directory
+/// locked, until the runtime, its clones, its handles and its worker are all dropped.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("concurrency", &self.inner.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reference to a started workflow; see [`Runtime::start`].
+#[derive(Clone)]
+pub struct Handle {
+    id: WorkflowId,
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle").field("id", &self.id).finish()
+    }
+}
+
+impl Handle {
+    /// The workflow's ID.
+    pub fn id(&self) -> &WorkflowId {
+        &self.id
+    }
+
+    /// Waits until the workflow finishes and returns its output.
+    ///
+    /// Works for workflows that finished before this runtime was opened too: the output is
+    /// read from the journal. A worker must be running for unfinished workflows to progress.
+    ///
+    /// # Errors
+    /// [`Error::WorkflowFailed`] if it failed, [`Error::Cancelled`] if it was cancelled,
+    /// [`Error::Payload`] if its output does not deserialise into `O`,
+    /// [`Error::NotFound`] if the ID does not exist.
+    pub async fn result<O: DeserializeOwned>(&self) -> Result<O> {
+        let mut rx = self.inner.done_tx.subscribe();
+        loop {
+            let rec = self
+                .inner
+                .journal
+                .record(self.id.as_str())?
+                .ok_or_else(|| Error::NotFound {
+                    id: self.id.clone(),
+                })?;
+            match rec.status {
+                WorkflowStatus::Succeeded => {
+                    return serde_json::from_value(rec.output.unwrap_or(Value::Null)).map_err(
+                        |source| Error::Payload {
+                            id: self.id.clone(),
+                            what: "the workflow output".into(),
+                            source,
+                        },
+                    );
+                }
+                WorkflowStatus::Failed => {
+                    return Err(Error::WorkflowFailed {
+                        id: self.id.clone(),
+                        message: rec.error.unwrap_or_default(),
+                    });
+                }
+                WorkflowStatus::Cancelled => {
+                    return Err(Error::Cancelled {
+                        id: self.id.clone(),
+                    });
+                }
+                WorkflowStatus::Enqueued | WorkflowStatus::Running => {
+                    rx.changed().await.map_err(|_| Error::ShutDown)?;
+                }
+            }
+        }
+    }
+
+    /// The workflow's current summary.
+    ///
+    /// # Errors
+    /// As [`Runtime::status`].
+    pub fn status(&self) -> Result<WorkflowInfo> {
+        Runtime {
+            inner: Arc::clone(&self.inner),
+        }
+        .status(&self.id)
+    }
+}
+
+/// The loop that picks up runnable workflows; see [`Runtime::worker`].
+pub struct Worker {
+    inner: Arc<Inner>,
+    ready_rx: mpsc::UnboundedReceiver<String>,
+    _guard: WorkerGuard,
+}
+
+/// Marks the worker as gone when the worker (run or not) is dropped, so `shutdown` never
+/// waits for a worker that will not run.
+struct WorkerGuard(Arc<Inner>);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        self.0.worker_done.send_replace(true);
+    }
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("concurrency", &self.inner.concurrency)
+            .finish()
+    }
+}
+
+enum Outcome {
+    Done {
+        parent: Option<String>,
+        queue: Option<String>,
+    },
+    Suspended(Suspend),
+    Gone,
+}
+
+impl Worker {
+    /// Runs workflows until [`Runtime::shutdown`] is called.
+    ///
+    /// At most the builder's `concurrency` executions run at once, each as a task on the
+    /// tokio runtime that polls this future. Timers of all sleeping workflows live in one heap
+    /// polled by this loop, so a sleeping workflow costs no task.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for fatal journal failures.
+    pub async fn run(mut self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let sem = Arc::new(Semaphore::new(inner.concurrency));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut shutdown = inner.shutdown_tx.subscribe();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let next = lock(&inner.sched).timers.peek().map(|Reverse((t, _))| *t);
+            let sleep_for = next.map(|t| Duration::from_millis(t.saturating_sub(now_ms())));
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                id = self.ready_rx.recv() => {
+                    let Some(id) = id else { break };
+                    {
+                        let mut s = lock(&inner.sched);
+                        if let Some(flag) = s.running.get_mut(&id) {
+                            *flag = true;
+                            continue;
+                        }
+                        s.suspended.remove(&id);
+                        s.running.insert(id.clone(), false);
+                    }
+                    let permit = tokio::select! {
+                        p = Arc::clone(&sem).acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                        _ = shutdown.changed() => break,
+                    };
+                    let task_inner = Arc::clone(&inner);
+                    tasks.spawn(async move {
+                        let outcome = execute(&task_inner, &id).await;
+                        drop(permit);
+                        settle(&task_inner, &id, outcome);
+                    });
+                }
+                _ = sleep_maybe(sleep_for) => {
+                    fire_timers(&inner);
+                }
+                _ = inner.timer_notify.notified() => {}
+                Some(_) = tasks.join_next() => {}
+            }
+        }
+        tasks.shutdown().await;
+        drop(self);
+        Ok(())
+    }
+}
+
+async fn sleep_maybe(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn fire_timers(inner: &Inner) {
+    let now = now_ms();
+    let mut s = lock(&inner.sched);
+    let mut queues = Vec::new();
+    while let Some(Reverse((t, _))) = s.timers.peek() {
+        if *t > now {
+            break;
+        }
+        let Some(Reverse((_, kind))) = s.timers.pop() else {
+            break;
+        };
+        match kind {
+            TimerKind::Wake { id, generation } => {
+                if s.suspended.get(&id) == Some(&generation) {
+                    s.suspended.remove(&id);
+                    let _ = inner.ready_tx.send(id);
+                }
+            }
+            TimerKind::Queue { name } => {
+                if let Some(q) = s.queues.get_mut(&name) {
+                    q.armed = false;
+                }
+                queues.push(name);
+            }
+        }
+    }
+    for name in queues {
+        inner.pump_queue(&mut s, &name);
+    }
+}
+
+/// Records what happened to an execution in the scheduler.
+fn settle(inner: &Inner, id: &str, outcome: Outcome) {
+    let mut s = lock(&inner.sched);
+    let woken = s.running.remove(id).unwrap_or(false);
+    match outcome {
+        Outcome::Suspended(sus) => {
+            if woken {
+                let _ = inner.ready_tx.send(id.to_string());
+            } else {
+                s.generation += 1;
+                let generation = s.generation;
+                s.suspended.insert(id.to_string(), generation);
+                if let Some(at) = sus.deadline_ms {
+                    s.timers.push(Reverse((
+                        at,
+                        TimerKind::Wake {
+                            id: id.to_string(),
+                            generation,
+                        },
+                    )));
+                    inner.timer_notify.notify_one();
+                }
+            }
+        }
+        Outcome::Done { parent, queue } => {
+            s.cancelled.remove(id);
+            if s.slots.remove(id)
+                && let Some(qname) = queue
+            {
+                if let Some(q) = s.queues.get_mut(&qname) {
+                    q.active = q.active.saturating_sub(1);
+                }
+                inner.pump_queue(&mut s, &qname);
+            }
+            drop(s);
+            if let Some(p) = parent {
+                inner.wake(&p);
+            }
+            inner.done_tx.send_modify(|n| *n += 1);
+        }
+        Outcome::Gone => {}
+    }
+}
+
+async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
+    let mut rec = match inner.journal.record(id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Outcome::Gone,
+        Err(e) => {
+            inner.issue(Some(id), e.to_string());
+            return Outcome::Gone;
+        }
+    };
+    if rec.status.is_terminal() {
+        return Outcome::Done {
+            parent: None,
+            queue: rec.queue,
+        };
+    }
+    let Some(f) = inner.registry.get(&rec.name).cloned() else {
+        inner.issue(
+            Some(id),
+            Error::UnknownWorkflow {
+                name: rec.name.clone(),
+            }
+            .to_string(),
+        );
+        return Outcome::Gone;
+    };
+    if rec.status == WorkflowStatus::Enqueued {
+        rec.status = WorkflowStatus::Running;
+        rec.updated_ms = now_ms();
+        let mut w = Writes::default();
+        // The status change needs no flush of its own: sled flushes in order, so any later
+        // durable step of this workflow carries it along.
+        if let Err(e) = w.record(id, &rec).and_then(|()| inner.journal.apply(w)) {
+            inner.issue(Some(id), e.to_string());
+            return Outcome::Gone;
+        }
+    }
+    let history = match inner.journal.events(id) {
+        Ok(h) => h,
+        Err(e) => {
+            inner.issue(Some(id), e.to_string());
+            return Outcome::Gone;
+        }
+    };
+    let (stx, mut srx) = tokio::sync::oneshot::channel();
+    let ctx = Context::new(
+        Arc::clone(inner),
+        WorkflowId::from_trusted(id.to_string()),
+        history,
+        stx,
+    );
+    let mut fut = CatchUnwind::new(f(ctx.clone(), rec.input.clone()));
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => break r,
+            s = &mut srx, if !srx.is_terminated() => {
+                if let Ok(s) = s {
+                    return Outcome::Suspended(s);
+                }
+            }
+        }
+    };
+    let result = match result {
+        Ok(r) => r,
+        Err(panic) => Err(format!("workflow panicked: {panic}")),
+    };
+    let cancelled = inner.cancel_requested(id) || ctx.cancel_delivered();
+    match ctx.poisoned() {
+        Some(msg) => {
+            rec.status = WorkflowStatus::Failed;
+            rec.error = Some(msg);
+        }
+        None => match result {
+            Ok(v) if !cancelled => {
+                rec.status = WorkflowStatus::Succeeded;
+                rec.output = Some(v);
+            }
+            Ok(v) => {
+                rec.status = WorkflowStatus::Cancelled;
+                rec.output = Some(v);
+            }
+            Err(msg) => {
+                rec.status = if cancelled {
+                    WorkflowStatus::Cancelled
+                } else {
+                    WorkflowStatus::Failed
+                };
+                rec.error = Some(msg);
+            }
+        },
+    }
+    rec.updated_ms = now_ms();
+    let mut w = Writes::default();
+    let committed = match w.record(id, &rec) {
+        Ok(()) => inner.journal.commit(w).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        inner.issue(Some(id), format!("recording the result failed: {e}"));
+        return Outcome::Gone;
+    }
+    Outcome::Done {
+        parent: rec.parent,
+        queue: rec.queue,
+    }
+}
+
+fn info(id: &str, rec: &Record) -> WorkflowInfo {
+    WorkflowInfo {
+        id: WorkflowId::from_trusted(id.to_string()),
+        name: rec.name.clone(),
+        status: rec.status,
+        created_at: ms_to_time(rec.created_ms),
+        updated_at: ms_to_time(rec.updated_ms),
+        queue: rec.queue.clone(),
+        parent: rec.parent.clone().map(WorkflowId::from_trusted),
+        cancel_requested: rec.cancel_requested,
+        error: rec.error.clone(),
+    }
+}
+
+impl Runtime {
+    /// Starts configuring a runtime whose journal lives in the directory `path`.
+    ///
+    /// The directory holds sled's database (`journal/`) and a lock file (`keel.lock`).
+    pub fn builder(path: impl AsRef<Path>) -> RuntimeBuilder {
+        RuntimeBuilder {
+            path: path.as_ref().to_path_buf(),
+            durability: Durability::default(),
+            concurrency: 64,
+            registry: HashMap::new(),
+            queues: HashMap::new(),
+        }
+    }
+
+    fn recover(&self) {
+        let inner = &self.inner;
+        let mut ready = Vec::new();
+        let mut queued: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+        let mut s = lock(&inner.sched);
+        for (id, rec) in inner.journal.records() {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    s.issues.push(Issue {
+                        workflow: Some(id).filter(|i| !i.is_empty()),
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            if rec.status.is_terminal() {
+                continue;
+            }
+            if !inner.registry.contains_key(&rec.name) {
+                s.issues.push(Issue {
+                    workflow: Some(id),
+                    message: Error::UnknownWorkflow { name: rec.name }.to_string(),
+                });
+                continue;
+            }
+            if rec.cancel_requested {
+                s.cancelled.insert(id.clone());
+            }
+            match &rec.queue {
+                Some(q) if !inner.queue_names.contains(q) => {
+                    s.issues.push(Issue {
+                        workflow: Some(id),
+                        message: Error::UnknownQueue { name: q.clone() }.to_string(),
+                    });
+                }
+                Some(q) if rec.status == WorkflowStatus::Enqueued => {
+                    queued.entry(q.clone()).or_default().push((rec.seq, id));
+                }
+                Some(q) => {
+                    if let Some(qs) = s.queues.get_mut(q) {
+                        qs.active += 1;
+                    }
+                    s.slots.insert(id.clone());
+                    ready.push((rec.seq, id));
+                }
+                None => ready.push((rec.seq, id)),
+            }
+        }
+        ready.sort();
+        for (_, id) in ready {
+            let _ = inner.ready_tx.send(id);
+        }
+        for (name, mut ids) in queued {
+            ids.sort();
+            if let Some(q) = s.queues.get_mut(&name) {
+                q.pending.extend(ids.into_iter().map(|(_, id)| id));
+            }
+            inner.pump_queue(&mut s, &name);
+        }
+    }
+
+    /// Takes the runtime's worker: the loop that runs workflows. Spawn it on your tokio runtime
+    /// (`tokio::spawn(rt.worker()?.run())`) or drive it from your own scheduler.
+    ///
+    /// # Errors
+    /// [`Error::WorkerRunning`] if the worker was already taken.
+    pub fn worker(&self) -> Result<Worker> {
+        let rx = lock(&self.inner.ready_rx)
+            .take()
+            .ok_or(Error::WorkerRunning)?;
+        Ok(Worker {
+            inner: Arc::clone(&self.inner),
+            ready_rx: rx,
+            _guard: WorkerGuard(Arc::clone(&self.inner)),
+        })
+    }
+
+    /// Starts workflow `name` under `id` with `input`, or returns the existing workflow.
+    ///
+    /// The ID is the idempotency key: if it exists (running or finished), nothing new runs and
+    /// the returned handle refers to the existing workflow. Once this returns `Ok`, the start
+    /// is durable: after a crash the workflow is recovered and runs to completion.
+    ///
+    /// # Errors
+    /// [`Error::UnknownWorkflow`] if `name` is not registered; [`Error::IdConflict`] if the ID
+    /// exists under another name; [`Error::Serialize`] or [`Error::Storage`].
+    pub async fn start<I: Serialize>(
+        &self,
+        name: &str,
+        id: &WorkflowId,
+        input: &I,
+    ) -> Result<Handle> {
+        self.start_with(name, id, input, StartOptions::new()).await
+    }
+
+    /// As [`Runtime::start`], with options such as a queue.
+    ///
+    /// # Errors
+    /// As [`Runtime::start`], plus [`Error::UnknownQueue`].
+    pub async fn start_with<I: Serialize>(
+        &self,
+        name: &str,
+        id: &WorkflowId,
+        input: &I,
+        options: StartOptions,
+    ) -> Result<Handle> {
+        let inner = &self.inner;
+        if !inner.registry.contains_key(name) {
+            return Err(Error::UnknownWorkflow { name: name.into() });
+        }
+        if let Some(q) = &options.queue
+            && !inner.queue_names.contains(q)
+        {
+            return Err(Error::UnknownQueue { name: q.clone() });
+        }
+        let input = serde_json::to_value(input).map_err(|source| Error::Serialize {
+            what: format!("input of workflow {id}"),
+            source,
+        })?;
+        let now = now_ms();
+        let rec = Record {
+            name: name.to_string(),
+            input,
+            status: if options.queue.is_some() {
+                WorkflowStatus::Enqueued
+            } else {
+                WorkflowStatus::Running
+            },
+            created_ms: now,
+            updated_ms: now,
+            seq: inner.journal.next_seq()?,
+            queue: options.queue.clone(),
+            parent: None,
+            cancel_requested: false,
+            output: None,
+            error: None,
+        };
+        let handle = Handle {
+            id: id.clone(),
+            inner: Arc::clone(inner),
+        };
+        if let Some(existing) = inner.journal.create(id.as_str(), &rec)? {
+            if existing.name != name {
+                return Err(Error::IdConflict {
+                    id: id.clone(),
+                    existing: existing.name,
+                    requested: name.into(),
+                });
+            }
+            // An existing record was committed by whoever created it; make sure that commit
+            // is durable before reporting the start as done.
+            inner.journal.sync().await?;
+            return Ok(handle);
+        }
+        inner.journal.sync().await?;
+        match &options.queue {
+            Some(q) => {
+                let mut s = lock(&inner.sched);
+                if let Some(qs) = s.queues.get_mut(q) {
+                    qs.pending.push_back(id.as_str().to_string());
+                }
+                inner.pump_queue(&mut s, q);
+            }
+            None => inner.dispatch_new(id.as_str()),
+        }
+        Ok(handle)
+    }
+
+    /// A handle to an existing workflow.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] if the ID does not exist.
+    pub fn handle(&self, id: &WorkflowId) -> Result<Handle> {
+        self.status(id)?;
+        Ok(Handle {
+            id: id.clone(),
+            inner: Arc::clone(&self.inner),
+        })
+    }
+
+    /// The workflow's current summary, read from the journal.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`].
+    pub fn status(&self, id: &WorkflowId) -> Result<WorkflowInfo> {
+        let rec = self
+            .inner
+            .journal
+            .record(id.as_str())?
+            .ok_or_else(|| Error::NotFound { id: id.clone() })?;
+        Ok(info(id.as_str(), &rec))
+    }
+
+    /// Every workflow matching `filter`, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the journal cannot be read. Records that do not parse are skipped
+    /// here and reported by [`Runtime::issues`].
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<WorkflowInfo>> {
+        let mut out = Vec::new();
+        for (id, rec) in self.inner.journal.records() {
+            match rec {
+                Ok(rec) => {
+                    let i = info(&id, &rec);
+                    if filter.matches(&i) {
+                        out.push((rec.seq, i));
+                    }
+                }
+                Err(e @ Error::Storage { .. }) => return Err(e),
+                Err(e) => self.inner.issue(Some(&id), e.to_string()),
+            }
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        Ok(out.into_iter().map(|(_, i)| i).collect())
+    }
+
+    /// The workflow's journal, one human-readable entry per recorded operation.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`].
+    pub fn history(&self, id: &WorkflowId) -> Result<Vec<HistoryEntry>> {
+        self.status(id)?;
+        let events = self.inner.journal.events(id.as_str())?;
+        Ok(events
+            .into_iter()
+            .map(|(index, ev)| {
+                let detail = serde_json::to_string(&ev).unwrap_or_default();
+                HistoryEntry {
+                    index,
+                    kind: ev.kind().to_string(),
+                    name: ev.subject(),
+                    detail,
+                }
+            })
+            .collect())
+    }
+
+    /// Sends signal `name` with `value` to a workflow.
+    ///
+    /// Once this returns `Ok`, the signal is durable: it is buffered until the workflow
+    /// receives it with [`Context::recv`], and delivered exactly once even across crashes
+    /// (taking it from the buffer and journaling its delivery is one atomic write).
+    /// Signals of one name are delivered in the order they were sent.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Finished`] if the workflow has already finished;
+    /// [`Error::Serialize`] or [`Error::Storage`].
+    pub async fn signal<T: Serialize>(&self, id: &WorkflowId, name: &str, value: &T) -> Result<()> {
+        let rec = self
+            .inner
+            .journal
+            .record(id.as_str())?
+            .ok_or_else(|| Error::NotFound { id: id.clone() })?;
+        if rec.status.is_terminal() {
+            return Err(Error::Finished {
+                id: id.clone(),
+                signal: name.into(),
+            });
+        }
+        let v = to_json(&format!("signal {name:?}"), value)?;
+        let mut w = Writes::default();
+        w.put(self.inner.journal.signal_key(id.as_str(), name)?, v);
+        self.inner.journal.commit(w).await?;
+        self.inner.wake(id.as_str());
+        Ok(())
+    }
+
+    /// Requests cancellation of a workflow and, recursively, of its unfinished children.
+    ///
+    /// The request is durable once this returns `Ok`. A running workflow observes it at its
+    /// next new operation on [`Context`] (step, sleep, recv, child, ...), which returns
+    /// [`Error::Cancelled`] once; the operations after that run normally, so the workflow
+    /// can run compensation steps before it returns. It then ends as
+    /// [`WorkflowStatus::Cancelled`]. A workflow still waiting in a queue is cancelled at once.
+    /// Cancelling a finished workflow does nothing.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] or [`Error::Storage`].
+    pub async fn cancel(&self, id: &WorkflowId) -> Result<()> {
+        let inner = &self.inner;
+        inner
+            .journal
+            .record(id.as_str())?
+            .ok_or_else(|| Error::NotFound { id: id.clone() })?;
+        let mut children: HashMap<String, Vec<String>> = HashMap::new();
+        let mut records = HashMap::new();
+        for (cid, rec) in inner.journal.records() {
+            if let Ok(rec) = rec {
+                if let Some(p) = &rec.parent {
+                    children.entry(p.clone()).or_default().push(cid.clone());
+                }
+                records.insert(cid, rec);
+            }
+        }
+        let mut w = Writes::default();
+        let mut touched = Vec::new();
+        let mut finished_now = false;
+        let mut stack = vec![id.as_str().to_string()];
+        let now = now_ms();
+        while let Some(x) = stack.pop() {
+            let Some(mut rec) = records.remove(&x) else {
+                continue;
+            };
+            if rec.status.is_terminal() {
+                continue;
+            }
+            rec.cancel_requested = true;
+            rec.updated_ms = now;
+            if rec.status == WorkflowStatus::Enqueued {
+                rec.status = WorkflowStatus::Cancelled;
+                finished_now = true;
+            }
+            w.record(&x, &rec)?;
+            stack.extend(children.remove(&x).unwrap_or_default());
+            touched.push(x);
+        }
+        inner.journal.commit(w).await?;
+        {
+            let mut s = lock(&inner.sched);
+            for x in &touched {
+                s.cancelled.insert(x.clone());
+            }
+        }
+        for x in &touched {
+            inner.wake(x);
+        }
+        if finished_now {
+            inner.done_tx.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    /// Problems found in the journal that affect single workflows (unparseable records,
+    /// unregistered names, unknown queues, failures to record a result). Those workflows are
+    /// left as they are on disk; every other workflow runs normally.
+    pub fn issues(&self) -> Vec<Issue> {
+        lock(&self.inner.sched).issues.clone()
+    }
+
+    /// Counters of the group committer: commits requested and flushes run.
+    pub fn stats(&self) -> JournalStats {
+        self.inner.journal.stats()
+    }
+
+    /// Stops the worker, waits for its executions to be dropped, and flushes the journal.
+    ///
+    /// Executions in flight are abandoned at their current await point; because every
+    /// completed operation is already journaled, they resume from there when a runtime opens
+    /// the journal again. The directory lock is released when the last clone of this runtime
+    /// and the last [`Handle`] are dropped.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the final flush fails.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.inner.shutdown_tx.send_replace(true);
+        if lock(&self.inner.ready_rx).is_none() {
+            let mut done = self.inner.worker_done.subscribe();
+            // The sender lives in `inner`, which `self` keeps alive, so this cannot fail.
+            let _ = done.wait_for(|d| *d).await;
+        }
+        self.inner.journal.sync().await
+    }
+}

@@ -1,0 +1,431 @@
+//! Plain value types of the public API: IDs, statuses, filters, options and policies.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The identity of a workflow, and its idempotency key.
+///
+/// Starting a workflow under an ID that already exists returns the existing workflow
+/// instead of running it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WorkflowId(String);
+
+impl WorkflowId {
+    /// Validates and wraps an ID.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`] if the ID is empty, longer than 512 bytes, or contains a NUL byte
+    /// (the journal uses NUL as a key separator).
+    pub fn new(id: impl Into<String>) -> Result<Self> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("it is empty")
+        } else if id.len() > 512 {
+            Some("it is longer than 512 bytes")
+        } else if id.contains('\0') {
+            Some("it contains a NUL byte")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidId { id, reason }),
+            None => Ok(Self(id)),
+        }
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub(crate) fn from_trusted(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl fmt::Display for WorkflowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Where a workflow is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkflowStatus {
+    /// Waiting in a queue for a concurrency slot or a rate-limit token.
+    Enqueued,
+    /// Started and not finished: executing, sleeping, or waiting for a signal or a child.
+    Running,
+    /// Returned `Ok`.
+    Succeeded,
+    /// Returned an error, panicked, or diverged from its journal.
+    Failed,
+    /// Cancelled with [`Runtime::cancel`](crate::Runtime::cancel) and then finished.
+    Cancelled,
+}
+
+impl WorkflowStatus {
+    /// Whether the workflow has finished (succeeded, failed or cancelled).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// How much a completed step survives.
+///
+/// Both modes use group commit: one committer thread flushes every completion queued since
+/// its previous flush, so concurrent workflows share the cost of each flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Durability {
+    /// Survives a crash or `kill -9` of the process, not necessarily a power loss.
+    ///
+    /// Each commit runs sled's `flush()`, which writes the log to the page cache and starts
+    /// writeback with `sync_file_range`; the kernel owns the data once it returns.
+    /// After a power loss the last few hundred milliseconds of commits may be lost.
+    #[default]
+    ProcessCrash,
+    /// Survives a power loss as well.
+    ///
+    /// Each commit runs sled's `flush()` and then `fdatasync` on every file of the journal
+    /// directory (and `fsync` on the directory itself), so the commit is on stable storage
+    /// when the step is reported done.
+    PowerLoss,
+}
+
+/// What [`Runtime::list`](crate::Runtime::list) returns; all set fields must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    status: Option<WorkflowStatus>,
+    name: Option<String>,
+    created_after: Option<SystemTime>,
+    created_before: Option<SystemTime>,
+}
+
+impl ListFilter {
+    /// A filter that matches every workflow.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only workflows in this status.
+    pub fn status(mut self, status: WorkflowStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Only workflows registered under this name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Only workflows created at or after this time.
+    pub fn created_after(mut self, t: SystemTime) -> Self {
+        self.created_after = Some(t);
+        self
+    }
+
+    /// Only workflows created before this time.
+    pub fn created_before(mut self, t: SystemTime) -> Self {
+        self.created_before = Some(t);
+        self
+    }
+
+    pub(crate) fn matches(&self, info: &WorkflowInfo) -> bool {
+        self.status.is_none_or(|s| s == info.status)
+            && self.name.as_deref().is_none_or(|n| n == info.name)
+            && self.created_after.is_none_or(|t| info.created_at >= t)
+            && self.created_before.is_none_or(|t| info.created_at < t)
+    }
+}
+
+/// A summary of one workflow, as [`Runtime::status`](crate::Runtime::status) and
+/// [`Runtime::list`](crate::Runtime::list) report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowInfo {
+    /// The workflow's ID.
+    pub id: WorkflowId,
+    /// The registered name it runs.
+    pub name: String,
+    /// Its status.
+    pub status: WorkflowStatus,
+    /// When it was started.
+    pub created_at: SystemTime,
+    /// When its record last changed.
+    pub updated_at: SystemTime,
+    /// The queue it was started on, if any.
+    pub queue: Option<String>,
+    /// The parent workflow, if it is a child.
+    pub parent: Option<WorkflowId>,
+    /// Whether cancellation was requested.
+    pub cancel_requested: bool,
+    /// The error message, if it failed.
+    pub error: Option<String>,
+}
+
+/// One entry of a workflow's journal, as [`Runtime::history`](crate::Runtime::history) returns it.
+///
+/// Its `Display` form is one human-readable line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Position in the workflow's journal, from 0.
+    pub index: u64,
+    /// The kind of operation: `step`, `sleep`, `signal`, `now`, `random`, `uuid`, `version`,
+    /// `child-start`, `child-result` or `cancelled`.
+    pub kind: String,
+    /// The step name, signal name, change ID or child ID the entry is about.
+    pub name: String,
+    /// The journaled value as JSON text.
+    pub detail: String,
+}
+
+impl fmt::Display for HistoryEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "#{} {} {:?} -> {}",
+            self.index, self.kind, self.name, self.detail
+        )
+    }
+}
+
+/// Options for [`Runtime::start_with`](crate::Runtime::start_with).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    pub(crate) queue: Option<String>,
+}
+
+impl StartOptions {
+    /// Default options: no queue, the workflow is dispatched at once.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the workflow through a named queue configured on the builder.
+    pub fn queue(mut self, name: impl Into<String>) -> Self {
+        self.queue = Some(name.into());
+        self
+    }
+}
+
+/// Limits of a named queue; see [`RuntimeBuilder::queue`](crate::RuntimeBuilder::queue).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueConfig {
+    pub(crate) concurrency: usize,
+    pub(crate) per_second: Option<f64>,
+}
+
+impl QueueConfig {
+    /// At most `concurrency` workflows of the queue started and unfinished at once.
+    ///
+    /// A workflow holds its slot while it sleeps or waits, until it finishes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `concurrency` is zero.
+    pub fn new(concurrency: usize) -> Result<Self> {
+        if concurrency == 0 {
+            return Err(Error::InvalidConfig(
+                "queue concurrency must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            concurrency,
+            per_second: None,
+        })
+    }
+
+    /// At most `per_second` starts per second (a token bucket holding one second's worth).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless `per_second` is finite and positive.
+    pub fn rate_limit(mut self, per_second: f64) -> Result<Self> {
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "queue rate {per_second} must be finite and positive"
+            )));
+        }
+        self.per_second = Some(per_second);
+        Ok(self)
+    }
+}
+
+/// How a step is retried; see [`Context::step_with`](crate::Context::step_with).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub(crate) max_attempts: u32,
+    pub(crate) initial_interval: Duration,
+    pub(crate) multiplier: f64,
+    pub(crate) max_interval: Duration,
+    pub(crate) jitter: f64,
+    pub(crate) attempt_timeout: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    /// Three attempts, 100 ms doubling up to 10 s, 20 % jitter, no per-attempt timeout.
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_interval: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_interval: Duration::from_secs(10),
+            jitter: 0.2,
+            attempt_timeout: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that runs the step once and never retries.
+    pub fn no_retry() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Total attempts including the first (at least 1; 0 is treated as 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Exponential backoff: wait `initial` after the first failure, multiply by `multiplier`
+    /// (at least 1) after each further failure, never wait more than `max`.
+    pub fn backoff(mut self, initial: Duration, multiplier: f64, max: Duration) -> Self {
+        self.initial_interval = initial;
+        self.multiplier = if multiplier.is_finite() {
+            multiplier.max(1.0)
+        } else {
+            1.0
+        };
+        self.max_interval = max;
+        self
+    }
+
+    /// Random jitter as a fraction of each wait (clamped to 0..=1): a wait `w` becomes a
+    /// uniform draw from `w * (1 - jitter) ..= w`.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
+    /// Abandons an attempt that runs longer than `timeout` and counts it as a retryable failure.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// The wait before attempt `attempt + 1` (after `attempt` failures, from 1), before jitter.
+    pub(crate) fn base_delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .multiplier
+            .powi(i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX));
+        let secs = self.initial_interval.as_secs_f64() * exp;
+        let max = self.max_interval.as_secs_f64();
+        Duration::from_secs_f64(if secs.is_finite() { secs.min(max) } else { max })
+    }
+}
+
+/// The error a step's closure returns: a message and whether retrying may help.
+///
+/// Any `std::error::Error` converts into a retryable `StepError` with `?`.
+/// Use [`StepError::permanent`] for failures that retrying cannot fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    message: String,
+    retryable: bool,
+}
+
+impl StepError {
+    /// A failure that may succeed on another attempt.
+    pub fn retryable(message: impl fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            retryable: true,
+        }
+    }
+
+    /// A failure that stops retries at once.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            retryable: false,
+        }
+    }
+
+    /// Whether another attempt may help.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The failure's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for StepError {
+    fn from(e: E) -> Self {
+        Self::retryable(e)
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+pub(crate) fn time_to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let p = RetryPolicy::default().backoff(
+            Duration::from_millis(10),
+            2.0,
+            Duration::from_millis(50),
+        );
+        assert_eq!(p.base_delay(1), Duration::from_millis(10));
+        assert_eq!(p.base_delay(2), Duration::from_millis(20));
+        assert_eq!(p.base_delay(3), Duration::from_millis(40));
+        assert_eq!(p.base_delay(4), Duration::from_millis(50));
+        assert_eq!(p.base_delay(400), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(WorkflowId::new("a").is_ok());
+        assert!(matches!(WorkflowId::new(""), Err(Error::InvalidId { .. })));
+        assert!(matches!(
+            WorkflowId::new("a\0b"),
+            Err(Error::InvalidId { .. })
+        ));
+    }
+}

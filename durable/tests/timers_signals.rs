@@ -1,0 +1,165 @@
+//! Durable timers and signals: deadlines survive restarts, signals are buffered and
+//! delivered once, and many sleeping workflows need no task each.
+
+#![allow(clippy::unwrap_used)] // helpers in tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::{builder, id, start, stop};
+use keel_durable::{Context, Error, ListFilter, WorkflowStatus};
+
+fn sleeper(
+    ms: u64,
+) -> impl Fn(
+    Context,
+    (),
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, Error>> + Send>>
++ Send
++ Sync
++ 'static {
+    move |ctx: Context, (): ()| {
+        Box::pin(async move {
+            let t0 = ctx.now().await?;
+            ctx.sleep(Duration::from_millis(ms)).await?;
+            let t1 = ctx.now().await?;
+            Ok(t1.duration_since(t0).unwrap_or_default().as_millis() as u64)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_survives_restart_and_fires_when_overdue() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(builder(dir.path()).register("sleep", sleeper(300))).await;
+    rt.start("sleep", &id("s"), &()).await.unwrap();
+    while rt.history(&id("s")).unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(rt).await;
+    // Stay down past the deadline; the reopened runtime must fire it at once.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rt = start(builder(dir.path()).register("sleep", sleeper(300))).await;
+    let slept: u64 = rt.handle(&id("s")).unwrap().result().await.unwrap();
+    assert!(slept >= 300, "woke after {slept} ms");
+    let hist = rt.history(&id("s")).unwrap();
+    assert_eq!(
+        hist.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["now", "sleep", "now"]
+    );
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_sleepers_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    // A concurrency of 8 proves sleeping workflows hold no execution slot: 2000 of them
+    // sleep at once and all wake.
+    let rt = start(
+        builder(dir.path())
+            .concurrency(8)
+            .register("sleep", sleeper(200)),
+    )
+    .await;
+    let mut handles = Vec::new();
+    for i in 0..2000 {
+        handles.push(rt.start("sleep", &id(&format!("s{i}")), &()).await.unwrap());
+    }
+    for h in &handles {
+        let slept: u64 = h.result().await.unwrap();
+        assert!(slept >= 200);
+    }
+    drop(handles);
+    let done = rt
+        .list(&ListFilter::new().status(WorkflowStatus::Succeeded))
+        .unwrap();
+    assert_eq!(done.len(), 2000);
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_until_past_time_returns_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(
+        builder(dir.path()).register("wf", |ctx: Context, (): ()| async move {
+            ctx.sleep_until(SystemTime::UNIX_EPOCH).await?;
+            Ok::<_, Error>(1u8)
+        }),
+    )
+    .await;
+    let v: u8 = rt
+        .start("wf", &id("w"), &())
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    stop(rt).await;
+}
+
+fn approvals(
+    ctx: Context,
+    n: u32,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<String>, Error>> + Send>> {
+    Box::pin(async move {
+        let mut got = Vec::new();
+        for _ in 0..n {
+            got.push(ctx.recv::<String>("approval").await?);
+        }
+        Ok(got)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_buffered_ordered_and_delivered_once_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(builder(dir.path()).register("approve", approvals)).await;
+    rt.start("approve", &id("a"), &3u32).await.unwrap();
+    rt.signal(&id("a"), "approval", &"one".to_string())
+        .await
+        .unwrap();
+    rt.signal(&id("a"), "approval", &"two".to_string())
+        .await
+        .unwrap();
+    while rt.history(&id("a")).unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(rt).await;
+    let rt = start(builder(dir.path()).register("approve", approvals)).await;
+    rt.signal(&id("a"), "approval", &"three".to_string())
+        .await
+        .unwrap();
+    let got: Vec<String> = rt.handle(&id("a")).unwrap().result().await.unwrap();
+    assert_eq!(got, ["one", "two", "three"]);
+    let late = rt.signal(&id("a"), "approval", &"four".to_string()).await;
+    assert!(matches!(late, Err(Error::Finished { .. })), "{late:?}");
+    let missing = rt.signal(&id("nobody"), "approval", &"x".to_string()).await;
+    assert!(matches!(missing, Err(Error::NotFound { .. })));
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_timeout_gives_none_then_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(
+        builder(dir.path()).register("wf", |ctx: Context, (): ()| async move {
+            let first = ctx
+                .recv_timeout::<u8>("x", Duration::from_millis(50))
+                .await?;
+            let second = ctx.recv_timeout::<u8>("x", Duration::from_secs(60)).await?;
+            Ok::<_, Error>((first, second))
+        }),
+    )
+    .await;
+    let h = rt.start("wf", &id("w"), &()).await.unwrap();
+    // Wait for the first timeout to be journaled, then send.
+    while rt.history(&id("w")).unwrap().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rt.signal(&id("w"), "x", &9u8).await.unwrap();
+    let v: (Option<u8>, Option<u8>) = h.result().await.unwrap();
+    assert_eq!(v, (None, Some(9)));
+    stop(rt).await;
+}
