@@ -442,16 +442,17 @@ impl Handle {
 pub struct Worker {
     inner: Arc<Inner>,
     ready_rx: mpsc::UnboundedReceiver<String>,
+    // Declared last so it drops last, after `inner`.
     _guard: WorkerGuard,
 }
 
 /// Marks the worker as gone when the worker (run or not) is dropped, so `shutdown` never
 /// waits for a worker that will not run.
-struct WorkerGuard(Arc<Inner>);
+struct WorkerGuard(watch::Sender<bool>);
 
 impl Drop for WorkerGuard {
     fn drop(&mut self) {
-        self.0.worker_done.send_replace(true);
+        self.0.send_replace(true);
     }
 }
 
@@ -527,6 +528,10 @@ impl Worker {
             }
         }
         tasks.shutdown().await;
+        // Release every reference to the journal before the guard reports the worker gone,
+        // so a `shutdown` caller that then drops the runtime really closes the journal.
+        drop(tasks);
+        drop(inner);
         drop(self);
         Ok(())
     }
@@ -823,7 +828,7 @@ impl Runtime {
         Ok(Worker {
             inner: Arc::clone(&self.inner),
             ready_rx: rx,
-            _guard: WorkerGuard(Arc::clone(&self.inner)),
+            _guard: WorkerGuard(self.inner.worker_done.clone()),
         })
     }
 

@@ -1,0 +1,313 @@
+//! Bad inputs and faults: a second opener, a journal from a newer format, corrupt records
+//! and files, payloads that no longer deserialise, unregistered names, replay divergence.
+//! Each yields a typed error, and the other workflows keep running.
+
+#![allow(clippy::unwrap_used)] // helpers in tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{builder, id, start, stop};
+use keel_durable::{Context, Error, RuntimeBuilder, StartOptions, StepError, WorkflowStatus};
+
+/// A workflow that runs step `first` and then waits for signal `go`.
+fn waiting(b: RuntimeBuilder) -> RuntimeBuilder {
+    b.register("wait", |ctx: Context, x: u32| async move {
+        let a: u32 = ctx
+            .step("first", || async move { Ok::<_, StepError>(x) })
+            .await?;
+        let b: u32 = ctx.recv("go").await?;
+        Ok::<_, Error>(a + b)
+    })
+}
+
+/// Runs `wait` as `w` until its first step is journaled, then stops the runtime.
+async fn leave_waiting(dir: &Path) {
+    let rt = start(waiting(builder(dir))).await;
+    rt.start("wait", &id("w"), &1u32).await.unwrap();
+    while rt.history(&id("w")).unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(rt).await;
+}
+
+/// Writes raw key/values into the journal's sled database while no runtime holds it.
+fn poke(dir: &Path, entries: &[(&[u8], &[u8])]) {
+    let db = sled::open(dir.join("journal")).unwrap();
+    for (k, v) in entries {
+        db.insert(*k, *v).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_opener_gets_already_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = builder(dir.path()).open().await.unwrap();
+    let second = builder(dir.path()).open().await;
+    match second {
+        Err(e @ Error::AlreadyOpen { .. }) => {
+            assert!(e.to_string().contains("already open"), "{e}");
+        }
+        other => panic!("expected AlreadyOpen, got {other:?}"),
+    }
+    drop(rt);
+    // Once the first runtime is gone, the directory opens again.
+    let again = builder(dir.path()).open().await.unwrap();
+    drop(again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runtimes_on_two_paths_do_not_interfere() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(waiting(builder(d1.path()))).await;
+    let b = start(waiting(builder(d2.path()))).await;
+    a.start("wait", &id("w"), &1u32).await.unwrap();
+    b.start("wait", &id("w"), &10u32).await.unwrap();
+    a.signal(&id("w"), "go", &1u32).await.unwrap();
+    b.signal(&id("w"), "go", &2u32).await.unwrap();
+    assert_eq!(
+        a.handle(&id("w")).unwrap().result::<u32>().await.unwrap(),
+        2
+    );
+    assert_eq!(
+        b.handle(&id("w")).unwrap().result::<u32>().await.unwrap(),
+        12
+    );
+    stop(a).await;
+    stop(b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(builder(dir.path()).open().await.unwrap());
+    poke(dir.path(), &[(b"m/format", &99u32.to_be_bytes())]);
+    let r = builder(dir.path()).open().await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::UnsupportedFormat {
+                found: 99,
+                supported: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_database_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    let db = dir.path().join("journal").join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(&db, vec![0xA5u8; len.max(4096)]).unwrap();
+    let conf = dir.path().join("journal").join("conf");
+    std::fs::write(&conf, b"not a sled config").unwrap();
+    let r = builder(dir.path()).open().await;
+    assert!(
+        matches!(r, Err(Error::Corrupt { .. } | Error::Storage { .. })),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_are_reported_and_others_run() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    poke(
+        dir.path(),
+        &[
+            (b"w/broken", b"{not json"),
+            // A second workflow whose journal entry is damaged.
+            (
+                b"w/hurt",
+                br#"{"name":"wait","input":1,"status":"Running","created_ms":1,"updated_ms":1,"seq":0,"queue":null,"parent":null,"cancel_requested":false,"output":null,"error":null}"#,
+            ),
+            (b"e/hurt\0\0\0\0\0\0\0\0\0", b"\xff\xfe"),
+        ],
+    );
+    let rt = start(waiting(builder(dir.path()))).await;
+    rt.signal(&id("w"), "go", &5u32).await.unwrap();
+    assert_eq!(
+        rt.handle(&id("w")).unwrap().result::<u32>().await.unwrap(),
+        6
+    );
+    // The damaged workflow is reported, not dropped: its record is still there.
+    let issues = loop {
+        let issues = rt.issues();
+        if issues.len() >= 2 {
+            break issues;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let text: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("broken") && t.contains("does not parse")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("hurt") && t.contains("corrupt")),
+        "{text:?}"
+    );
+    assert!(matches!(
+        rt.status(&id("broken")),
+        Err(Error::Corrupt { .. })
+    ));
+    assert_eq!(
+        rt.status(&id("hurt")).unwrap().status,
+        WorkflowStatus::Running
+    );
+    assert!(matches!(
+        rt.history(&id("hurt")),
+        Err(Error::Corrupt { .. })
+    ));
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_step_output_type_fails_with_payload_error() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    // New code reads step "first" as a String, but the journal holds a number.
+    let rt = start(
+        builder(dir.path()).register("wait", |ctx: Context, _x: u32| async move {
+            let a: String = ctx
+                .step("first", || async { Ok::<_, StepError>("x".into()) })
+                .await?;
+            Ok::<_, Error>(a)
+        }),
+    )
+    .await;
+    let e = rt
+        .handle(&id("w"))
+        .unwrap()
+        .result::<String>()
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("step \\\"first\\\"") || e.to_string().contains("first"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("does not deserialise"), "{e}");
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_input_type_fails_with_payload_error() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    let rt = start(
+        builder(dir.path()).register("wait", |_ctx: Context, x: Vec<String>| async move {
+            Ok::<_, Error>(x.len())
+        }),
+    )
+    .await;
+    let e = rt
+        .handle(&id("w"))
+        .unwrap()
+        .result::<usize>()
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the workflow input does not deserialise"),
+        "{e}"
+    );
+    assert_eq!(rt.status(&id("w")).unwrap().status, WorkflowStatus::Failed);
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_divergence_is_nondeterminism_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    let rt = start(
+        builder(dir.path()).register("wait", |ctx: Context, x: u32| async move {
+            // Swallowing the error does not help: the workflow still fails.
+            let _ = ctx
+                .step("renamed", || async move { Ok::<_, StepError>(x) })
+                .await;
+            Ok::<_, Error>(0u32)
+        }),
+    )
+    .await;
+    let e = rt
+        .handle(&id("w"))
+        .unwrap()
+        .result::<u32>()
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("diverged at position 0"), "{msg}");
+    assert!(
+        msg.contains("step \"first\"") && msg.contains("step \"renamed\""),
+        "{msg}"
+    );
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregistered_name_in_journal_is_reported_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    let rt = start(
+        builder(dir.path()).register(
+            "other",
+            |_c: Context, x: u8| async move { Ok::<_, Error>(x) },
+        ),
+    )
+    .await;
+    let issues = rt.issues();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0].workflow.as_deref(), Some("w"));
+    assert!(
+        issues[0].message.contains("\"wait\" is not registered"),
+        "{}",
+        issues[0]
+    );
+    let v: u8 = rt
+        .start("other", &id("o"), &3u8)
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    assert_eq!(v, 3);
+    stop(rt).await;
+    // Nothing was dropped: with the workflow registered again it finishes.
+    let rt = start(waiting(builder(dir.path()))).await;
+    rt.signal(&id("w"), "go", &1u32).await.unwrap();
+    assert_eq!(
+        rt.handle(&id("w")).unwrap().result::<u32>().await.unwrap(),
+        2
+    );
+    stop(rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_ids_and_queues_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(waiting(builder(dir.path()))).await;
+    let r = rt.start("nope", &id("x"), &()).await;
+    assert!(
+        matches!(r, Err(Error::UnknownWorkflow { ref name }) if name == "nope"),
+        "{r:?}"
+    );
+    let r = rt
+        .start_with("wait", &id("x"), &1u32, StartOptions::new().queue("q"))
+        .await;
+    assert!(matches!(r, Err(Error::UnknownQueue { .. })), "{r:?}");
+    assert!(matches!(
+        keel_durable::WorkflowId::new(""),
+        Err(Error::InvalidId { .. })
+    ));
+    assert!(matches!(rt.worker(), Err(Error::WorkerRunning)));
+    stop(rt).await;
+}
