@@ -1,6 +1,84 @@
-//! keel-serving (scaffold; replaced as the crate is built).
+//! An in-process LLM engine on candle: load a llama-family model, submit requests from async
+//! code, and stream tokens back, with continuous batching over a paged KV cache.
+//!
+//! An [`Engine`] owns one model (GGUF, quantized, or safetensors), its [`Tokenizer`], a paged
+//! KV cache and a scheduler running on the engine's own thread, so tokio's workers never run
+//! model code. [`Engine::generate`] takes a [`GenerateRequest`] (prompt, [`SamplingParams`],
+//! optional deadline) and returns a [`GenerationStream`] of [`StreamEvent`]s: one
+//! [`TokenDelta`] per token, then a [`Summary`] with the [`FinishReason`], [`Usage`] and
+//! [`Timings`]. Requests join the running batch at the next step; long prompts are prefilled
+//! in chunks within a per-step token budget; when KV blocks run out the newest sequence is
+//! preempted and recomputed later.
+//!
+//! ```no_run
+//! use keel_serving::{ChatMessage, Engine, GenerateRequest, SamplingParams};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! # rt.block_on(async {
+//! // Finds models/SmolLM2-135M-Instruct.Q4_1.gguf (run scripts/fetch-model) or $KEEL_MODEL.
+//! let engine = Engine::builder().build()?;
+//! let request = GenerateRequest::chat([ChatMessage::user("Name three primary colors.")])
+//!     .sampling(SamplingParams::greedy().max_tokens(32));
+//! let mut stream = engine.generate(request)?;
+//! while let Some(event) = stream.next().await {
+//!     match event? {
+//!         keel_serving::StreamEvent::Token(delta) => print!("{}", delta.text()),
+//!         keel_serving::StreamEvent::Done(summary) => println!("\n{:?}", summary.finish_reason),
+//!         _ => {}
+//!     }
+//! }
+//! engine.shutdown().await;
+//! # Ok::<(), keel_serving::Error>(())
+//! # })?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Models
+//! Llama 2/3, SmolLM/SmolLM2, Mistral and Qwen2, with hyper-parameters read from GGUF
+//! metadata or `config.json`. GGUF weights stay quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
+//! the K-quants, through candle's quantized matmul); safetensors (f32/f16/bf16) run in f32.
+//! The tokenizer comes from the GGUF vocabulary or `tokenizer.json`; chat requests use the
+//! model's template ([`ChatTemplate`]). [`resolve_model_path`] finds models.
+//!
+//! # Feature flags
+//! None yet; CUDA kernels come behind a `cuda` feature. Asking for [`Device::Cuda`] returns
+//! [`Error::CudaUnavailable`].
+//!
+//! # Guarantees
+//! - [`Engine`] and [`GenerationStream`] are `Send + Sync`/`Send`; share the engine in an `Arc`.
+//! - Dropping a stream cancels its request and frees its KV blocks at the next step.
+//! - A failing request (deadline, bad input) never stops the engine serving others.
+//! - Greedy output does not depend on what else is in the batch.
 #![cfg_attr(not(test), forbid(unsafe_code))]
 
+mod chat;
+mod engine;
 mod error;
+mod kv;
+mod loader;
+mod metrics;
+mod model;
+mod pool;
+mod request;
+mod sampling;
+mod scheduler;
+mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use engine::{Device, Engine, EngineBuilder, GenerationStream, ModelInfo};
 pub use error::{Error, Result};
+pub use loader::{DEFAULT_MODEL_FILE, resolve_model_path};
+pub use metrics::{EngineLoad, EngineMetrics};
+pub use pool::{
+    BoxFuture, Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, LatencySummary, Load,
+    LoadTicket, LoadTracker, Policy, Pool, PoolBuilder, PoolOutput, PoolRequest, PoolStats,
+    PoolStream, Registry, RegistryWatch, Replica, ReplicaError, ReplicaErrorKind, ReplicaEvent,
+    ReplicaId, ReplicaState, ReplicaStats, Reservation, SimConfig, SimPolicyReport, SimReport,
+    StaticDiscovery, TokenSender, TokenStream,
+};
+pub use request::{
+    Completion, FinishReason, GenerateRequest, StreamEvent, Summary, Timings, TokenDelta, Usage,
+};
+pub use sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob};
+pub use tokenizer::{Specials, Tokenizer};
