@@ -1,0 +1,302 @@
+//! The crash test: a child process runs many workflows and is killed with SIGKILL at seeded
+//! random moments, then restarted, until everything finishes; then the ledger is checked.
+//!
+//! How it works: this file is a `harness = false` test (see `durable/Cargo.toml`), so the same
+//! binary is both parent and child. Run normally, `main` is the parent: it re-executes its own
+//! binary (`std::env::current_exe`) with `KEEL_CRASH_CHILD=1` and the paths of a journal
+//! directory and a ledger file, kills that child at a random moment with `SIGKILL`
+//! (`Child::kill`), and repeats at least 20 times before letting a last child run to the end.
+//!
+//! The child starts `JOBS` workflows (idempotently, by ID). Each runs four steps, sleeps
+//! durably between steps 1 and 2, and waits for a signal between steps 2 and 3. Every side
+//! effect appends one line to the ledger, an append-only file outside the journal:
+//! - `run i s` when step `s` of job `i` starts executing its closure,
+//! - `jour i s v` after `ctx.step` returned value `v` (so the value was journaled),
+//! - `woke i ms` after the sleep, with the journaled time elapsed since before it,
+//! - `sent i` after the signal to job `i` was durably sent,
+//! - `result i v` when job `i`'s result is known.
+//!
+//! The checks: every job finished with the right result; no step ran again after its first
+//! `jour` line (any re-run is of a step whose result was not yet journaled); every journaled
+//! value of a step is the same and equals what the result holds; every job got its signal's
+//! value; every sleep lasted at least its duration.
+//!
+//! The seed comes from `KEEL_CRASH_SEED` (default fixed), and is printed so a failure can be
+//! replayed: `KEEL_CRASH_SEED=<seed> cargo test -p keel-durable --test crash`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_durable::{Context, Error, Runtime, StepError, WorkflowId};
+
+const JOBS: u32 = 100;
+const STEPS: u32 = 4;
+const KILLS: u32 = 24;
+
+fn main() {
+    if std::env::var_os("KEEL_CRASH_CHILD").is_some() {
+        child();
+    } else {
+        parent();
+    }
+}
+
+/// splitmix64, so the kill schedule depends only on the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn spawn_child(dir: &Path, ledger: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .env("KEEL_CRASH_CHILD", "1")
+        .env("KEEL_CRASH_DIR", dir)
+        .env("KEEL_CRASH_LEDGER", ledger)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child")
+}
+
+fn parent() {
+    let seed: u64 = std::env::var("KEEL_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6b65_656c);
+    eprintln!("crash test: seed {seed} (replay with KEEL_CRASH_SEED={seed})");
+    let mut rng = Rng(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let ledger = tmp.path().join("ledger.txt");
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut finished_early = 0;
+    while kills < KILLS {
+        let mut child = spawn_child(&dir, &ledger);
+        let delay = Duration::from_millis(20 + rng.next() % 130);
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_some() {
+            // It finished everything before the kill: the work is too small for this machine.
+            // Stop killing; the assertion below reports it.
+            finished_early += 1;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL on Unix
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let mut last = spawn_child(&dir, &ledger);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = last.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            last.kill().unwrap();
+            panic!("final child did not finish within 90 s (seed {seed})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        status.success(),
+        "final child failed: {status} (seed {seed})"
+    );
+    let reruns = check_ledger(&std::fs::read_to_string(&ledger).unwrap(), seed);
+    assert!(
+        kills >= 20,
+        "only {kills} kills happened: the child finished too fast (seed {seed})"
+    );
+    eprintln!(
+        "crash test: {kills} kills ({finished_early} early finishes), {reruns} step re-runs \
+         before journaling, ok in {:?}",
+        started.elapsed()
+    );
+}
+
+/// Checks the ledger and returns how many steps ran more than once (all before journaling).
+fn check_ledger(text: &str, seed: u64) -> usize {
+    let mut runs_after_jour = Vec::new();
+    let mut journaled: HashMap<(u32, u32), String> = HashMap::new();
+    let mut runs: HashMap<(u32, u32), usize> = HashMap::new();
+    let mut results: HashMap<u32, String> = HashMap::new();
+    let mut woke: Vec<(u32, u64)> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f.as_slice() {
+            ["run", i, s] => {
+                let key = (i.parse().unwrap(), s.parse().unwrap());
+                *runs.entry(key).or_default() += 1;
+                if journaled.contains_key(&key) {
+                    runs_after_jour.push(key);
+                }
+            }
+            ["jour", i, s, v] => {
+                let key = (i.parse().unwrap(), s.parse().unwrap());
+                let prev = journaled.entry(key).or_insert_with(|| (*v).to_string());
+                assert_eq!(
+                    prev, v,
+                    "step {key:?} was journaled with two values (seed {seed})"
+                );
+            }
+            ["woke", i, ms] => woke.push((i.parse().unwrap(), ms.parse().unwrap())),
+            ["result", i, v] => {
+                results.insert(i.parse().unwrap(), (*v).to_string());
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        runs_after_jour.is_empty(),
+        "steps ran again after their result was journaled: {runs_after_jour:?} (seed {seed})"
+    );
+    for i in 0..JOBS {
+        let mut expected: Vec<String> = (0..STEPS)
+            .map(|s| {
+                journaled
+                    .get(&(i, s))
+                    .unwrap_or_else(|| panic!("job {i} step {s} never journaled (seed {seed})"))
+                    .clone()
+            })
+            .collect();
+        expected.push(format!("sig{}", i * 7));
+        let got = results
+            .get(&i)
+            .unwrap_or_else(|| panic!("job {i} has no result (seed {seed})"));
+        assert_eq!(*got, expected.join(","), "job {i} result (seed {seed})");
+    }
+    for (i, ms) in &woke {
+        assert!(
+            *ms >= sleep_ms(*i),
+            "job {i} woke after {ms} ms (seed {seed})"
+        );
+    }
+    assert!(
+        woke.len() >= JOBS as usize,
+        "not every timer fired (seed {seed})"
+    );
+    runs.values().filter(|n| **n > 1).count()
+}
+
+fn sleep_ms(i: u32) -> u64 {
+    u64::from(i % 5) * 40
+}
+
+fn append(ledger: &Path, line: String) {
+    // One `write` per line on an O_APPEND file: SIGKILL cannot tear it, and the page cache
+    // keeps it after the process dies.
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ledger)
+        .unwrap();
+    f.write_all(line.as_bytes()).unwrap();
+}
+
+fn job(
+    ledger: PathBuf,
+) -> impl Fn(
+    Context,
+    u32,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, Error>> + Send>>
++ Send
++ Sync
++ 'static {
+    move |ctx: Context, i: u32| {
+        let ledger = ledger.clone();
+        Box::pin(async move {
+            let mut parts = Vec::new();
+            for s in 0..STEPS {
+                let l = ledger.clone();
+                let v: String = ctx
+                    .step(&format!("s{s}"), || {
+                        let l = l.clone();
+                        async move {
+                            append(&l, format!("run {i} {s}\n"));
+                            // A stand-in for a slow API call, so kills land mid-step too.
+                            tokio::time::sleep(Duration::from_millis(10 + u64::from((i + s) % 10)))
+                                .await;
+                            let nanos = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .as_nanos();
+                            Ok::<_, StepError>(format!("{i}.{s}.{nanos}"))
+                        }
+                    })
+                    .await?;
+                append(&ledger, format!("jour {i} {s} {v}\n"));
+                parts.push(v);
+                if s == 1 {
+                    let t0 = ctx.now().await?;
+                    ctx.sleep(Duration::from_millis(sleep_ms(i))).await?;
+                    let t1 = std::time::SystemTime::now();
+                    let ms = t1.duration_since(t0).unwrap_or_default().as_millis();
+                    append(&ledger, format!("woke {i} {ms}\n"));
+                }
+                if s == 2 {
+                    let sig: u32 = ctx.recv("sig").await?;
+                    parts.push(format!("sig{sig}"));
+                }
+            }
+            // Keep the signal value last, as the parent expects.
+            let sig = parts.remove(3);
+            parts.push(sig);
+            Ok(parts.join(","))
+        })
+    }
+}
+
+fn child() {
+    let dir = PathBuf::from(std::env::var_os("KEEL_CRASH_DIR").unwrap());
+    let ledger = PathBuf::from(std::env::var_os("KEEL_CRASH_LEDGER").unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // A small concurrency spreads the work over many kill windows.
+        let runtime = Runtime::builder(&dir)
+            .concurrency(4)
+            .register("job", job(ledger.clone()))
+            .open()
+            .await
+            .expect("open");
+        tokio::spawn(runtime.worker().unwrap().run());
+        let sent: std::collections::HashSet<u32> = std::fs::read_to_string(&ledger)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("sent ").and_then(|n| n.parse().ok()))
+            .collect();
+        let mut handles = Vec::new();
+        for i in 0..JOBS {
+            let id = WorkflowId::new(format!("job-{i}")).unwrap();
+            handles.push((i, runtime.start("job", &id, &i).await.expect("start")));
+        }
+        for i in 0..JOBS {
+            if !sent.contains(&i) {
+                let id = WorkflowId::new(format!("job-{i}")).unwrap();
+                match runtime.signal(&id, "sig", &(i * 7)).await {
+                    Ok(()) | Err(Error::Finished { .. }) => {}
+                    Err(e) => panic!("signal: {e}"),
+                }
+                append(&ledger, format!("sent {i}\n"));
+            }
+        }
+        for (i, h) in handles {
+            let v: String = h.result().await.expect("result");
+            append(&ledger, format!("result {i} {v}\n"));
+        }
+    });
+}
