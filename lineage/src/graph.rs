@@ -1,0 +1,1355 @@
+//! The in-memory lineage graph: node and edge tables on petgraph, interned names, validity
+//! intervals, atomic commits, and node lookups.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use petgraph::Direction as PgDir;
+use petgraph::graph::{EdgeIndex, Graph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use serde::Serialize;
+
+use crate::change::{Batch, Change, Commit, NodeKey, NodeSpec};
+use crate::csr::Csr;
+use crate::error::{Error, Result};
+use crate::intern::{Interner, KeyIndex, Sym};
+use crate::schema::{EdgeKind, Flow, NodeKind, Schema, Status, Transformation};
+use crate::time::Timestamp;
+use crate::typed::{Allows, AnyNodeId, EdgeMarker, Kind, NodeId};
+
+pub(crate) const OPEN: u32 = u32::MAX;
+const FLAG_PLACEHOLDER: u8 = 1;
+
+#[derive(Debug, Clone)]
+pub(crate) struct NodeRow {
+    pub(crate) ns: Sym,
+    pub(crate) name: Sym,
+    pub(crate) owner: Sym,
+    pub(crate) tags: u32,
+    pub(crate) created: u32,
+    pub(crate) extra: u32,
+    pub(crate) kind: NodeKind,
+    pub(crate) status: u8,
+    pub(crate) flags: u8,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeRow {
+    pub(crate) created: u32,
+    pub(crate) kind: EdgeKind,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NodeExtra {
+    description: Option<String>,
+    data_type: Option<String>,
+    properties: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Which version of the graph a query reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum At {
+    /// The current graph.
+    #[default]
+    Latest,
+    /// The graph as it stood after every commit recorded at or before this time.
+    Time(Timestamp),
+    /// Everything that ever existed, removed nodes and edges included.
+    Cumulative,
+}
+
+/// A node and its metadata, resolved to owned values.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeInfo {
+    /// The handle.
+    pub id: AnyNodeId,
+    /// The unique key.
+    pub key: NodeKey,
+    /// The kind's display name.
+    pub kind_name: String,
+    /// The kind.
+    #[serde(skip)]
+    pub kind: NodeKind,
+    /// Owner or team.
+    pub owner: Option<String>,
+    /// Tags set directly on the node (see [`crate::TagRules`] for propagated ones).
+    pub tags: Vec<String>,
+    /// Lifecycle status.
+    pub status: Status,
+    /// True for placeholders created for assets referenced but never declared.
+    pub placeholder: bool,
+    /// Description.
+    pub description: Option<String>,
+    /// Data type (fields).
+    pub data_type: Option<String>,
+    /// Free properties.
+    pub properties: serde_json::Map<String, serde_json::Value>,
+    /// Time of the commit that created the node.
+    pub created_at: Timestamp,
+    /// Time of the commit that removed it, if it was removed.
+    pub removed_at: Option<Timestamp>,
+}
+
+/// An edge in its declared reading direction, resolved to keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct EdgeInfo {
+    /// Source node key.
+    pub from: NodeKey,
+    /// Edge kind.
+    pub kind: EdgeKind,
+    /// The kind's display name.
+    pub kind_name: String,
+    /// Target node key.
+    pub to: NodeKey,
+    /// Column-lineage semantics, if any.
+    pub transformation: Option<Transformation>,
+    /// Time of the commit that created the edge.
+    pub created_at: Timestamp,
+    /// Time of the commit that removed it, if it was removed.
+    pub removed_at: Option<Timestamp>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CommitSummary {
+    /// Log position of the commit.
+    pub seq: u64,
+    /// Nodes created.
+    pub nodes_created: usize,
+    /// Existing nodes whose metadata changed.
+    pub nodes_updated: usize,
+    /// Nodes removed.
+    pub nodes_removed: usize,
+    /// Edges created.
+    pub edges_created: usize,
+    /// Edges removed.
+    pub edges_removed: usize,
+    /// Placeholder nodes created for undeclared assets.
+    pub placeholders: usize,
+}
+
+impl CommitSummary {
+    pub(crate) fn add(&mut self, o: &CommitSummary) {
+        self.seq = o.seq;
+        self.nodes_created += o.nodes_created;
+        self.nodes_updated += o.nodes_updated;
+        self.nodes_removed += o.nodes_removed;
+        self.edges_created += o.edges_created;
+        self.edges_removed += o.edges_removed;
+        self.placeholders += o.placeholders;
+    }
+}
+
+/// What changed between two points in time, from [`LineageGraph::diff`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Diff {
+    /// Nodes created in the interval.
+    pub added_nodes: Vec<NodeKey>,
+    /// Nodes removed in the interval.
+    pub removed_nodes: Vec<NodeKey>,
+    /// Nodes that existed before and whose metadata changed in the interval.
+    pub updated_nodes: Vec<NodeKey>,
+    /// Edges created in the interval.
+    pub added_edges: Vec<EdgeInfo>,
+    /// Edges removed in the interval.
+    pub removed_edges: Vec<EdgeInfo>,
+}
+
+/// Heap bytes held by each part of a graph, from [`LineageGraph::memory_usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryUsage {
+    /// petgraph node and edge tables.
+    pub graph: usize,
+    /// Interned names and the key index.
+    pub names: usize,
+    /// Tag sets, descriptions, properties, transformations, removal times.
+    pub metadata: usize,
+    /// The cached CSR read snapshot (0 until a query builds it).
+    pub snapshot: usize,
+    /// The in-memory log (0 when disabled).
+    pub log: usize,
+}
+
+impl MemoryUsage {
+    /// Sum of all parts.
+    pub fn total(&self) -> usize {
+        self.graph + self.names + self.metadata + self.snapshot + self.log
+    }
+}
+
+/// A typed lineage graph of ML assets, kept in memory.
+///
+/// Every mutation is a [`Change`] applied through [`LineageGraph::commit`]; a commit applies
+/// all its changes or none. Nodes and edges are never physically deleted: removal ends their
+/// validity interval, which is what makes [`At::Time`] queries and [`LineageGraph::diff`] work.
+/// Queries on [`At::Latest`] read a cached immutable CSR snapshot, rebuilt after a commit.
+#[derive(Debug)]
+pub struct LineageGraph {
+    pub(crate) schema: Schema,
+    pub(crate) g: Graph<NodeRow, EdgeRow, petgraph::Directed, u32>,
+    pub(crate) names: Interner,
+    keys: KeyIndex,
+    tagsets: Vec<Box<[Sym]>>,
+    tagset_index: HashMap<Box<[Sym]>, u32>,
+    extras: Vec<NodeExtra>,
+    transforms: HashMap<u32, Transformation>,
+    node_removed: HashMap<u32, u32>,
+    edge_removed: HashMap<u32, u32>,
+    commit_times: Vec<Timestamp>,
+    updates: Vec<(u32, u32)>,
+    log: Option<Vec<Commit>>,
+    csr: OnceLock<Arc<Csr>>,
+}
+
+impl Default for LineageGraph {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clone for LineageGraph {
+    fn clone(&self) -> Self {
+        Self {
+            schema: self.schema.clone(),
+            g: self.g.clone(),
+            names: self.names.clone(),
+            keys: self.keys.clone(),
+            tagsets: self.tagsets.clone(),
+            tagset_index: self.tagset_index.clone(),
+            extras: self.extras.clone(),
+            transforms: self.transforms.clone(),
+            node_removed: self.node_removed.clone(),
+            edge_removed: self.edge_removed.clone(),
+            commit_times: self.commit_times.clone(),
+            updates: self.updates.clone(),
+            log: self.log.clone(),
+            csr: OnceLock::new(),
+        }
+    }
+}
+
+/// State of a node as seen while validating a commit.
+#[derive(Clone, Copy)]
+struct Pending {
+    kind: NodeKind,
+    live: bool,
+}
+
+impl LineageGraph {
+    /// An empty graph with the default schema that keeps its log in memory.
+    pub fn new() -> Self {
+        Self::with_schema(Schema::default())
+    }
+
+    /// An empty graph with the given schema.
+    pub fn with_schema(schema: Schema) -> Self {
+        let empty: Box<[Sym]> = Box::new([]);
+        let mut tagset_index = HashMap::new();
+        tagset_index.insert(empty.clone(), 0);
+        Self {
+            schema,
+            g: Graph::default(),
+            names: Interner::default(),
+            keys: KeyIndex::default(),
+            tagsets: vec![empty],
+            tagset_index,
+            extras: Vec::new(),
+            transforms: HashMap::new(),
+            node_removed: HashMap::new(),
+            edge_removed: HashMap::new(),
+            commit_times: Vec::new(),
+            updates: Vec::new(),
+            log: Some(Vec::new()),
+            csr: OnceLock::new(),
+        }
+    }
+
+    /// Stops keeping committed changes in memory; [`LineageGraph::log`] then returns only
+    /// what was kept before. Validity intervals (and so time travel and diffs) are kept
+    /// regardless. A [`crate::LineageStore`] keeps the full log on disk instead.
+    pub fn without_log(mut self) -> Self {
+        self.log = None;
+        self
+    }
+
+    /// Reserves room for `nodes` more nodes, `edges` more edges and `name_bytes` bytes of
+    /// names, to avoid regrowth during bulk loads.
+    pub fn reserve(&mut self, nodes: usize, edges: usize, name_bytes: usize) {
+        self.g.reserve_nodes(nodes);
+        self.g.reserve_edges(edges);
+        self.names.reserve(nodes, name_bytes);
+        let g = &self.g;
+        self.keys.reserve(nodes, |i| key_of(g, i));
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Committed changes kept in memory, oldest first (empty after [`Self::without_log`]).
+    pub fn log(&self) -> &[Commit] {
+        self.log.as_deref().unwrap_or(&[])
+    }
+
+    /// Number of commits applied so far.
+    pub fn commit_count(&self) -> u64 {
+        self.commit_times.len() as u64
+    }
+
+    /// Number of live nodes.
+    pub fn node_count(&self) -> usize {
+        self.g.node_count() - self.node_removed.len()
+    }
+
+    /// Number of live edges.
+    pub fn edge_count(&self) -> usize {
+        self.g.edge_count() - self.edge_removed.len()
+    }
+
+    /// Heap bytes held, by part.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let map_entry = 8 + 1;
+        MemoryUsage {
+            graph: self.g.capacity().0 * (std::mem::size_of::<NodeRow>() + 8)
+                + self.g.capacity().1 * (std::mem::size_of::<EdgeRow>() + 16),
+            names: self.names.heap_bytes() + self.keys.heap_bytes(),
+            metadata: self.tagsets.iter().map(|t| t.len() * 4 + 16).sum::<usize>() * 2
+                + self.tagset_index.capacity() * 24
+                + self.extras.capacity() * std::mem::size_of::<NodeExtra>()
+                + self.transforms.capacity() * (4 + std::mem::size_of::<Transformation>() + 1)
+                + (self.node_removed.capacity() + self.edge_removed.capacity()) * map_entry
+                + self.commit_times.capacity() * 8
+                + self.updates.capacity() * 8,
+            snapshot: self.csr.get().map_or(0, |c| c.heap_bytes()),
+            log: self.log.as_ref().map_or(0, |l| {
+                l.iter()
+                    .map(|c| c.changes.len() * std::mem::size_of::<Change>())
+                    .sum()
+            }),
+        }
+    }
+
+    // ----- commits -------------------------------------------------------------------
+
+    /// Applies `changes` atomically, stamped with the current time.
+    ///
+    /// # Errors
+    /// Any error from [`Self::commit_at`]; on error nothing is applied.
+    pub fn commit(&mut self, changes: Vec<Change>) -> Result<CommitSummary> {
+        self.commit_at(Timestamp::now(), changes)
+    }
+
+    /// Applies `changes` atomically, stamped with `time`. Times are made monotone: a time
+    /// earlier than the previous commit's is recorded as the previous commit's time.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for an edge or removal naming a missing node,
+    /// [`Error::SchemaViolation`] for an edge the schema does not allow,
+    /// [`Error::KindMismatch`] for an upsert that changes a node's kind,
+    /// [`Error::InvalidKey`], [`Error::UnknownKind`], [`Error::InvalidChange`] for malformed
+    /// changes, [`Error::CapacityExceeded`] past `u32::MAX` items. On error nothing is applied.
+    pub fn commit_at(&mut self, time: Timestamp, changes: Vec<Change>) -> Result<CommitSummary> {
+        self.validate(&changes)?;
+        let time = self
+            .commit_times
+            .last()
+            .map_or(time, |&last| time.max(last));
+        Ok(self.apply_validated(time, changes))
+    }
+
+    /// Commits each batch atomically, in order (each batch with its own time, or now).
+    ///
+    /// # Errors
+    /// The first failing batch's error; batches before it stay applied, the failing batch
+    /// and those after it are not applied.
+    pub fn apply(&mut self, batches: Vec<Batch>) -> Result<CommitSummary> {
+        let mut total = CommitSummary::default();
+        for b in batches {
+            let origin = b.origin;
+            let s = self
+                .commit_at(b.time.unwrap_or_else(Timestamp::now), b.changes)
+                .map_err(|e| with_origin(e, &origin))?;
+            total.add(&s);
+        }
+        Ok(total)
+    }
+
+    pub(crate) fn recorded_time(&self, time: Timestamp) -> Timestamp {
+        self.commit_times
+            .last()
+            .map_or(time, |&last| time.max(last))
+    }
+
+    pub(crate) fn validate(&self, changes: &[Change]) -> Result<()> {
+        let mut pending: HashMap<&NodeKey, Pending> = HashMap::new();
+        let mut owned: HashMap<NodeKey, Pending> = HashMap::new();
+        let mut new_nodes = 0usize;
+        let mut new_bytes = 0usize;
+        let look = |pending: &HashMap<&NodeKey, Pending>,
+                    owned: &HashMap<NodeKey, Pending>,
+                    key: &NodeKey|
+         -> Option<Pending> {
+            if let Some(p) = pending.get(key).or_else(|| owned.get(key)) {
+                return Some(*p);
+            }
+            self.find_any(key).map(|i| Pending {
+                kind: self.g[NodeIndex::new(i as usize)].kind,
+                live: !self.node_removed.contains_key(&i),
+            })
+        };
+        for ch in changes {
+            match ch {
+                Change::Upsert(spec) => {
+                    spec.key.validate()?;
+                    if !self.schema.knows_node(spec.kind) {
+                        return Err(Error::UnknownKind {
+                            name: spec.kind.to_string(),
+                        });
+                    }
+                    if let Some(p) = look(&pending, &owned, &spec.key)
+                        && p.kind != spec.kind
+                        && p.live
+                    {
+                        return Err(Error::KindMismatch {
+                            key: spec.key.to_string(),
+                            existing: p.kind,
+                            requested: spec.kind,
+                        });
+                    }
+                    if !spec.fields.is_empty()
+                        && !self
+                            .schema
+                            .allows(spec.kind, EdgeKind::HasField, NodeKind::Field)
+                    {
+                        return Err(Error::InvalidChange {
+                            reason: format!(
+                                "{} {} cannot have fields",
+                                self.schema.node_kind_name(spec.kind),
+                                spec.key
+                            ),
+                        });
+                    }
+                    for f in &spec.fields {
+                        if f.name.is_empty() {
+                            return Err(Error::InvalidChange {
+                                reason: format!("{} has a field with an empty name", spec.key),
+                            });
+                        }
+                        let fk = NodeKey::field(spec.key.namespace(), spec.key.name(), &f.name);
+                        if let Some(p) = look(&pending, &owned, &fk)
+                            && p.kind != NodeKind::Field
+                            && p.live
+                        {
+                            return Err(Error::KindMismatch {
+                                key: fk.to_string(),
+                                existing: p.kind,
+                                requested: NodeKind::Field,
+                            });
+                        }
+                        new_bytes += fk.name().len() + fk.namespace().len();
+                        new_nodes += 1;
+                        owned.insert(
+                            fk,
+                            Pending {
+                                kind: NodeKind::Field,
+                                live: true,
+                            },
+                        );
+                    }
+                    new_nodes += 1;
+                    new_bytes += spec.key.name().len()
+                        + spec.key.namespace().len()
+                        + spec.owner.as_ref().map_or(0, String::len)
+                        + spec.tags.iter().map(String::len).sum::<usize>();
+                    pending.insert(
+                        &spec.key,
+                        Pending {
+                            kind: spec.kind,
+                            live: true,
+                        },
+                    );
+                }
+                Change::RemoveTag { key, .. } => {
+                    look(&pending, &owned, key)
+                        .filter(|p| p.live)
+                        .ok_or_else(|| unknown(key))?;
+                }
+                Change::Remove { key } => {
+                    let p = look(&pending, &owned, key)
+                        .filter(|p| p.live)
+                        .ok_or_else(|| unknown(key))?;
+                    pending.insert(
+                        key,
+                        Pending {
+                            kind: p.kind,
+                            live: false,
+                        },
+                    );
+                }
+                Change::Link {
+                    from,
+                    edge,
+                    to,
+                    transformation,
+                } => {
+                    let a = look(&pending, &owned, from)
+                        .filter(|p| p.live)
+                        .ok_or_else(|| unknown(from))?;
+                    let b = look(&pending, &owned, to)
+                        .filter(|p| p.live)
+                        .ok_or_else(|| unknown(to))?;
+                    if !self.schema.knows_edge(*edge) {
+                        return Err(Error::UnknownKind {
+                            name: edge.to_string(),
+                        });
+                    }
+                    if !self.schema.allows(a.kind, *edge, b.kind) {
+                        return Err(Error::SchemaViolation {
+                            from: from.to_string(),
+                            from_kind: a.kind,
+                            edge: *edge,
+                            to: to.to_string(),
+                            to_kind: b.kind,
+                        });
+                    }
+                    if transformation.is_some()
+                        && a.kind != NodeKind::Field
+                        && b.kind != NodeKind::Field
+                    {
+                        return Err(Error::InvalidChange {
+                            reason: format!(
+                                "edge {from} -[{edge}]-> {to} has a transformation but touches no field"
+                            ),
+                        });
+                    }
+                }
+                Change::Unlink { from, to, .. } => {
+                    look(&pending, &owned, from).ok_or_else(|| unknown(from))?;
+                    look(&pending, &owned, to).ok_or_else(|| unknown(to))?;
+                }
+            }
+        }
+        let edges_upper = changes
+            .iter()
+            .map(|c| match c {
+                Change::Link { .. } => 1,
+                Change::Upsert(s) => s.fields.len(),
+                _ => 0,
+            })
+            .sum::<usize>();
+        if self.g.node_count() + new_nodes >= (u32::MAX - 1) as usize
+            || self.g.edge_count() + edges_upper >= (u32::MAX - 1) as usize
+            || self.commit_times.len() >= (u32::MAX - 1) as usize
+        {
+            return Err(Error::CapacityExceeded {
+                what: "nodes, edges or commits",
+            });
+        }
+        if self.names.len() + new_nodes * 4 >= (u32::MAX - 1) as usize
+            || new_bytes >= (u32::MAX / 2) as usize
+        {
+            return Err(Error::CapacityExceeded { what: "names" });
+        }
+        Ok(())
+    }
+
+    /// Applies changes already checked by [`Self::validate`]; cannot fail.
+    pub(crate) fn apply_validated(
+        &mut self,
+        time: Timestamp,
+        changes: Vec<Change>,
+    ) -> CommitSummary {
+        let c = self.commit_times.len() as u32;
+        self.commit_times.push(time);
+        self.csr = OnceLock::new();
+        let mut s = CommitSummary {
+            seq: u64::from(c),
+            ..CommitSummary::default()
+        };
+        for ch in &changes {
+            match ch {
+                Change::Upsert(spec) => {
+                    let id = self.upsert_node(c, spec, &mut s);
+                    for f in &spec.fields {
+                        let mut fs = NodeSpec::with_key(
+                            NodeKind::Field,
+                            NodeKey::field(spec.key.namespace(), spec.key.name(), &f.name),
+                        );
+                        fs.data_type.clone_from(&f.data_type);
+                        fs.tags.clone_from(&f.tags);
+                        fs.description.clone_from(&f.description);
+                        fs.placeholder = spec.placeholder;
+                        let fid = self.upsert_node(c, &fs, &mut s);
+                        self.link_ids(c, id, EdgeKind::HasField, fid, None, &mut s);
+                    }
+                }
+                Change::RemoveTag { key, tag } => {
+                    if let (Some(i), Some(t)) = (self.find_live(key), self.names.get(tag)) {
+                        let cur = self.g[NodeIndex::new(i as usize)].tags;
+                        let set: Vec<Sym> = self
+                            .tagset(cur)
+                            .iter()
+                            .copied()
+                            .filter(|&x| x != t)
+                            .collect();
+                        let new = self.intern_tagset(set);
+                        if new != cur {
+                            self.g[NodeIndex::new(i as usize)].tags = new;
+                            self.updates.push((c, i));
+                            s.nodes_updated += 1;
+                        }
+                    }
+                }
+                Change::Remove { key } => {
+                    if let Some(i) = self.find_live(key) {
+                        self.node_removed.insert(i, c);
+                        s.nodes_removed += 1;
+                        let n = NodeIndex::new(i as usize);
+                        let incident: Vec<u32> = self
+                            .g
+                            .edges_directed(n, PgDir::Outgoing)
+                            .chain(self.g.edges_directed(n, PgDir::Incoming))
+                            .map(|e| e.id().index() as u32)
+                            .collect();
+                        for e in incident {
+                            if let std::collections::hash_map::Entry::Vacant(v) =
+                                self.edge_removed.entry(e)
+                            {
+                                v.insert(c);
+                                s.edges_removed += 1;
+                            }
+                        }
+                    }
+                }
+                Change::Link {
+                    from,
+                    edge,
+                    to,
+                    transformation,
+                } => {
+                    if let (Some(a), Some(b)) = (self.find_live(from), self.find_live(to)) {
+                        self.link_ids(c, a, *edge, b, transformation.as_ref(), &mut s);
+                    }
+                }
+                Change::Unlink { from, edge, to } => {
+                    if let (Some(a), Some(b)) = (self.find_live(from), self.find_live(to)) {
+                        let (src, dst) = self.flow_pair(*edge, a, b);
+                        let ids: Vec<u32> = self
+                            .g
+                            .edges_connecting(
+                                NodeIndex::new(src as usize),
+                                NodeIndex::new(dst as usize),
+                            )
+                            .filter(|e| e.weight().kind == *edge)
+                            .map(|e| e.id().index() as u32)
+                            .filter(|e| !self.edge_removed.contains_key(e))
+                            .collect();
+                        for e in ids {
+                            self.edge_removed.insert(e, c);
+                            s.edges_removed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(log) = &mut self.log {
+            log.push(Commit {
+                seq: u64::from(c),
+                time,
+                changes,
+            });
+        }
+        s
+    }
+
+    fn flow_pair(&self, edge: EdgeKind, from: u32, to: u32) -> (u32, u32) {
+        match self.schema.flow(edge) {
+            Flow::Forward => (from, to),
+            Flow::Reverse => (to, from),
+        }
+    }
+
+    fn link_ids(
+        &mut self,
+        c: u32,
+        from: u32,
+        edge: EdgeKind,
+        to: u32,
+        t: Option<&Transformation>,
+        s: &mut CommitSummary,
+    ) {
+        let (src, dst) = self.flow_pair(edge, from, to);
+        let existing = self
+            .g
+            .edges_connecting(NodeIndex::new(src as usize), NodeIndex::new(dst as usize))
+            .filter(|e| e.weight().kind == edge)
+            .map(|e| e.id().index() as u32)
+            .find(|e| !self.edge_removed.contains_key(e));
+        let id = match existing {
+            Some(e) => e,
+            None => {
+                s.edges_created += 1;
+                self.g
+                    .add_edge(
+                        NodeIndex::new(src as usize),
+                        NodeIndex::new(dst as usize),
+                        EdgeRow {
+                            created: c,
+                            kind: edge,
+                        },
+                    )
+                    .index() as u32
+            }
+        };
+        if let Some(t) = t {
+            let merged = match self.transforms.get(&id) {
+                Some(old) => old.merge(t),
+                None => t.clone(),
+            };
+            self.transforms.insert(id, merged);
+        }
+    }
+
+    fn intern(&mut self, s: &str) -> Sym {
+        // Validation bounded the total size, so interning cannot run out of room here.
+        self.names.intern(s).unwrap_or(Sym::NONE)
+    }
+
+    fn upsert_node(&mut self, c: u32, spec: &NodeSpec, s: &mut CommitSummary) -> u32 {
+        let ns = self.intern(spec.key.namespace());
+        let name = self.intern(spec.key.name());
+        let owner = spec.owner.as_deref().map(|o| self.intern(o));
+        let tag_syms: Vec<Sym> = spec.tags.iter().map(|t| self.intern(t)).collect();
+        let g = &self.g;
+        let found = self.keys.get(ns, name, |i| key_of(g, i));
+        let live = found.filter(|i| !self.node_removed.contains_key(i));
+        match live {
+            Some(i) => {
+                let cur = self.g[NodeIndex::new(i as usize)].clone();
+                let mut row = cur.clone();
+                if let Some(o) = owner {
+                    row.owner = o;
+                }
+                if !tag_syms.is_empty() {
+                    let mut set: Vec<Sym> = self.tagset(cur.tags).to_vec();
+                    set.extend(tag_syms);
+                    row.tags = self.intern_tagset(set);
+                }
+                if let Some(st) = spec.status {
+                    row.status = st.code();
+                }
+                if !spec.placeholder {
+                    row.flags &= !FLAG_PLACEHOLDER;
+                }
+                let mut changed = row.owner != cur.owner
+                    || row.tags != cur.tags
+                    || row.status != cur.status
+                    || row.flags != cur.flags;
+                if spec.description.is_some()
+                    || spec.data_type.is_some()
+                    || !spec.properties.is_empty()
+                {
+                    if row.extra == OPEN {
+                        row.extra = self.extras.len() as u32;
+                        self.extras.push(NodeExtra::default());
+                    }
+                    if let Some(x) = self.extras.get_mut(row.extra as usize) {
+                        if spec.description.is_some() && x.description != spec.description {
+                            x.description.clone_from(&spec.description);
+                            changed = true;
+                        }
+                        if spec.data_type.is_some() && x.data_type != spec.data_type {
+                            x.data_type.clone_from(&spec.data_type);
+                            changed = true;
+                        }
+                        for (k, v) in &spec.properties {
+                            if x.properties.get(k) != Some(v) {
+                                x.properties.insert(k.clone(), v.clone());
+                                changed = true;
+                            }
+                        }
+                    }
+                }
+                if changed {
+                    self.g[NodeIndex::new(i as usize)] = row;
+                    self.updates.push((c, i));
+                    s.nodes_updated += 1;
+                }
+                i
+            }
+            None => {
+                let extra = if spec.description.is_some()
+                    || spec.data_type.is_some()
+                    || !spec.properties.is_empty()
+                {
+                    self.extras.push(NodeExtra {
+                        description: spec.description.clone(),
+                        data_type: spec.data_type.clone(),
+                        properties: spec.properties.clone(),
+                    });
+                    (self.extras.len() - 1) as u32
+                } else {
+                    OPEN
+                };
+                let tags = self.intern_tagset(tag_syms);
+                let row = NodeRow {
+                    ns,
+                    name,
+                    owner: owner.unwrap_or(Sym::NONE),
+                    tags,
+                    created: c,
+                    extra,
+                    kind: spec.kind,
+                    status: spec.status.unwrap_or_default().code(),
+                    flags: if spec.placeholder {
+                        FLAG_PLACEHOLDER
+                    } else {
+                        0
+                    },
+                };
+                let id = self.g.add_node(row).index() as u32;
+                let g = &self.g;
+                match found {
+                    // A removed node with this key: the key now names the new node.
+                    Some(old) => self.keys.replace(ns, name, old, id, |i| key_of(g, i)),
+                    None => self.keys.insert(ns, name, id, |i| key_of(g, i)),
+                }
+                s.nodes_created += 1;
+                if spec.placeholder {
+                    s.placeholders += 1;
+                }
+                id
+            }
+        }
+    }
+
+    fn intern_tagset(&mut self, mut set: Vec<Sym>) -> u32 {
+        set.sort_unstable();
+        set.dedup();
+        if let Some(&i) = self.tagset_index.get(set.as_slice()) {
+            return i;
+        }
+        let b: Box<[Sym]> = set.into_boxed_slice();
+        let i = self.tagsets.len() as u32;
+        self.tagsets.push(b.clone());
+        self.tagset_index.insert(b, i);
+        i
+    }
+
+    pub(crate) fn tagset(&self, i: u32) -> &[Sym] {
+        self.tagsets.get(i as usize).map_or(&[], |b| b)
+    }
+
+    // ----- lookups ---------------------------------------------------------------------
+
+    fn find_any(&self, key: &NodeKey) -> Option<u32> {
+        let ns = self.names.get(key.namespace())?;
+        let name = self.names.get(key.name())?;
+        self.keys.get(ns, name, |i| key_of(&self.g, i))
+    }
+
+    fn find_live(&self, key: &NodeKey) -> Option<u32> {
+        self.find_any(key)
+            .filter(|i| !self.node_removed.contains_key(i))
+    }
+
+    /// The live node with this key.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] if there is none.
+    pub fn find(&self, key: &NodeKey) -> Result<AnyNodeId> {
+        self.find_live(key)
+            .map(AnyNodeId)
+            .ok_or_else(|| unknown(key))
+    }
+
+    /// The live node with this textual key (`namespace:name` or `namespace:dataset#field`).
+    /// Because namespaces may contain `:`, every split point is tried, last first.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] if the text has no `:`, [`Error::UnknownNode`] if no node matches.
+    pub fn find_str(&self, key: &str) -> Result<AnyNodeId> {
+        let parsed = NodeKey::parse(key)?;
+        if let Some(i) = self.find_live(&parsed) {
+            return Ok(AnyNodeId(i));
+        }
+        for (pos, _) in key.match_indices(':').rev() {
+            let k = NodeKey::new(&key[..pos], &key[pos + 1..]);
+            if let Some(i) = self.find_live(&k) {
+                return Ok(AnyNodeId(i));
+            }
+        }
+        Err(Error::UnknownNode {
+            key: key.to_owned(),
+        })
+    }
+
+    /// The live node with this key, checked to be of kind `K`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`], or [`Error::KindMismatch`] if it has another kind.
+    pub fn get<K: Kind>(&self, key: &NodeKey) -> Result<NodeId<K>> {
+        let id = self.find(key)?;
+        self.typed(id)
+    }
+
+    /// Checks an untyped handle's kind and returns the typed handle.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a foreign handle, [`Error::KindMismatch`] for another kind.
+    pub fn typed<K: Kind>(&self, id: AnyNodeId) -> Result<NodeId<K>> {
+        let row = self.row(id)?;
+        if row.kind != K::KIND {
+            return Err(Error::KindMismatch {
+                key: self.key_string(id.0),
+                existing: row.kind,
+                requested: K::KIND,
+            });
+        }
+        Ok(NodeId::new(id.0))
+    }
+
+    pub(crate) fn row(&self, id: AnyNodeId) -> Result<&NodeRow> {
+        self.g
+            .node_weight(NodeIndex::new(id.index()))
+            .ok_or_else(|| Error::UnknownNode {
+                key: id.to_string(),
+            })
+    }
+
+    pub(crate) fn key_of_idx(&self, i: u32) -> NodeKey {
+        match self.g.node_weight(NodeIndex::new(i as usize)) {
+            Some(r) => NodeKey::new(self.names.resolve(r.ns), self.names.resolve(r.name)),
+            None => NodeKey::new("?", format!("n{i}")),
+        }
+    }
+
+    pub(crate) fn key_string(&self, i: u32) -> String {
+        self.key_of_idx(i).to_string()
+    }
+
+    /// The key of a node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a handle from another graph.
+    pub fn key(&self, id: impl Into<AnyNodeId>) -> Result<NodeKey> {
+        let id = id.into();
+        self.row(id)?;
+        Ok(self.key_of_idx(id.0))
+    }
+
+    /// The kind of a node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a handle from another graph.
+    pub fn kind(&self, id: impl Into<AnyNodeId>) -> Result<NodeKind> {
+        Ok(self.row(id.into())?.kind)
+    }
+
+    pub(crate) fn owner_of(&self, i: u32) -> Option<&str> {
+        let r = self.g.node_weight(NodeIndex::new(i as usize))?;
+        (!r.owner.is_none()).then(|| self.names.resolve(r.owner))
+    }
+
+    pub(crate) fn status_of(&self, i: u32) -> Status {
+        self.g
+            .node_weight(NodeIndex::new(i as usize))
+            .map_or(Status::Active, |r| Status::from_code(r.status))
+    }
+
+    pub(crate) fn has_tag(&self, i: u32, tag: Sym) -> bool {
+        self.g
+            .node_weight(NodeIndex::new(i as usize))
+            .is_some_and(|r| self.tagset(r.tags).contains(&tag))
+    }
+
+    pub(crate) fn tags_of(&self, i: u32) -> Vec<String> {
+        self.g
+            .node_weight(NodeIndex::new(i as usize))
+            .map(|r| {
+                self.tagset(r.tags)
+                    .iter()
+                    .map(|&t| self.names.resolve(t).to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn property_of(&self, i: u32, name: &str) -> Option<&serde_json::Value> {
+        let r = self.g.node_weight(NodeIndex::new(i as usize))?;
+        self.extras.get(r.extra as usize)?.properties.get(name)
+    }
+
+    pub(crate) fn is_live_node(&self, i: u32) -> bool {
+        (i as usize) < self.g.node_count() && !self.node_removed.contains_key(&i)
+    }
+
+    /// Everything known about a node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a handle from another graph.
+    pub fn info(&self, id: impl Into<AnyNodeId>) -> Result<NodeInfo> {
+        let id = id.into();
+        let r = self.row(id)?;
+        let x = self.extras.get(r.extra as usize);
+        Ok(NodeInfo {
+            id,
+            key: self.key_of_idx(id.0),
+            kind_name: self.schema.node_kind_name(r.kind).to_owned(),
+            kind: r.kind,
+            owner: self.owner_of(id.0).map(str::to_owned),
+            tags: self.tags_of(id.0),
+            status: Status::from_code(r.status),
+            placeholder: r.flags & FLAG_PLACEHOLDER != 0,
+            description: x.and_then(|x| x.description.clone()),
+            data_type: x.and_then(|x| x.data_type.clone()),
+            properties: x.map(|x| x.properties.clone()).unwrap_or_default(),
+            created_at: self.time_of(r.created),
+            removed_at: self.node_removed.get(&id.0).map(|&c| self.time_of(c)),
+        })
+    }
+
+    pub(crate) fn time_of(&self, c: u32) -> Timestamp {
+        self.commit_times
+            .get(c as usize)
+            .copied()
+            .unwrap_or(Timestamp::EPOCH)
+    }
+
+    /// Number of commits visible in a view.
+    pub(crate) fn horizon(&self, at: At) -> u32 {
+        match at {
+            At::Latest | At::Cumulative => self.commit_times.len() as u32,
+            At::Time(t) => self.commit_times.partition_point(|&x| x <= t) as u32,
+        }
+    }
+
+    pub(crate) fn node_visible(&self, i: u32, at: At, h: u32) -> bool {
+        let Some(r) = self.g.node_weight(NodeIndex::new(i as usize)) else {
+            return false;
+        };
+        match at {
+            At::Cumulative => true,
+            _ => r.created < h && self.node_removed.get(&i).is_none_or(|&rm| rm >= h),
+        }
+    }
+
+    pub(crate) fn edge_visible(&self, e: u32, at: At, h: u32) -> bool {
+        let Some(r) = self.g.edge_weight(EdgeIndex::new(e as usize)) else {
+            return false;
+        };
+        match at {
+            At::Cumulative => true,
+            _ => r.created < h && self.edge_removed.get(&e).is_none_or(|&rm| rm >= h),
+        }
+    }
+
+    pub(crate) fn edge_info(&self, e: u32) -> Option<EdgeInfo> {
+        let (src, dst) = self.g.edge_endpoints(EdgeIndex::new(e as usize))?;
+        let w = self.g.edge_weight(EdgeIndex::new(e as usize))?;
+        let (from, to) = match self.schema.flow(w.kind) {
+            Flow::Forward => (src, dst),
+            Flow::Reverse => (dst, src),
+        };
+        Some(EdgeInfo {
+            from: self.key_of_idx(from.index() as u32),
+            kind: w.kind,
+            kind_name: self.schema.edge_kind_name(w.kind).to_owned(),
+            to: self.key_of_idx(to.index() as u32),
+            transformation: self.transforms.get(&e).cloned(),
+            created_at: self.time_of(w.created),
+            removed_at: self.edge_removed.get(&e).map(|&c| self.time_of(c)),
+        })
+    }
+
+    pub(crate) fn transformation(&self, e: u32) -> Option<&Transformation> {
+        self.transforms.get(&e)
+    }
+
+    /// Edges touching a node in a view, in their declared direction. `Downstream` lists
+    /// edges along which data flows out of the node, `Upstream` those it flows in by.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a handle from another graph.
+    pub fn edges(
+        &self,
+        id: impl Into<AnyNodeId>,
+        dir: crate::Direction,
+        at: At,
+    ) -> Result<Vec<EdgeInfo>> {
+        let id = id.into();
+        self.row(id)?;
+        let h = self.horizon(at);
+        let pd = match dir {
+            crate::Direction::Downstream => PgDir::Outgoing,
+            crate::Direction::Upstream => PgDir::Incoming,
+        };
+        let mut out: Vec<u32> = self
+            .g
+            .edges_directed(NodeIndex::new(id.index()), pd)
+            .map(|e| e.id().index() as u32)
+            .filter(|&e| self.edge_visible(e, at, h))
+            .collect();
+        out.sort_unstable();
+        Ok(out.into_iter().filter_map(|e| self.edge_info(e)).collect())
+    }
+
+    /// Every node visible in a view.
+    pub fn nodes(&self, at: At) -> Vec<AnyNodeId> {
+        let h = self.horizon(at);
+        (0..self.g.node_count() as u32)
+            .filter(|&i| self.node_visible(i, at, h))
+            .map(AnyNodeId)
+            .collect()
+    }
+
+    /// What changed after `from` up to and including `to` (by recorded commit time).
+    pub fn diff(&self, from: Timestamp, to: Timestamp) -> Diff {
+        let lo = self.horizon(At::Time(from));
+        let hi = self.horizon(At::Time(to));
+        let in_range = |c: u32| c >= lo && c < hi;
+        let mut d = Diff::default();
+        for (i, r) in self.g.node_weights().enumerate() {
+            let i = i as u32;
+            if in_range(r.created) {
+                d.added_nodes.push(self.key_of_idx(i));
+            }
+            if self.node_removed.get(&i).is_some_and(|&c| in_range(c)) {
+                d.removed_nodes.push(self.key_of_idx(i));
+            }
+        }
+        let mut updated: Vec<u32> = self
+            .updates
+            .iter()
+            .filter(|(c, i)| {
+                in_range(*c)
+                    && self
+                        .g
+                        .node_weight(NodeIndex::new(*i as usize))
+                        .is_some_and(|r| r.created < lo)
+            })
+            .map(|&(_, i)| i)
+            .collect();
+        updated.sort_unstable();
+        updated.dedup();
+        d.updated_nodes = updated.into_iter().map(|i| self.key_of_idx(i)).collect();
+        for (e, r) in self.g.edge_weights().enumerate() {
+            let e = e as u32;
+            if in_range(r.created) {
+                d.added_edges.extend(self.edge_info(e));
+            }
+            if self.edge_removed.get(&e).is_some_and(|&c| in_range(c)) {
+                d.removed_edges.extend(self.edge_info(e));
+            }
+        }
+        d
+    }
+
+    // ----- snapshots -------------------------------------------------------------------
+
+    /// The immutable CSR snapshot of the latest graph (built on first use after a commit).
+    pub(crate) fn snapshot(&self) -> Arc<Csr> {
+        self.csr
+            .get_or_init(|| Arc::new(Csr::build(self, At::Latest)))
+            .clone()
+    }
+
+    pub(crate) fn csr_for(&self, at: At) -> Arc<Csr> {
+        match at {
+            At::Latest => self.snapshot(),
+            _ => Arc::new(Csr::build(self, at)),
+        }
+    }
+
+    // ----- typed API -------------------------------------------------------------------
+
+    /// Creates or updates a node of kind `K` (the spec's kind is replaced by `K`).
+    ///
+    /// # Errors
+    /// As [`Self::commit`].
+    pub fn upsert<K: Kind>(&mut self, mut spec: NodeSpec) -> Result<NodeId<K>> {
+        spec.kind = K::KIND;
+        let key = spec.key.clone();
+        self.commit(vec![Change::Upsert(spec)])?;
+        self.get::<K>(&key)
+    }
+
+    /// Creates or updates a node of any kind (dynamic API).
+    ///
+    /// # Errors
+    /// As [`Self::commit`].
+    pub fn upsert_dyn(&mut self, spec: NodeSpec) -> Result<AnyNodeId> {
+        let key = spec.key.clone();
+        self.commit(vec![Change::Upsert(spec)])?;
+        self.find(&key)
+    }
+
+    /// Adds the edge `from -[E]-> to`; only compiles for triples the built-in schema allows.
+    ///
+    /// ```compile_fail
+    /// use keel_lineage::{LineageGraph, NodeSpec, NodeKind, nodes, edges};
+    /// let mut g = LineageGraph::new();
+    /// let ds = g.upsert::<nodes::Dataset>(NodeSpec::new(NodeKind::Dataset, "ns", "d")).unwrap();
+    /// let svc = g.upsert::<nodes::Service>(NodeSpec::new(NodeKind::Service, "ns", "s")).unwrap();
+    /// g.connect(svc, edges::Serves, ds).unwrap(); // a service serves model versions, not datasets
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for handles from another graph or removed nodes.
+    pub fn connect<F: Kind, E: Allows<F, T>, T: Kind>(
+        &mut self,
+        from: NodeId<F>,
+        _edge: E,
+        to: NodeId<T>,
+    ) -> Result<()> {
+        self.connect_dyn(from.erase(), E::KIND, to.erase(), None)
+    }
+
+    /// Adds a column-lineage edge `to` derived-from `from` between two fields.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for handles from another graph or removed nodes.
+    pub fn derive_field(
+        &mut self,
+        derived: NodeId<crate::nodes::Field>,
+        source: NodeId<crate::nodes::Field>,
+        transformation: Transformation,
+    ) -> Result<()> {
+        self.connect_dyn(
+            derived.erase(),
+            <crate::edges::DerivedFrom as EdgeMarker>::KIND,
+            source.erase(),
+            Some(transformation),
+        )
+    }
+
+    /// Adds an edge between any two nodes, checked against the schema at run time.
+    ///
+    /// # Errors
+    /// As [`Self::commit`].
+    pub fn connect_dyn(
+        &mut self,
+        from: AnyNodeId,
+        edge: EdgeKind,
+        to: AnyNodeId,
+        transformation: Option<Transformation>,
+    ) -> Result<()> {
+        let from = self.key(from)?;
+        let to = self.key(to)?;
+        self.commit(vec![Change::Link {
+            from,
+            edge,
+            to,
+            transformation,
+        }])?;
+        Ok(())
+    }
+
+    /// Sets a node's lifecycle status.
+    ///
+    /// # Errors
+    /// As [`Self::commit`].
+    pub fn set_status(&mut self, id: impl Into<AnyNodeId>, status: Status) -> Result<()> {
+        let id = id.into();
+        let kind = self.kind(id)?;
+        let key = self.key(id)?;
+        self.commit(vec![Change::Upsert(
+            NodeSpec::with_key(kind, key).status(status),
+        )])?;
+        Ok(())
+    }
+
+    /// Removes a node (ends its validity and that of its edges).
+    ///
+    /// # Errors
+    /// As [`Self::commit`].
+    pub fn remove(&mut self, id: impl Into<AnyNodeId>) -> Result<()> {
+        let key = self.key(id)?;
+        self.commit(vec![Change::Remove { key }])?;
+        Ok(())
+    }
+
+    /// Live fields of a dataset or feature table, in creation order.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a handle from another graph.
+    pub fn fields_of(&self, id: impl Into<AnyNodeId>) -> Result<Vec<AnyNodeId>> {
+        let id = id.into();
+        self.row(id)?;
+        let mut v: Vec<AnyNodeId> = self
+            .g
+            .edges_directed(NodeIndex::new(id.index()), PgDir::Outgoing)
+            .filter(|e| {
+                e.weight().kind == EdgeKind::HasField
+                    && !self.edge_removed.contains_key(&(e.id().index() as u32))
+            })
+            .map(|e| AnyNodeId(e.target().index() as u32))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    pub(crate) fn live_edges_out(&self, i: u32) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
+        self.g
+            .edges_directed(NodeIndex::new(i as usize), PgDir::Outgoing)
+            .filter(|e| !self.edge_removed.contains_key(&(e.id().index() as u32)))
+            .map(|e| {
+                (
+                    e.id().index() as u32,
+                    e.target().index() as u32,
+                    e.weight().kind,
+                )
+            })
+    }
+
+    pub(crate) fn live_edges_in(&self, i: u32) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
+        self.g
+            .edges_directed(NodeIndex::new(i as usize), PgDir::Incoming)
+            .filter(|e| !self.edge_removed.contains_key(&(e.id().index() as u32)))
+            .map(|e| {
+                (
+                    e.id().index() as u32,
+                    e.source().index() as u32,
+                    e.weight().kind,
+                )
+            })
+    }
+
+    pub(crate) fn all_node_indices(&self) -> std::ops::Range<u32> {
+        0..self.g.node_count() as u32
+    }
+}
+
+impl KeyIndex {
+    pub(crate) fn replace(
+        &mut self,
+        ns: Sym,
+        name: Sym,
+        old: u32,
+        new: u32,
+        key_of: impl Fn(u32) -> (Sym, Sym),
+    ) {
+        // Removing and re-inserting keeps probing sequences intact because the slot is
+        // overwritten in place: same key, same hash, same position.
+        self.overwrite(old, new, ns, name, key_of);
+    }
+}
+
+pub(crate) fn key_of(g: &Graph<NodeRow, EdgeRow, petgraph::Directed, u32>, i: u32) -> (Sym, Sym) {
+    g.node_weight(NodeIndex::new(i as usize))
+        .map_or((Sym::NONE, Sym::NONE), |r| (r.ns, r.name))
+}
+
+fn unknown(key: &NodeKey) -> Error {
+    Error::UnknownNode {
+        key: key.to_string(),
+    }
+}
+
+pub(crate) fn with_origin(e: Error, origin: &str) -> Error {
+    Error::Batch {
+        origin: origin.to_owned(),
+        source: Box::new(e),
+    }
+}
