@@ -71,11 +71,11 @@ pub use error::{Error, Result};
 pub use loader::{DEFAULT_MODEL_FILE, resolve_model_path};
 pub use metrics::{EngineLoad, EngineMetrics};
 pub use pool::{
-    BoxFuture, Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, LatencySummary, Load,
-    LoadTicket, LoadTracker, Policy, Pool, PoolBuilder, PoolOutput, PoolRequest, PoolStats,
-    PoolStream, Registry, RegistryWatch, Replica, ReplicaError, ReplicaErrorKind, ReplicaEvent,
-    ReplicaId, ReplicaState, ReplicaStats, Reservation, SimConfig, SimPolicyReport, SimReport,
-    StaticDiscovery, TokenSender, TokenStream,
+    BoxFuture, Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, EngineReplica,
+    LatencySummary, Load, LoadTicket, LoadTracker, Policy, Pool, PoolBuilder, PoolOutput,
+    PoolRequest, PoolStats, PoolStream, PromptFormat, Registry, RegistryWatch, Replica,
+    ReplicaError, ReplicaErrorKind, ReplicaEvent, ReplicaId, ReplicaState, ReplicaStats,
+    Reservation, SimConfig, SimPolicyReport, SimReport, StaticDiscovery, TokenSender, TokenStream,
 };
 pub use request::{
     Completion, FinishReason, GenerateRequest, StreamEvent, Summary, Timings, TokenDelta, Usage,

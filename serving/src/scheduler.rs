@@ -288,13 +288,22 @@ impl Scheduler {
         }
         self.waiting = keep;
         for s in dead {
-            if s.events.is_closed() {
-                self.with_metrics(|m| m.m.requests_cancelled += 1);
-            } else {
-                let _ = s.events.send(Err(Error::DeadlineExceeded { id: s.id }));
-                self.with_metrics(|m| m.m.requests_failed += 1);
-            }
+            // Account first, so a caller who sees the error also sees its effects.
+            let events = s.events.clone();
+            let id = s.id;
+            let cancelled = events.is_closed();
+            self.with_metrics(|m| {
+                if cancelled {
+                    m.m.requests_cancelled += 1;
+                } else {
+                    m.m.requests_failed += 1;
+                }
+            });
             self.finish_seq(s);
+            self.publish();
+            if !cancelled {
+                let _ = events.send(Err(Error::DeadlineExceeded { id }));
+            }
         }
     }
 
@@ -382,13 +391,18 @@ impl Scheduler {
                 let reason = e.to_string();
                 let mut idxs: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 idxs.sort_unstable();
+                let mut failed = Vec::new();
                 for idx in idxs.into_iter().rev() {
                     let s = self.running.remove(idx);
-                    let _ = s.events.send(Err(Error::Execution {
-                        reason: reason.clone(),
-                    }));
+                    failed.push(s.events.clone());
                     self.with_metrics(|m| m.m.requests_failed += 1);
                     self.finish_seq(s);
+                }
+                self.publish();
+                for tx in failed {
+                    let _ = tx.send(Err(Error::Execution {
+                        reason: reason.clone(),
+                    }));
                 }
                 return;
             }
@@ -417,6 +431,9 @@ impl Scheduler {
             }
         }
         finished.sort_by_key(|f| f.0);
+        // Summaries go out after the step's accounting, so a caller who has its summary also
+        // sees the request's blocks freed and counted in the metrics.
+        let mut done_events = Vec::new();
         for (idx, (reason, tail)) in finished.into_iter().rev() {
             let s = self.running.remove(idx);
             let summary = Summary {
@@ -435,8 +452,8 @@ impl Scheduler {
                 },
                 trailing_text: tail,
             };
-            let _ = s.events.send(Ok(StreamEvent::Done(summary)));
             self.with_metrics(|m| m.m.requests_finished += 1);
+            done_events.push((s.events.clone(), summary));
             self.finish_seq(s);
         }
         let batch = plan.len();
@@ -454,6 +471,10 @@ impl Scheduler {
             m.m.running = running;
             m.m.waiting = waiting;
         });
+        self.publish();
+        for (tx, summary) in done_events {
+            let _ = tx.send(Ok(StreamEvent::Done(summary)));
+        }
     }
 
     /// Handles a sampled token: emits it, and reports whether (and why) the sequence ended,

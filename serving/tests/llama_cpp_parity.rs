@@ -1,5 +1,6 @@
 //! The engine against llama.cpp on the real model: tokenization and greedy output, token for
 //! token, alone and batched together.
+#![allow(clippy::unwrap_used)] // Helpers shared by the tests below: failures should abort loudly.
 mod common;
 
 use keel_serving::{GenerateRequest, SamplingParams, Specials, Tokenizer};

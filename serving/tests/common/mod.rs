@@ -1,5 +1,8 @@
 //! Shared helpers for tests that need the real model.
 #![allow(dead_code)] // Each test file uses a different subset of these helpers.
+#![allow(clippy::unwrap_used)] // Test setup: a failure should abort the test loudly.
+
+pub(crate) mod tiny;
 
 use std::path::PathBuf;
 

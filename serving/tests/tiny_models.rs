@@ -1,0 +1,107 @@
+//! Loading both file formats and several weight types, on a tiny random-weight model written
+//! by the test itself (no download needed).
+#![allow(clippy::unwrap_used)] // Helpers shared by the tests below: failures should abort loudly.
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use common::tiny;
+use keel_serving::{ChatMessage, Engine, GenerateRequest, SamplingParams, Specials, Tokenizer};
+
+fn engine(path: &std::path::Path) -> Engine {
+    Engine::builder()
+        .model_path(path)
+        .kv_blocks(64)
+        .build()
+        .unwrap()
+}
+
+async fn greedy(e: &Engine, prompt: &str, n: usize) -> Vec<u32> {
+    let r = GenerateRequest::text(prompt)
+        .sampling(SamplingParams::greedy().max_tokens(n).ignore_eos(true));
+    e.generate(r).unwrap().collect().await.unwrap().tokens
+}
+
+#[tokio::test]
+async fn safetensors_and_gguf_f32_agree_token_for_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = engine(&tiny::write_hf(dir.path(), 7, "llama"));
+    let gg = engine(&tiny::write_gguf(dir.path(), 7, GgmlDType::F32, "llama"));
+    assert_eq!(hf.model_info().architecture, "llama");
+    assert_eq!(gg.model_info().kv_heads, tiny::KV_HEADS);
+    for prompt in [
+        "hello world",
+        "a longer prompt, with punctuation and digits 123",
+    ] {
+        let a = greedy(&hf, prompt, 12).await;
+        let b = greedy(&gg, prompt, 12).await;
+        assert_eq!(a.len(), 12);
+        assert_eq!(a, b, "prompt {prompt:?}");
+    }
+}
+
+#[tokio::test]
+async fn quantized_gguf_types_load_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ] {
+        let e = engine(&tiny::write_gguf(dir.path(), 3, dtype, "llama"));
+        assert_eq!(e.model_info().weight_type, format!("{dtype:?}"));
+        assert_eq!(greedy(&e, "hello", 5).await.len(), 5, "{dtype:?}");
+    }
+}
+
+#[tokio::test]
+async fn qwen2_config_with_biases_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&tiny::write_hf(dir.path(), 5, "qwen2"));
+    assert_eq!(e.model_info().architecture, "qwen2");
+    assert_eq!(greedy(&e, "hello", 4).await.len(), 4);
+}
+
+#[test]
+fn tokenizer_json_and_gguf_vocab_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Tokenizer::from_file(tiny::write_hf(dir.path(), 1, "llama").join("tokenizer.json"))
+        .unwrap();
+    let b = Tokenizer::from_file(tiny::write_gguf(dir.path(), 1, GgmlDType::F32, "llama")).unwrap();
+    for text in [
+        "hello world",
+        "<|im_start|>user\nhello<|im_end|>",
+        "ünïcödé 🎉",
+    ] {
+        for sp in [Specials::Parse, Specials::Plain] {
+            let ta = a.encode(text, sp).unwrap();
+            assert_eq!(ta, b.encode(text, sp).unwrap());
+            if sp == Specials::Plain {
+                assert_eq!(a.decode(&ta).unwrap(), text);
+            }
+        }
+    }
+    // "hello" uses the merges h+e, l+l, he+ll.
+    let hello = a.encode("hello", Specials::Plain).unwrap();
+    assert_eq!(
+        hello,
+        vec![a.token_id("hell").unwrap(), a.token_id("o").unwrap()]
+    );
+    assert_eq!(
+        a.encode("<|im_end|>", Specials::Parse).unwrap(),
+        vec![a.token_id("<|im_end|>").unwrap()]
+    );
+    assert!(a.encode("<|im_end|>", Specials::Plain).unwrap().len() > 1);
+}
+
+#[tokio::test]
+async fn chat_requests_use_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&tiny::write_gguf(dir.path(), 2, GgmlDType::F32, "llama"));
+    let req = GenerateRequest::chat([ChatMessage::user("hello")]);
+    let toks = e.prompt_tokens(&req).unwrap();
+    let text = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(toks, e.tokenizer().encode(text, Specials::Parse).unwrap());
+}
