@@ -8,7 +8,7 @@
 //! - `s/<id>\0<signal>\0<seq:be64>` -> a buffered signal value (JSON), deleted in the same
 //!   batch that journals its delivery.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,17 +174,40 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<Vec<u8
 pub(crate) struct Writes {
     batch: sled::Batch,
     len: usize,
+    /// The only write, while there is exactly one insert: applied with a plain `insert`,
+    /// because sled's `apply_batch` takes a process-wide exclusive lock that stalls every
+    /// other reader and writer, which is the common case's bottleneck under concurrency.
+    single: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Writes {
     pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        if self.len == 0 {
+            self.single = Some((key.clone(), value.clone()));
+        } else {
+            self.single = None;
+        }
         self.batch.insert(key, value);
         self.len += 1;
     }
 
     pub(crate) fn remove(&mut self, key: Vec<u8>) {
+        self.single = None;
         self.batch.remove(key);
         self.len += 1;
+    }
+
+    fn apply_to(self, db: &sled::Db) -> Result<()> {
+        match (self.len, self.single) {
+            (0, _) => Ok(()),
+            (1, Some((k, v))) => db
+                .insert(k, v)
+                .map(|_| ())
+                .map_err(|e| Error::sled("writing to the journal", e)),
+            _ => db
+                .apply_batch(self.batch)
+                .map_err(|e| Error::sled("applying a journal batch", e)),
+        }
     }
 
     pub(crate) fn record(&mut self, id: &str, rec: &Record) -> Result<()> {
@@ -327,11 +350,7 @@ impl Journal {
     /// The batch is applied before the waiter is queued, so the committer's next flush,
     /// which starts after it dequeues the waiter, includes it.
     pub(crate) async fn commit(&self, writes: Writes) -> Result<()> {
-        if writes.len > 0 {
-            self.db
-                .apply_batch(writes.batch)
-                .map_err(|e| Error::sled("applying a journal batch", e))?;
-        }
+        writes.apply_to(&self.db)?;
         self.sync().await
     }
 
@@ -356,9 +375,7 @@ impl Journal {
 
     /// Applies writes without waiting for a flush (for bookkeeping that a later commit covers).
     pub(crate) fn apply(&self, writes: Writes) -> Result<()> {
-        self.db
-            .apply_batch(writes.batch)
-            .map_err(|e| Error::sled("applying a journal batch", e))
+        writes.apply_to(&self.db)
     }
 
     pub(crate) fn next_seq(&self) -> Result<u64> {
@@ -486,57 +503,69 @@ fn committer(
     }
 }
 
-/// Runs `fdatasync` over every file of sled's directory, keeping the handles open between
-/// flushes so the common case costs one `readdir` plus one `fdatasync` per file.
+/// Makes sled's directory durable after a flush.
+///
+/// sled appends everything to one log file, `db`, which gets an `fdatasync` on every flush.
+/// Its other files (`conf`, snapshots, blobs) are written once and never modified in place
+/// (a snapshot is written under a temporary name and renamed), so each is synced once with
+/// `fsync` when it first appears, together with the directory that holds its name.
 struct FileSyncer {
     dir: PathBuf,
-    files: HashMap<PathBuf, File>,
+    log: Option<File>,
+    seen: HashSet<PathBuf>,
 }
 
 impl FileSyncer {
     fn new(dir: PathBuf) -> Self {
         Self {
             dir,
-            files: HashMap::new(),
+            log: None,
+            seen: HashSet::new(),
         }
     }
 
     fn sync(&mut self) -> std::io::Result<()> {
-        let mut seen = Vec::new();
-        let mut new_entries = false;
+        let log_path = self.dir.join("db");
+        if self.log.is_none() {
+            self.log = Some(File::open(&log_path)?);
+        }
         let mut dirs = vec![self.dir.clone()];
+        let mut new_dirs = Vec::new();
         while let Some(d) = dirs.pop() {
             for entry in std::fs::read_dir(&d)? {
                 let entry = entry?;
-                let ty = entry.file_type()?;
                 let path = entry.path();
+                if path == log_path || self.seen.contains(&path) {
+                    continue;
+                }
+                let ty = entry.file_type()?;
                 if ty.is_dir() {
                     dirs.push(path);
-                } else if ty.is_file() {
-                    seen.push(path);
+                    continue;
                 }
-            }
-        }
-        for path in &seen {
-            if !self.files.contains_key(path) {
-                match File::open(path) {
-                    Ok(f) => {
-                        self.files.insert(path.clone(), f);
-                        new_entries = true;
-                    }
-                    // sled removes old snapshots concurrently; a vanished file needs no sync.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                match File::open(&path) {
+                    Ok(f) => f.sync_all()?,
+                    // sled removes old snapshots and renames new ones concurrently; a file that
+                    // vanished needs no sync, and its new name is picked up next time.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
+                if !new_dirs.contains(&d) {
+                    new_dirs.push(d.clone());
+                }
+                self.seen.insert(path);
             }
         }
-        self.files.retain(|p, _| seen.contains(p));
-        for f in self.files.values() {
-            f.sync_data()?;
+        if let Some(log) = &self.log {
+            log.sync_data()?;
         }
-        if new_entries {
-            // New files are only durable once their directory entries are.
-            File::open(&self.dir)?.sync_all()?;
+        for d in new_dirs {
+            // A new file is only durable once its directory entry is.
+            File::open(&d)?.sync_all()?;
+        }
+        if self.seen.len() > 4096 {
+            // Old snapshot names accumulate; forgetting them only costs one extra sync.
+            self.seen.clear();
         }
         Ok(())
     }
