@@ -311,3 +311,19 @@ async fn unknown_names_ids_and_queues_at_start() {
     assert!(matches!(rt.worker(), Err(Error::WorkerRunning)));
     stop(rt).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_directory_is_a_storage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where the journal directory should be: every disk operation fails.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let r = builder(&file).open().await;
+    match r {
+        Err(e @ Error::Storage { .. }) => {
+            assert!(e.to_string().contains("not-a-dir"), "{e}");
+            assert!(std::error::Error::source(&e).is_some());
+        }
+        other => panic!("expected Storage, got {other:?}"),
+    }
+}

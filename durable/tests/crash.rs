@@ -21,6 +21,9 @@
 //! value of a step is the same and equals what the result holds; every job got its signal's
 //! value; every sleep lasted at least its duration.
 //!
+//! Once, while the first child holds the journal, the parent tries to open it too and must get
+//! `Error::AlreadyOpen`.
+//!
 //! The seed comes from `KEEL_CRASH_SEED` (default fixed), and is printed so a failure can be
 //! replayed: `KEEL_CRASH_SEED=<seed> cargo test -p keel-durable --test crash`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
@@ -85,6 +88,9 @@ fn parent() {
     let mut finished_early = 0;
     while kills < KILLS {
         let mut child = spawn_child(&dir, &ledger);
+        if kills == 0 {
+            second_process_is_refused(&dir, &ledger);
+        }
         let delay = Duration::from_millis(20 + rng.next() % 130);
         std::thread::sleep(delay);
         if child.try_wait().unwrap().is_some() {
@@ -122,6 +128,29 @@ fn parent() {
         "crash test: {kills} kills ({finished_early} early finishes), {reruns} step re-runs \
          before journaling, ok in {:?}",
         started.elapsed()
+    );
+}
+
+/// While a child holds the journal (it has written to the ledger), this process must get
+/// `AlreadyOpen` rather than a second recovery of the same workflows.
+fn second_process_is_refused(dir: &Path, ledger: &Path) {
+    let before = std::fs::metadata(ledger).map(|m| m.len()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(ledger).map(|m| m.len()).unwrap_or(0) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the child made no progress in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(Runtime::builder(dir).open());
+    assert!(
+        matches!(r, Err(Error::AlreadyOpen { .. })),
+        "a second process opened a journal in use: {r:?}"
     );
 }
 
