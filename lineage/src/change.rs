@@ -12,7 +12,10 @@ use crate::time::Timestamp;
 ///
 /// Written as `namespace:name`; fields are `namespace:dataset#field`. Namespaces may contain
 /// `:` themselves (`hive://localhost:9083`), so parsing splits at the last `:`.
+// Serialised as a two-element array `[namespace, name]`: keys are most of a log entry, and
+// the array form is shorter and faster to parse than an object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "(String, String)", into = "(String, String)")]
 pub struct NodeKey {
     namespace: String,
     name: String,
@@ -70,6 +73,18 @@ impl NodeKey {
     pub fn split_field(&self) -> Option<(NodeKey, &str)> {
         let (ds, f) = self.name.rsplit_once('#')?;
         Some((NodeKey::new(self.namespace.clone(), ds), f))
+    }
+}
+
+impl From<(String, String)> for NodeKey {
+    fn from((namespace, name): (String, String)) -> Self {
+        Self { namespace, name }
+    }
+}
+
+impl From<NodeKey> for (String, String) {
+    fn from(k: NodeKey) -> Self {
+        (k.namespace, k.name)
     }
 }
 

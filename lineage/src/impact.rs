@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::csr::HIDDEN;
+use crate::csr::{Csr, HIDDEN};
 use crate::error::{Error, Result};
 use crate::graph::LineageGraph;
 use crate::nodes;
@@ -124,16 +124,27 @@ impl Budget {
     }
 }
 
-/// The raw result of an impact closure: node ids, classification, distance and the
-/// predecessor on the reported path. [`LineageGraph::impact`] resolves it into an
-/// [`ImpactReport`].
+/// The raw result of an impact closure: node ids, classification and the predecessor on
+/// the reported path. [`LineageGraph::impact`] resolves it into an [`ImpactReport`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImpactSet {
     root: AnyNodeId,
-    // (node, parent entry or u32::MAX for the root's children, distance, breaks)
-    entries: Vec<(u32, u32, u32, bool)>,
+    nodes: Vec<u32>,
+    // Entry index of each node's predecessor, or ROOT for the changed node's children.
+    // A parent always comes before its child.
+    parents: Vec<u32>,
+    breaks: Breaks,
     partial: bool,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Breaks {
+    All,
+    None,
+    Each(Vec<bool>),
+}
+
+const ROOT: u32 = u32::MAX;
 
 impl ImpactSet {
     /// The changed node.
@@ -143,22 +154,46 @@ impl ImpactSet {
 
     /// Number of affected nodes.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.nodes.len()
     }
 
     /// Whether nothing is affected.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.nodes.is_empty()
     }
 
-    /// Affected nodes with their classification and distance.
+    fn breaks(&self, i: usize) -> bool {
+        match &self.breaks {
+            Breaks::All => true,
+            Breaks::None => false,
+            Breaks::Each(v) => v.get(i).copied().unwrap_or(false),
+        }
+    }
+
+    fn distances(&self) -> Vec<u32> {
+        let mut d: Vec<u32> = Vec::with_capacity(self.nodes.len());
+        for &p in &self.parents {
+            let v = if p == ROOT {
+                1
+            } else {
+                d.get(p as usize).map_or(1, |x| x + 1)
+            };
+            d.push(v);
+        }
+        d
+    }
+
+    /// Affected nodes with their classification and distance (the length of the reported
+    /// path), in discovery order.
     pub fn iter(&self) -> impl Iterator<Item = (AnyNodeId, Impact, u32)> + '_ {
-        self.entries.iter().map(|&(n, _, d, b)| {
-            (
-                AnyNodeId(n),
-                if b { Impact::Breaks } else { Impact::Informed },
-                d,
-            )
+        let d = self.distances();
+        self.nodes.iter().enumerate().map(move |(i, &n)| {
+            let impact = if self.breaks(i) {
+                Impact::Breaks
+            } else {
+                Impact::Informed
+            };
+            (AnyNodeId(n), impact, d[i])
         })
     }
 
@@ -170,9 +205,11 @@ impl ImpactSet {
     fn path(&self, entry: usize) -> Vec<u32> {
         let mut p = Vec::new();
         let mut cur = entry as u32;
-        while let Some(&(n, parent, _, _)) = self.entries.get(cur as usize) {
+        while let (Some(&n), Some(&parent)) =
+            (self.nodes.get(cur as usize), self.parents.get(cur as usize))
+        {
             p.push(n);
-            if p.len() > self.entries.len() {
+            if p.len() > self.nodes.len() {
                 break;
             }
             cur = parent;
@@ -335,138 +372,19 @@ impl LineageGraph {
             }
             ProposedChange::Deprecate(_) => Mode::AllInform,
         };
-        let began = Instant::now();
-        let max_nodes = budget.max_nodes.unwrap_or(usize::MAX);
-        let max_depth = budget.max_depth.unwrap_or(u32::MAX);
-        let hf = has_field();
-        const UNSEEN: u32 = u32::MAX;
-        const ROOT: u32 = u32::MAX - 1;
-        let mut slot = vec![UNSEEN; csr.len()];
-        slot[root.index()] = ROOT;
-        let mut entries: Vec<(u32, u32, u32, bool)> = Vec::new();
-        let mut partial = false;
-        let root_breaks = mode != Mode::AllInform;
-        // Edges that leave a broken node without breaking their target, visited after all
-        // breakage is known so a node reachable both ways is classified as broken.
-        let mut deferred: Vec<(u32, u32)> = Vec::new();
-        let mut head = 0usize;
-        let mut root_pending = true;
-        if mode == Mode::Field && csr.node_kind[root.index()] == FIELD {
-            // The dataset holding the changed field changes with it.
-            let (ps, ks) = csr.inc(root.0);
-            for (&p, &k) in ps.iter().zip(ks) {
-                if k == hf && slot[p as usize] == UNSEEN {
-                    slot[p as usize] = entries.len() as u32;
-                    entries.push((p, u32::MAX, 1, true));
-                }
-            }
+        if mode == Mode::Field {
+            return Ok(field_closure(&csr, root, budget));
         }
-        // Phase 1: breakage (or everything, when nothing can break).
-        loop {
-            let (node, entry, dist) = if root_pending {
-                root_pending = false;
-                (root.0, u32::MAX, 0)
-            } else if head < entries.len() {
-                let e = entries[head];
-                head += 1;
-                (e.0, (head - 1) as u32, e.2)
-            } else {
-                break;
-            };
-            if (entries.len() & 0xfff) == 0
-                && let Some(t) = budget.time
-                && began.elapsed() > t
-            {
-                partial = true;
-                break;
-            }
-            if dist >= max_depth {
-                continue;
-            }
-            let nk = csr.node_kind[node as usize];
-            let (ts, ks) = csr.out(node);
-            for (&t, &k) in ts.iter().zip(ks) {
-                let breaks = match mode {
-                    Mode::AllBreak => true,
-                    Mode::AllInform => false,
-                    Mode::Field => nk != DATASET && nk != FEATURE_TABLE,
-                };
-                if k == hf && mode == Mode::Field && !breaks {
-                    // The other columns of a dataset whose column changed are untouched.
-                    continue;
-                }
-                if breaks != root_breaks {
-                    if slot[t as usize] == UNSEEN {
-                        deferred.push((entry, t));
-                    }
-                    continue;
-                }
-                if slot[t as usize] != UNSEEN {
-                    continue;
-                }
-                if entries.len() >= max_nodes {
-                    partial = true;
-                    break;
-                }
-                slot[t as usize] = entries.len() as u32;
-                entries.push((t, entry, dist + 1, breaks));
-                if mode == Mode::Field && csr.node_kind[t as usize] == FIELD {
-                    let te = entries.len() as u32 - 1;
-                    let (ps, pk) = csr.inc(t);
-                    for (&p, &kk) in ps.iter().zip(pk) {
-                        if kk == hf && slot[p as usize] == UNSEEN && entries.len() < max_nodes {
-                            slot[p as usize] = entries.len() as u32;
-                            entries.push((p, te, dist + 2, true));
-                        }
-                    }
-                }
-            }
-            if partial {
-                break;
-            }
-        }
-        // Phase 2: informed consumers of broken datasets.
-        if !partial && !deferred.is_empty() {
-            let start = entries.len();
-            for (parent, t) in deferred {
-                if slot[t as usize] != UNSEEN {
-                    continue;
-                }
-                let dist = entries.get(parent as usize).map_or(1, |e| e.2 + 1);
-                if dist > max_depth {
-                    continue;
-                }
-                if entries.len() >= max_nodes {
-                    partial = true;
-                    break;
-                }
-                slot[t as usize] = entries.len() as u32;
-                entries.push((t, parent, dist, false));
-            }
-            let mut h = start;
-            while h < entries.len() && !partial {
-                let (node, _, dist, _) = entries[h];
-                h += 1;
-                if dist >= max_depth {
-                    continue;
-                }
-                let (ts, _) = csr.out(node);
-                for &t in ts {
-                    if slot[t as usize] != UNSEEN {
-                        continue;
-                    }
-                    if entries.len() >= max_nodes {
-                        partial = true;
-                        break;
-                    }
-                    slot[t as usize] = entries.len() as u32;
-                    entries.push((t, (h - 1) as u32, dist + 1, false));
-                }
-            }
-        }
+        let (nodes, parents, partial) = uniform_closure(&csr, root, budget);
         Ok(ImpactSet {
             root,
-            entries,
+            nodes,
+            parents,
+            breaks: if mode == Mode::AllBreak {
+                Breaks::All
+            } else {
+                Breaks::None
+            },
             partial,
         })
     }
@@ -482,11 +400,14 @@ impl LineageGraph {
 
     /// Resolves an [`ImpactSet`] into a report (keys, paths, owners, services, ranking).
     pub fn report(&self, change: &ProposedChange, set: &ImpactSet) -> ImpactReport {
-        let mut affected = Vec::with_capacity(set.entries.len());
+        let mut affected = Vec::with_capacity(set.nodes.len());
+        let dists = set.distances();
         let mut services = Vec::new();
         let mut owners: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         let mut summary = ImpactSummary::default();
-        for (i, &(n, _, dist, breaks)) in set.entries.iter().enumerate() {
+        for (i, &n) in set.nodes.iter().enumerate() {
+            let dist = dists[i];
+            let breaks = set.breaks(i);
             let kind = self.kind(AnyNodeId(n)).unwrap_or(NodeKind::Dataset);
             let impact = if breaks {
                 Impact::Breaks
@@ -623,5 +544,197 @@ impl LineageGraph {
             Some(serde_json::Value::Number(x)) => Some(format!("tier-{x}")),
             _ => None,
         }
+    }
+}
+
+/// Breadth-first closure where every node gets the same classification: the bare loop the
+/// floor runs, plus one parent index per reached node.
+fn uniform_closure(csr: &Csr, root: AnyNodeId, budget: &Budget) -> (Vec<u32>, Vec<u32>, bool) {
+    let began = Instant::now();
+    let max_nodes = budget.max_nodes.unwrap_or(usize::MAX);
+    let max_depth = budget.max_depth.unwrap_or(u32::MAX);
+    let mut seen = vec![false; csr.len()];
+    seen[root.index()] = true;
+    let mut nodes: Vec<u32> = Vec::with_capacity(1024);
+    let mut parents: Vec<u32> = Vec::with_capacity(1024);
+    let mut partial = false;
+    let (mut node, mut entry) = (root.0, ROOT);
+    let mut child_depth = 1u32;
+    let mut level_end = usize::MAX;
+    let mut head = 0usize;
+    'outer: loop {
+        if child_depth > max_depth {
+            break;
+        }
+        let (ts, _) = csr.out(node);
+        for &t in ts {
+            if !seen[t as usize] {
+                if nodes.len() >= max_nodes {
+                    partial = true;
+                    break 'outer;
+                }
+                seen[t as usize] = true;
+                nodes.push(t);
+                parents.push(entry);
+            }
+        }
+        if level_end == usize::MAX {
+            level_end = nodes.len();
+            child_depth = 2;
+        }
+        if head >= nodes.len() {
+            break;
+        }
+        if head == level_end {
+            child_depth += 1;
+            level_end = nodes.len();
+        }
+        if head & 0xfff == 0
+            && let Some(t) = budget.time
+            && began.elapsed() > t
+        {
+            partial = true;
+            break;
+        }
+        node = nodes[head];
+        entry = head as u32;
+        head += 1;
+    }
+    (nodes, parents, partial)
+}
+
+/// Field-granularity closure: breakage first, then informed consumers of broken datasets.
+fn field_closure(csr: &Csr, root: AnyNodeId, budget: &Budget) -> ImpactSet {
+    let began = Instant::now();
+    let max_nodes = budget.max_nodes.unwrap_or(usize::MAX);
+    let max_depth = budget.max_depth.unwrap_or(u32::MAX);
+    let hf = has_field();
+    let mut seen = vec![false; csr.len()];
+    seen[root.index()] = true;
+    let mut acc = Acc::default();
+    let mut partial = false;
+    // The dataset holding the changed field changes with it.
+    if csr.node_kind[root.index()] == FIELD {
+        let (ps, ks) = csr.inc(root.0);
+        for (&p, &k) in ps.iter().zip(ks) {
+            if k == hf && !seen[p as usize] {
+                seen[p as usize] = true;
+                acc.push(p, ROOT, 1, true);
+            }
+        }
+    }
+    // Edges that leave a broken dataset without breaking their target, visited after all
+    // breakage is known so a node reachable both ways is classified as broken.
+    let mut deferred: Vec<(u32, u32, u32)> = Vec::new();
+    let mut head = 0usize;
+    let mut current: Option<(u32, u32, u32)> = Some((root.0, ROOT, 0));
+    while let Some((node, entry, d)) = current {
+        if head & 0xfff == 0
+            && let Some(t) = budget.time
+            && began.elapsed() > t
+        {
+            partial = true;
+            break;
+        }
+        if d < max_depth {
+            let nk = csr.node_kind[node as usize];
+            let container = nk == DATASET || nk == FEATURE_TABLE;
+            let (ts, ks) = csr.out(node);
+            for (&t, &k) in ts.iter().zip(ks) {
+                if seen[t as usize] {
+                    continue;
+                }
+                if container {
+                    // The other columns of the table are untouched; its other consumers
+                    // are informed later unless something breaks them first.
+                    if k != hf {
+                        deferred.push((entry, t, d + 1));
+                    }
+                    continue;
+                }
+                if acc.nodes.len() >= max_nodes {
+                    partial = true;
+                    break;
+                }
+                seen[t as usize] = true;
+                acc.push(t, entry, d + 1, true);
+                if csr.node_kind[t as usize] == FIELD {
+                    let te = (acc.nodes.len() - 1) as u32;
+                    let (ps, pk) = csr.inc(t);
+                    for (&p, &kk) in ps.iter().zip(pk) {
+                        if kk == hf && !seen[p as usize] && acc.nodes.len() < max_nodes {
+                            seen[p as usize] = true;
+                            acc.push(p, te, d + 2, true);
+                        }
+                    }
+                }
+            }
+        }
+        if partial {
+            break;
+        }
+        current = acc
+            .nodes
+            .get(head)
+            .map(|&n| (n, head as u32, acc.dist[head]));
+        head += 1;
+    }
+    if !partial {
+        let start = acc.nodes.len();
+        for (parent, t, d) in deferred {
+            if seen[t as usize] || d > max_depth {
+                continue;
+            }
+            if acc.nodes.len() >= max_nodes {
+                partial = true;
+                break;
+            }
+            seen[t as usize] = true;
+            acc.push(t, parent, d, false);
+        }
+        let mut h = start;
+        while h < acc.nodes.len() && !partial {
+            let (node, d) = (acc.nodes[h], acc.dist[h]);
+            h += 1;
+            if d >= max_depth {
+                continue;
+            }
+            let (ts, _) = csr.out(node);
+            for &t in ts {
+                if seen[t as usize] {
+                    continue;
+                }
+                if acc.nodes.len() >= max_nodes {
+                    partial = true;
+                    break;
+                }
+                seen[t as usize] = true;
+                acc.push(t, (h - 1) as u32, d + 1, false);
+            }
+        }
+    }
+    ImpactSet {
+        root,
+        nodes: acc.nodes,
+        parents: acc.parents,
+        breaks: Breaks::Each(acc.breaks),
+        partial,
+    }
+}
+
+#[derive(Default)]
+struct Acc {
+    nodes: Vec<u32>,
+    parents: Vec<u32>,
+    dist: Vec<u32>,
+    breaks: Vec<bool>,
+}
+
+impl Acc {
+    fn push(&mut self, t: u32, p: u32, d: u32, b: bool) {
+        self.nodes.push(t);
+        self.parents.push(p);
+        self.dist.push(d);
+        self.breaks.push(b);
     }
 }

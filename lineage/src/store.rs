@@ -97,26 +97,31 @@ impl LineageStore {
             }
         }
         let mut graph = LineageGraph::with_schema(schema).without_log();
-        for (expected, item) in log.iter().enumerate() {
-            let (k, v) = item.map_err(|e| Error::storage("reading the log", e))?;
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| Error::CorruptStore {
-                    entry: format!("{k:?}"),
-                    reason: "log key is not a sequence number".to_owned(),
-                })?;
-            let corrupt = |reason: String| Error::CorruptStore {
-                entry: seq.to_string(),
-                reason,
-            };
-            if seq != expected as u64 {
-                return Err(corrupt(format!("expected sequence number {expected}")));
+        // Decoding and applying overlap: a second thread reads and decodes entries while
+        // this one applies the previous ones, in log order.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Stored>>(4);
+        let replayed = std::thread::scope(|scope| {
+            let log = &log;
+            scope.spawn(move || {
+                for (expected, item) in log.iter().enumerate() {
+                    let decoded = decode_entry(item, expected as u64);
+                    let failed = decoded.is_err();
+                    if tx.send(decoded).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for stored in rx {
+                let stored = stored?;
+                // Every logged commit was validated before it was written, so replay
+                // applies it directly; applying never panics, even on a log edited
+                // behind our back.
+                let time = graph.recorded_time(stored.time);
+                graph.apply_validated(time, stored.changes);
             }
-            let stored: Stored = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
-            graph
-                .commit_at(stored.time, stored.changes)
-                .map_err(|e| corrupt(format!("replay failed: {e}")))?;
-        }
+            Ok::<(), Error>(())
+        });
+        replayed?;
         Ok(Self {
             db,
             log,
@@ -203,4 +208,22 @@ impl LineageStore {
         }
         Ok(out)
     }
+}
+
+fn decode_entry(item: sled::Result<(sled::IVec, sled::IVec)>, expected: u64) -> Result<Stored> {
+    let (k, v) = item.map_err(|e| Error::storage("reading the log", e))?;
+    let seq = <[u8; 8]>::try_from(k.as_ref())
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::CorruptStore {
+            entry: format!("{k:?}"),
+            reason: "log key is not a sequence number".to_owned(),
+        })?;
+    let corrupt = |reason: String| Error::CorruptStore {
+        entry: seq.to_string(),
+        reason,
+    };
+    if seq != expected {
+        return Err(corrupt(format!("expected sequence number {expected}")));
+    }
+    serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))
 }
