@@ -6,6 +6,7 @@
 //! counter lives on the chosen replica's slot.
 
 mod discovery;
+mod engine;
 mod health;
 mod metrics;
 mod picker;
@@ -29,6 +30,7 @@ pub use discovery::{
     Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, Registry, RegistryWatch,
     StaticDiscovery,
 };
+pub use engine::{EngineReplica, PromptFormat};
 pub use metrics::{LatencySummary, PoolStats, ReplicaState, ReplicaStats};
 pub use picker::Policy;
 pub use replica::{
@@ -208,8 +210,69 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Power-of-two-choices load balancer over a changing set of [`Replica`]s.
 ///
-/// Cloning a `Pool` gives another handle to the same pool.
-/// See the [crate documentation](crate) for an example.
+/// Each request goes to the cheaper (by [`Load::cost`]) of two replicas drawn at random among
+/// those serving, not ejected and below their in-flight limit. Replicas come from the builder,
+/// from a [`Discovery`] source, or from [`add_replica`](Self::add_replica) and friends; they
+/// change while traffic flows. Cloning a `Pool` gives another handle to the same pool.
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use keel_serving::{
+///     BoxFuture, Load, LoadTracker, Pool, PoolRequest, Replica, ReplicaError, ReplicaEvent,
+///     ReplicaId, TokenStream,
+/// };
+///
+/// /// A replica that answers every prompt with "ok".
+/// struct Echo(Arc<LoadTracker>);
+///
+/// impl Replica for Echo {
+///     fn generate(
+///         &self,
+///         request: PoolRequest,
+///     ) -> BoxFuture<'static, Result<TokenStream, ReplicaError>> {
+///         let ticket = self.0.begin(request.prompt_tokens(), 1);
+///         Box::pin(async move {
+///             let (tx, stream) = TokenStream::channel(2);
+///             tokio::spawn(async move {
+///                 tx.send(Ok(ReplicaEvent::Token { text: "ok".into() })).await;
+///                 ticket.finish();
+///                 tx.send(Ok(ReplicaEvent::Finished { output_tokens: 1 })).await;
+///             });
+///             Ok(stream)
+///         })
+///     }
+///
+///     fn load(&self) -> Load {
+///         self.0.load()
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+/// # rt.block_on(async {
+/// let mut builder = Pool::builder();
+/// for i in 0..3 {
+///     let tracker = LoadTracker::new(Duration::from_secs(10));
+///     builder = builder.replica(ReplicaId::new(i), Arc::new(Echo(tracker)));
+/// }
+/// let pool = builder.build()?;
+/// let out = pool.generate(PoolRequest::new("hello", 8)).await?.collect().await?;
+/// assert_eq!(out.text, "ok");
+/// assert_eq!(pool.stats().successes, 1);
+/// pool.shutdown().await;
+/// # Ok::<(), keel_serving::Error>(())
+/// # })?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Guarantees
+/// - Picking takes no lock and allocates nothing; membership changes never pause it.
+/// - A request is retried at most once, and only before its first token.
+/// - Every request ends with output or a typed [`Error`]: replica panics are caught, and the
+///   first-token timeout and the deadline bound how long a hung replica can hold a request.
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<Inner>,

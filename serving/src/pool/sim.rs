@@ -167,6 +167,39 @@ impl SimConfig {
         b / (out * step)
     }
 
+    /// Each replica's step-cost multiplier, drawn first from the run's generator.
+    fn slowness(&self, rng: &mut SplitMix) -> Vec<f64> {
+        (0..self.replicas)
+            .map(|_| {
+                if rng.unit() < self.slow_fraction {
+                    self.slow_factor
+                } else {
+                    1.0
+                }
+            })
+            .collect()
+    }
+
+    /// Queries per second the whole fleet sustains at full batch once the degraded replica has
+    /// degraded and the failed one has failed: an upper bound no policy can beat.
+    pub fn fleet_capacity(&self) -> f64 {
+        let n = self.replicas;
+        let cap = self.capacity_per_replica();
+        self.slowness(&mut SplitMix::new(self.seed))
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                if self.fail_at.is_some() && i == 2 * n / 3 {
+                    0.0
+                } else if self.degrade_at.is_some() && i == n / 3 {
+                    cap / (k * self.degrade_factor)
+                } else {
+                    cap / k
+                }
+            })
+            .sum()
+    }
+
     /// Simulates one policy.
     pub fn run(&self, policy: Policy) -> SimPolicyReport {
         World::new(self, policy).run()
@@ -183,6 +216,9 @@ impl SimConfig {
     /// The smallest fleet (between `min` and `max`) on which `policy` keeps p99 latency below
     /// `target`, by bisection (assuming more replicas never hurt), or `None` if even `max`
     /// replicas miss it.
+    ///
+    /// A fleet whose [`fleet_capacity`](Self::fleet_capacity) is below the offered load never
+    /// counts: its queues grow without bound, however short the simulated run is.
     pub fn fleet_needed(
         &self,
         policy: Policy,
@@ -193,7 +229,7 @@ impl SimConfig {
         let meets = |n: usize| {
             let mut c = self.clone();
             c.replicas = n;
-            c.run(policy).latency.p99 < target
+            c.fleet_capacity() > c.qps && c.run(policy).latency.p99 < target
         };
         let (mut lo, mut hi) = (min.max(1), max.max(1));
         if !meets(hi) {
@@ -274,13 +310,11 @@ impl<'a> World<'a> {
         let n = cfg.replicas;
         let b = cfg.balancers.max(1);
         let mut rng = SplitMix::new(cfg.seed);
-        let reps = (0..n)
-            .map(|_| Rep {
-                slowness: if rng.unit() < cfg.slow_fraction {
-                    cfg.slow_factor
-                } else {
-                    1.0
-                },
+        let reps = cfg
+            .slowness(&mut rng)
+            .into_iter()
+            .map(|slowness| Rep {
+                slowness,
                 alive: true,
                 ..Rep::default()
             })
