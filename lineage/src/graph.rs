@@ -63,7 +63,8 @@ pub enum At {
 pub struct NodeInfo {
     /// The handle.
     pub id: AnyNodeId,
-    /// The unique key.
+    /// The unique key (serialised as `namespace:name`).
+    #[serde(serialize_with = "key_text")]
     pub key: NodeKey,
     /// The kind's display name.
     pub kind_name: String,
@@ -93,13 +94,15 @@ pub struct NodeInfo {
 /// An edge in its declared reading direction, resolved to keys.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct EdgeInfo {
-    /// Source node key.
+    /// Source node key (serialised as `namespace:name`).
+    #[serde(serialize_with = "key_text")]
     pub from: NodeKey,
     /// Edge kind.
     pub kind: EdgeKind,
     /// The kind's display name.
     pub kind_name: String,
-    /// Target node key.
+    /// Target node key (serialised as `namespace:name`).
+    #[serde(serialize_with = "key_text")]
     pub to: NodeKey,
     /// Column-lineage semantics, if any.
     pub transformation: Option<Transformation>,
@@ -1339,6 +1342,10 @@ impl KeyIndex {
 pub(crate) fn key_of(g: &Graph<NodeRow, EdgeRow, petgraph::Directed, u32>, i: u32) -> (Sym, Sym) {
     g.node_weight(NodeIndex::new(i as usize))
         .map_or((Sym::NONE, Sym::NONE), |r| (r.ns, r.name))
+}
+
+fn key_text<S: serde::Serializer>(k: &NodeKey, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(k)
 }
 
 fn unknown(key: &NodeKey) -> Error {

@@ -178,6 +178,8 @@ fn subgraph_and_exports() {
     let json: serde_json::Value = serde_json::from_str(&sg.to_json()).unwrap();
     assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
     assert_eq!(json["edges"][0]["kind_name"], "derived-from");
+    assert_eq!(json["edges"][0]["from"], "ns:d1");
+    assert_eq!(json["nodes"][0]["key"], "ns:d0");
     assert_eq!(g.to_subgraph(At::Latest).nodes.len(), 3);
 }
 
