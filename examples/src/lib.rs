@@ -1,1 +1,3 @@
 //! Shared helpers for the Keel example programs.
+
+pub mod lifecycle;
