@@ -5,6 +5,7 @@
 //! - `one_workflow/*`: one workflow of 100 trivial steps, one flush per step, per durability
 //!   mode (compare with the floor of the same mode).
 //! - `group_commit/*`: 8 and 64 concurrent workflows of 100 steps each, sharing flushes.
+//! - `peer_shape_power_loss/*`: the DBOS peer's shape, workflows of 10 steps, 1 and 8 callers.
 //! - `recovery/10k`: opening a journal with 10,000 unfinished workflows until every one of
 //!   them has replayed to its waiting point.
 //!
@@ -22,6 +23,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use keel_durable::{Context, Durability, Error, Runtime, StepError, WorkflowId};
 
 const STEPS: u64 = 100;
+const PEER_STEPS: u64 = 10;
 
 fn tokio_rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -95,17 +97,30 @@ async fn open(path: &Path, durability: Durability) -> Runtime {
     rt
 }
 
-/// Runs `concurrent` workflows of `STEPS` steps at once, `iters` times, and returns the time.
-async fn run_batch(rt: &Runtime, next: &AtomicU64, concurrent: u64, iters: u64) -> Duration {
+/// Runs `concurrent` callers, each starting a workflow of `steps` steps and awaiting its
+/// result, `iters` times over, and returns the time.
+async fn run_batch(
+    rt: &Runtime,
+    next: &Arc<AtomicU64>,
+    concurrent: u64,
+    steps: u64,
+    iters: u64,
+) -> Duration {
     let start = Instant::now();
     for _ in 0..iters {
-        let mut hs = Vec::with_capacity(concurrent as usize);
+        let mut callers = Vec::with_capacity(concurrent as usize);
         for _ in 0..concurrent {
-            let id = WorkflowId::new(format!("w{}", next.fetch_add(1, Ordering::Relaxed))).unwrap();
-            hs.push(rt.start("steps", &id, &STEPS).await.unwrap());
+            let rt = rt.clone();
+            let next = Arc::clone(next);
+            callers.push(tokio::spawn(async move {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let id = WorkflowId::new(format!("w{n}")).unwrap();
+                let h = rt.start("steps", &id, &steps).await.unwrap();
+                assert_eq!(h.result::<u64>().await.unwrap(), steps);
+            }));
         }
-        for h in hs {
-            assert_eq!(h.result::<u64>().await.unwrap(), STEPS);
+        for c in callers {
+            c.await.unwrap();
         }
     }
     start.elapsed()
@@ -113,7 +128,7 @@ async fn run_batch(rt: &Runtime, next: &AtomicU64, concurrent: u64, iters: u64) 
 
 fn keel(c: &mut Criterion) {
     let tokio = tokio_rt();
-    let next = AtomicU64::new(0);
+    let next = Arc::new(AtomicU64::new(0));
     for (mode, durability) in [
         ("process_crash", Durability::ProcessCrash),
         ("power_loss", Durability::PowerLoss),
@@ -124,7 +139,7 @@ fn keel(c: &mut Criterion) {
         g.sample_size(10).measurement_time(Duration::from_secs(5));
         g.throughput(Throughput::Elements(STEPS));
         g.bench_function(mode, |b| {
-            b.iter_custom(|iters| tokio.block_on(run_batch(&rt, &next, 1, iters)))
+            b.iter_custom(|iters| tokio.block_on(run_batch(&rt, &next, 1, STEPS, iters)))
         });
         g.finish();
         let mut g = c.benchmark_group(format!("durable_journal/group_commit_{mode}"));
@@ -134,10 +149,31 @@ fn keel(c: &mut Criterion) {
             g.bench_with_input(
                 BenchmarkId::from_parameter(concurrent),
                 &concurrent,
-                |b, &n| b.iter_custom(|iters| tokio.block_on(run_batch(&rt, &next, n, iters))),
+                |b, &n| {
+                    b.iter_custom(|iters| tokio.block_on(run_batch(&rt, &next, n, STEPS, iters)))
+                },
             );
         }
         g.finish();
+        if durability == Durability::PowerLoss {
+            // The DBOS peer's shape: workflows of 10 trivial steps, one caller at a time and
+            // 8 concurrent callers (PostgreSQL's default commit is power-loss safe).
+            let mut g = c.benchmark_group("durable_journal/peer_shape_power_loss");
+            g.sample_size(10).measurement_time(Duration::from_secs(5));
+            for concurrent in [1u64, 8] {
+                g.throughput(Throughput::Elements(PEER_STEPS * concurrent));
+                g.bench_with_input(
+                    BenchmarkId::from_parameter(concurrent),
+                    &concurrent,
+                    |b, &n| {
+                        b.iter_custom(|iters| {
+                            tokio.block_on(run_batch(&rt, &next, n, PEER_STEPS, iters))
+                        })
+                    },
+                );
+            }
+            g.finish();
+        }
         let s = rt.stats();
         eprintln!(
             "durable_journal {mode}: {} commits in {} flushes ({:.1} commits per flush)",

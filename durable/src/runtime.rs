@@ -291,10 +291,15 @@ impl Inner {
     }
 
     fn issue(&self, workflow: Option<&str>, message: String) {
-        lock(&self.sched).issues.push(Issue {
+        let issue = Issue {
             workflow: workflow.map(str::to_string),
             message,
-        });
+        };
+        let mut s = lock(&self.sched);
+        // The same damaged record is met by every scan and every wake; report it once.
+        if !s.issues.contains(&issue) {
+            s.issues.push(issue);
+        }
     }
 
     /// Moves queued workflows to the ready channel while the queue's limits allow.
