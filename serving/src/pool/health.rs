@@ -45,11 +45,12 @@ impl Health {
         self.ejected_until.load(Ordering::Acquire) != 0
     }
 
-    pub(crate) fn eligibility(&self, now_ns: u64) -> Eligibility {
+    /// `now_ns` is called only for an ejected replica, so the common case reads no clock.
+    pub(crate) fn eligibility(&self, now_ns: impl FnOnce() -> u64) -> Eligibility {
         let until = self.ejected_until.load(Ordering::Acquire);
         if until == 0 {
             Eligibility::Ok
-        } else if now_ns >= until && !self.probing.load(Ordering::Acquire) {
+        } else if now_ns() >= until && !self.probing.load(Ordering::Acquire) {
             Eligibility::ProbeReady
         } else {
             Eligibility::No
@@ -134,18 +135,18 @@ mod tests {
         assert_eq!(h.on_failure(false, 2), FailureOutcome::Counted);
         assert_eq!(h.on_failure(false, 2), FailureOutcome::Eject);
         h.eject(1_000, Duration::from_nanos(100), Duration::from_secs(1));
-        assert_eq!(h.eligibility(1_050), Eligibility::No);
-        assert_eq!(h.eligibility(1_100), Eligibility::ProbeReady);
+        assert_eq!(h.eligibility(|| 1_050), Eligibility::No);
+        assert_eq!(h.eligibility(|| 1_100), Eligibility::ProbeReady);
         assert!(h.claim_probe());
         assert!(!h.claim_probe());
-        assert_eq!(h.eligibility(1_100), Eligibility::No);
+        assert_eq!(h.eligibility(|| 1_100), Eligibility::No);
         // A failed probe doubles the backoff.
         h.eject(2_000, Duration::from_nanos(100), Duration::from_secs(1));
-        assert_eq!(h.eligibility(2_150), Eligibility::No);
-        assert_eq!(h.eligibility(2_200), Eligibility::ProbeReady);
+        assert_eq!(h.eligibility(|| 2_150), Eligibility::No);
+        assert_eq!(h.eligibility(|| 2_200), Eligibility::ProbeReady);
         assert!(h.claim_probe());
         assert!(h.on_success(true));
-        assert_eq!(h.eligibility(0), Eligibility::Ok);
+        assert_eq!(h.eligibility(|| 0), Eligibility::Ok);
     }
 
     #[test]

@@ -141,7 +141,6 @@ fn mid(b: usize) -> u64 {
 /// Counters kept per replica slot.
 #[derive(Debug, Default)]
 pub(crate) struct SlotCounters {
-    pub(crate) picks: AtomicU64,
     pub(crate) successes: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) cancelled: AtomicU64,
@@ -172,7 +171,8 @@ pub struct ReplicaStats {
     pub id: ReplicaId,
     /// Its state when the snapshot was taken.
     pub state: ReplicaState,
-    /// Requests the pool sent it (picks, retries included).
+    /// Requests the pool sent it, retries included (successes + failures + cancelled +
+    /// in flight).
     pub picks: u64,
     /// Requests it finished.
     pub successes: u64,

@@ -144,7 +144,11 @@ impl Slot {
         ReplicaStats {
             id: self.id,
             state: self.public_state(),
-            picks: c.picks.load(Ordering::Relaxed),
+            // Every reservation ends in exactly one of these, or is still in flight.
+            picks: c.successes.load(Ordering::Relaxed)
+                + c.failures.load(Ordering::Relaxed)
+                + c.cancelled.load(Ordering::Relaxed)
+                + u64::from(self.in_flight.load(Ordering::Relaxed)),
             successes: c.successes.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             cancelled: c.cancelled.load(Ordering::Relaxed),
@@ -615,7 +619,16 @@ impl Pool {
             return Err(Error::PoolShutDown);
         }
         let members = inner.members.load();
-        let now = sh.now_ns();
+        // Read the clock at most once, and only if some replica is ejected.
+        let clock = std::cell::Cell::new(None);
+        let now = || match clock.get() {
+            Some(t) => t,
+            None => {
+                let t = sh.now_ns();
+                clock.set(Some(t));
+                t
+            }
+        };
         let max = sh.cfg.max_in_flight;
         for _ in 0..4 {
             let mut rng = || inner.rng.next_u64();
@@ -657,14 +670,13 @@ impl Pool {
                 release_in_flight(slot);
                 continue;
             }
-            slot.counters.picks.fetch_add(1, Ordering::Relaxed);
             return Ok(Reservation {
                 slot: Arc::clone(slot),
                 probe,
                 settled: false,
             });
         }
-        let err = self.why_unavailable(&members, excluded, now);
+        let err = self.why_unavailable(&members, excluded, now());
         let counter = match err {
             Error::Overloaded { .. } => &sh.counters.overloaded,
             _ => &sh.counters.unavailable,
@@ -691,7 +703,7 @@ impl Pool {
             candidates += 1;
             let state = s.state.load(Ordering::Acquire);
             if state == UNHEALTHY
-                || (state == SERVING && s.health.eligibility(now) == Eligibility::No)
+                || (state == SERVING && s.health.eligibility(|| now) == Eligibility::No)
             {
                 ejected += 1;
             } else if state == SERVING {
@@ -886,7 +898,7 @@ impl Pool {
             .iter()
             .filter(|s| {
                 s.state.load(Ordering::Acquire) == SERVING
-                    && s.health.eligibility(now) == Eligibility::Ok
+                    && s.health.eligibility(|| now) == Eligibility::Ok
             })
             .map(|s| (s.replica.load().peak_ewma_latency, s))
             .filter(|(l, _)| !l.is_zero())
@@ -920,7 +932,10 @@ impl Pool {
             (0, 0, 0, 0, 0);
         for s in members.iter().chain(retired.iter()) {
             let sc = &s.counters;
-            picks += sc.picks.load(Ordering::Relaxed);
+            picks += sc.successes.load(Ordering::Relaxed)
+                + sc.failures.load(Ordering::Relaxed)
+                + sc.cancelled.load(Ordering::Relaxed)
+                + u64::from(s.in_flight.load(Ordering::Relaxed));
             successes += sc.successes.load(Ordering::Relaxed);
             failures += sc.failures.load(Ordering::Relaxed);
             ejections += sc.ejections.load(Ordering::Relaxed);
