@@ -64,6 +64,7 @@
 #![forbid(unsafe_code)]
 
 mod change;
+mod codec;
 mod csr;
 mod dbt;
 mod discovery;

@@ -68,6 +68,13 @@ impl NodeKind {
         }
     }
 
+    pub(crate) fn from_code(c: u8) -> Option<NodeKind> {
+        match c {
+            16.. => Some(NodeKind::Custom(c - 16)),
+            _ => NodeKind::BUILTIN.into_iter().find(|k| k.code() == c),
+        }
+    }
+
     /// The built-in kind's name (`"Dataset"`), or `"Custom"`.
     pub fn name(self) -> &'static str {
         match self {
@@ -164,6 +171,13 @@ impl EdgeKind {
             EdgeKind::VersionOf => 7,
             EdgeKind::HasField => 8,
             EdgeKind::Custom(n) => 16u8.saturating_add(n),
+        }
+    }
+
+    pub(crate) fn from_code(c: u8) -> Option<EdgeKind> {
+        match c {
+            16.. => Some(EdgeKind::Custom(c - 16)),
+            _ => EdgeKind::BUILTIN.into_iter().find(|k| k.code() == c),
         }
     }
 

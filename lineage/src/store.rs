@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::change::{Batch, Change, Commit};
 use crate::error::{Error, Result};
@@ -16,7 +16,7 @@ const LOG_TREE: &str = "log";
 const META_TREE: &str = "meta";
 const SCHEMA_KEY: &[u8] = b"schema";
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Stored {
     time: Timestamp,
     changes: Vec<Change>,
@@ -156,9 +156,7 @@ impl LineageStore {
             g.validate(&changes)?;
             (g.commit_count(), g.recorded_time(time))
         };
-        let stored = Stored { time, changes };
-        let bytes =
-            serde_json::to_vec(&stored).map_err(|e| Error::storage("encoding a commit", e))?;
+        let bytes = crate::codec::encode(time, &changes);
         self.log
             .insert(seq.to_be_bytes(), bytes)
             .map_err(|e| Error::storage("writing a commit", e))?;
@@ -166,7 +164,7 @@ impl LineageStore {
             .flush()
             .map_err(|e| Error::storage("flushing a commit", e))?;
         let mut g = self.graph.write().unwrap_or_else(|p| p.into_inner());
-        Ok(g.apply_validated(time, stored.changes))
+        Ok(g.apply_validated(time, changes))
     }
 
     /// Commits each batch atomically and durably, in order.
@@ -196,9 +194,9 @@ impl LineageStore {
             let seq = <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
                 .unwrap_or(u64::MAX);
-            let stored: Stored = serde_json::from_slice(&v).map_err(|e| Error::CorruptStore {
+            let stored = decode_value(&v).map_err(|reason| Error::CorruptStore {
                 entry: seq.to_string(),
-                reason: e.to_string(),
+                reason,
             })?;
             out.push(Commit {
                 seq,
@@ -225,5 +223,14 @@ fn decode_entry(item: sled::Result<(sled::IVec, sled::IVec)>, expected: u64) -> 
     if seq != expected {
         return Err(corrupt(format!("expected sequence number {expected}")));
     }
-    serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))
+    decode_value(&v).map_err(corrupt)
+}
+
+/// Decodes a log value: the binary encoding, or JSON (`{...}`) as written by earlier
+/// versions.
+fn decode_value(v: &[u8]) -> std::result::Result<Stored, String> {
+    if v.first() == Some(&b'{') {
+        return serde_json::from_slice(v).map_err(|e| e.to_string());
+    }
+    crate::codec::decode(v).map(|(time, changes)| Stored { time, changes })
 }
