@@ -13,6 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -478,6 +479,9 @@ impl Journal {
 /// The group committer: one thread, one blocking flush at a time, every waiter that queued
 /// up while the previous flush ran shares the next one. sled's `flush_async` is never used,
 /// because concurrent calls to it deadlock in sled 0.34.
+/// The longest the committer waits for a batch to refill; see [`committer`].
+const MAX_LINGER: Duration = Duration::from_millis(2);
+
 fn committer(
     db: sled::Db,
     dir: PathBuf,
@@ -486,15 +490,35 @@ fn committer(
     counters: Arc<Counters>,
 ) {
     let mut files = FileSyncer::new(dir);
+    let mut last_batch = 0usize;
+    let mut last_flush = Duration::ZERO;
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
+        // Right after a flush wakes a large batch, its workflows are still computing their
+        // next step; flushing at once would cover only the few that were fast. When the last
+        // batch showed concurrency, wait a little (at most half a flush's time) for the batch
+        // to refill, so an expensive fdatasync covers more completions. A lone workflow
+        // (batches of one) never waits.
+        if last_batch > 1 && waiters.len() < last_batch {
+            let deadline = Instant::now() + (last_flush / 2).min(MAX_LINGER);
+            while waiters.len() < last_batch {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(w) => waiters.push(w),
+                    Err(_) => break,
+                }
+            }
+        }
+        let started = Instant::now();
         let mut result = db.flush().map(|_| ()).map_err(|e| e.to_string());
         if result.is_ok() && durability == Durability::PowerLoss {
             result = files.sync().map_err(|e| e.to_string());
         }
+        last_flush = started.elapsed();
+        last_batch = waiters.len();
         counters.flushes.fetch_add(1, Ordering::Relaxed);
         for w in waiters {
             // A waiter whose future was dropped no longer cares about the outcome.
