@@ -1,0 +1,199 @@
+//! Drives one engine with N concurrent requests of a configurable input and output length,
+//! and reports throughput, time to first token and latency percentiles, and batch occupancy.
+//!
+//! ```text
+//! cargo run --release -p keel-examples --example serve_bench -- \
+//!     [--model PATH] [--requests 16] [--concurrency 16] [--input-tokens 50] [--output-tokens 50]
+//!     [--max-seqs 32] [--max-batch-tokens 256]
+//! ```
+#![allow(clippy::print_stdout)] // a CLI program reports on stdout
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keel_serving::{Engine, GenerateRequest, SamplingParams, Specials, StreamEvent};
+
+struct Args {
+    model: Option<String>,
+    requests: usize,
+    concurrency: usize,
+    input: usize,
+    output: usize,
+    max_seqs: usize,
+    max_batch_tokens: usize,
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let mut a = Args {
+        model: None,
+        requests: 16,
+        concurrency: 16,
+        input: 50,
+        output: 50,
+        max_seqs: 32,
+        max_batch_tokens: 256,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = Some(val()?),
+            "--requests" => a.requests = val()?.parse()?,
+            "--concurrency" => a.concurrency = val()?.parse()?,
+            "--input-tokens" => a.input = val()?.parse()?,
+            "--output-tokens" => a.output = val()?.parse()?,
+            "--max-seqs" => a.max_seqs = val()?.parse()?,
+            "--max-batch-tokens" => a.max_batch_tokens = val()?.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if a.requests == 0 || a.concurrency == 0 || a.input == 0 || a.output == 0 {
+        bail!("counts must be positive");
+    }
+    Ok(a)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Peak resident set size of this process, from /proc (Linux only).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse()?;
+    let blocks = (a.concurrency.min(a.max_seqs) * (a.input + a.output)).div_ceil(16) + 16;
+    let mut b = Engine::builder()
+        .kv_blocks(blocks)
+        .max_seqs(a.max_seqs)
+        .max_batch_tokens(a.max_batch_tokens);
+    if let Some(m) = &a.model {
+        b = b.model_path(m);
+    }
+    let engine = match b.build() {
+        Ok(e) => Arc::new(e),
+        Err(e @ keel_serving::Error::ModelNotFound { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let info = engine.model_info().clone();
+    let base = "Once upon a time, in a small village by the sea, there lived an old fisherman who told \
+                stories about the storms he had seen, the ships he had saved and the friends he had lost. ";
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    while ids.len() < a.input {
+        text.push_str(base);
+        ids = engine.tokenizer().encode(&text, Specials::Plain)?;
+    }
+    ids.truncate(a.input);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let results = rt.block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
+        let mut tasks = Vec::new();
+        for i in 0..a.requests {
+            let engine = engine.clone();
+            let sem = sem.clone();
+            let mut prompt = ids.clone();
+            // Vary the first token so requests are not identical.
+            prompt[0] = ids[i % ids.len()];
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await?;
+                let t0 = Instant::now();
+                let req = GenerateRequest::tokens(prompt).sampling(
+                    SamplingParams::greedy()
+                        .max_tokens(a.output)
+                        .ignore_eos(true),
+                );
+                let mut s = engine.generate(req)?;
+                let mut ttft = None;
+                let mut n = 0usize;
+                while let Some(ev) = s.next().await {
+                    match ev? {
+                        StreamEvent::Token(_) => {
+                            ttft.get_or_insert_with(|| t0.elapsed());
+                            n += 1;
+                        }
+                        StreamEvent::Done(_) => break,
+                        _ => {}
+                    }
+                }
+                anyhow::Ok((ttft.unwrap_or_default(), t0.elapsed(), n))
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await??);
+        }
+        anyhow::Ok(out)
+    })?;
+    let wall = started.elapsed();
+    let m = engine.metrics();
+    let mut ttfts: Vec<Duration> = results.iter().map(|r| r.0).collect();
+    let mut lats: Vec<Duration> = results.iter().map(|r| r.1).collect();
+    ttfts.sort();
+    lats.sort();
+    let generated: usize = results.iter().map(|r| r.2).sum();
+    println!(
+        "serve_bench: {} ({}), {} requests, concurrency {}, {} in / {} out tokens",
+        info.architecture, info.weight_type, a.requests, a.concurrency, a.input, a.output
+    );
+    println!("  wall time            {:>9.2} s", wall.as_secs_f64());
+    println!(
+        "  output tokens/s      {:>9.1}",
+        generated as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "  requests/s           {:>9.2}",
+        a.requests as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "  TTFT p50 / p99       {:>9.0} / {:.0} ms",
+        ms(pct(&ttfts, 0.5)),
+        ms(pct(&ttfts, 0.99))
+    );
+    println!(
+        "  latency p50 / p99    {:>9.0} / {:.0} ms",
+        ms(pct(&lats, 0.5)),
+        ms(pct(&lats, 0.99))
+    );
+    println!(
+        "  mean batch size      {:>9.2} sequences/step (occupancy {:.0}% of max_seqs {})",
+        m.mean_batch_size,
+        m.batch_occupancy * 100.0,
+        a.max_seqs
+    );
+    println!(
+        "  inter-token latency  {:>9.1} ms (engine mean)",
+        ms(m.mean_inter_token_latency)
+    );
+    println!("  preemptions          {:>9}", m.preemptions);
+    println!(
+        "  KV cache             {:>9.1} KiB per token, {:.1} MiB per {}-token sequence",
+        info.kv_bytes_per_token as f64 / 1024.0,
+        (info.kv_bytes_per_token * (a.input + a.output)) as f64 / (1 << 20) as f64,
+        a.input + a.output
+    );
+    if let Some(rss) = peak_rss_mib() {
+        println!("  peak RSS             {:>9.0} MiB", rss);
+    }
+    rt.block_on(engine.shutdown());
+    Ok(())
+}
