@@ -234,3 +234,29 @@ async fn replacing_a_replica_lets_old_requests_finish() {
     assert_eq!(old.calls(), 1);
     assert_eq!(pool.stats().successes, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_watcher_sees_current_members_and_their_status() {
+    let reg = Registry::new(Duration::from_secs(5));
+    let f = fakes(2, FAST);
+    reg.join(id(0), dyn_replica(&f[0]));
+    reg.join(id(1), dyn_replica(&f[1]));
+    reg.set_status(id(1), EndpointStatus::Unhealthy).unwrap();
+    let pool = Pool::builder()
+        .seed(1)
+        .discovery(reg.watch())
+        .build()
+        .unwrap();
+    settle().await;
+    assert_eq!(pool.replica_ids(), vec![id(0), id(1)]);
+    for _ in 0..10 {
+        assert_eq!(pool.reserve().unwrap().replica(), id(0));
+    }
+    // Nobody heartbeats: both expire, and the pool is left with nothing to pick.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    settle().await;
+    assert!(reg.members().is_empty());
+    assert!(reg.expire().is_empty());
+    assert!(pool.replica_ids().is_empty());
+    assert!(matches!(pool.reserve(), Err(Error::NoReplicas)));
+}
