@@ -214,6 +214,13 @@ async fn deadlines_end_hung_requests() {
         Some(Err(Error::PoolDeadlineExceeded { .. }))
     ));
     assert_eq!(pool.stats().deadline_exceeded, 2);
+    // A short deadline is the caller's choice, not the replica's failure.
+    assert_eq!(pool.stats().replica_failures, 0);
+    assert!(matches!(
+        pool.generate(req().with_deadline(Duration::ZERO)).await,
+        Err(Error::PoolDeadlineExceeded { .. })
+    ));
+    assert_eq!(f[0].calls(), 2, "a zero deadline reaches no replica");
 }
 
 #[tokio::test(start_paused = true)]

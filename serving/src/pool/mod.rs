@@ -545,6 +545,12 @@ impl Pool {
         let sh = &self.inner.shared;
         let started = Instant::now();
         let budget = request.deadline().unwrap_or(sh.cfg.default_deadline);
+        if budget.is_zero() {
+            sh.counters
+                .deadline_exceeded
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Error::PoolDeadlineExceeded { deadline: budget });
+        }
         let deadline = started + budget;
         let mut excluded = None;
         let mut last_failure = None;
@@ -557,7 +563,8 @@ impl Pool {
                 sh.counters.retries.fetch_add(1, Ordering::Relaxed);
             }
             let id = res.replica();
-            let first_token_by = deadline.min(Instant::now() + sh.cfg.first_token_timeout);
+            let timeout_at = Instant::now() + sh.cfg.first_token_timeout;
+            let first_token_by = deadline.min(timeout_at);
             let started_on = start(&*res.slot.replica, request.clone());
             let err = match tokio::time::timeout_at(first_token_by, started_on).await {
                 Ok(Ok((stream, first))) => {
@@ -574,10 +581,14 @@ impl Pool {
                 }
                 Ok(Err(e)) => e,
                 Err(_) if Instant::now() >= deadline => {
-                    res.fail(&ReplicaError::new(
-                        ReplicaErrorKind::TimedOut,
-                        "no first token before the request deadline",
-                    ));
+                    // The caller's own short deadline says nothing about the replica; only a
+                    // replica that also missed the first-token timeout is held to account.
+                    if timeout_at <= deadline {
+                        res.fail(&ReplicaError::new(
+                            ReplicaErrorKind::TimedOut,
+                            "no first token before the request deadline",
+                        ));
+                    }
                     sh.counters
                         .deadline_exceeded
                         .fetch_add(1, Ordering::Relaxed);
