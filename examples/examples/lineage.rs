@@ -96,8 +96,17 @@ fn files_in(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    emit(&format!("{}\n", serde_json::to_string_pretty(v)?))
+}
+
+/// Writes large outputs without panicking when the reader goes away (`| head`).
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn walk(a: &Args, g: &LineageGraph, dir: Direction) -> anyhow::Result<()> {
@@ -311,9 +320,9 @@ fn main() -> anyhow::Result<()> {
                 g.subgraph(id, &Walk::downstream())?,
             );
             if a.json {
-                println!("{}", sg.to_json());
+                emit(&format!("{}\n", sg.to_json()))?;
             } else {
-                print!("{}", sg.to_dot());
+                emit(&sg.to_dot())?;
             }
         }
         "mermaid" => {

@@ -110,7 +110,7 @@ impl fmt::Display for NodeKind {
 }
 
 /// The kind of an edge. Edges are declared in the natural reading direction of the triple
-/// (`Feature derived-from Dataset`); [`EdgeKind::flow`] says which way data flows.
+/// (`Feature derived-from Dataset`); [`Schema::flow`] says which way data flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum EdgeKind {
