@@ -584,8 +584,8 @@ impl Context {
             st.history.get(&st.next).cloned()
         };
         match peeked {
-            Some(Event::Version { change_id: c, .. }) if c == change_id => {}
-            Some(Event::Version { .. }) | None => {}
+            // A recorded cancellation answers whatever asked at its position, this included.
+            Some(Event::Version { .. } | Event::Cancelled) | None => {}
             Some(_) => return Ok(min),
         }
         let (index, recorded) = self.position(&Ask {

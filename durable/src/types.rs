@@ -174,10 +174,11 @@ pub struct WorkflowInfo {
 pub struct HistoryEntry {
     /// Position in the workflow's journal, from 0.
     pub index: u64,
-    /// The kind of operation: `step`, `sleep`, `signal`, `now`, `random`, `uuid`, `version`,
-    /// `child-start`, `child-result` or `cancelled`.
+    /// The kind of operation: `step`, `sleep`, `signal`, `signal-deadline`, `now`, `random`,
+    /// `uuid`, `version`, `child-start`, `child-result` or `cancelled`.
     pub kind: String,
-    /// The step name, signal name, change ID or child ID the entry is about.
+    /// The step name, signal name, change ID, child workflow name (for `child-start`) or
+    /// child ID (for `child-result`) the entry is about; empty for the others.
     pub name: String,
     /// The journaled value as JSON text.
     pub detail: String,
