@@ -242,6 +242,7 @@ async fn a_missing_model_names_the_fetch_script() {
     o.model = Some(tmp.path().join("nowhere.gguf"));
     let e = error_of(&o).await;
     assert!(e.contains("scripts/fetch-model"), "{e}");
+    assert!(!o.data_dir.exists(), "nothing is created without a model");
 }
 
 #[tokio::test]

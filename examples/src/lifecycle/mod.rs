@@ -187,7 +187,7 @@ pub struct Options {
 
 impl Options {
     /// Defaults: the model from `models/`, no approval, no crash, the full evaluation set with
-    /// 24-token answers, a 32-request burst 8 at a time, 2 replicas, no injected faults.
+    /// 16-token answers, a 16-request burst 8 at a time, 2 replicas, no injected faults.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
@@ -197,11 +197,11 @@ impl Options {
             crash_after: None,
             crash_mode: CrashMode::Return,
             eval_cases: EVAL_SET_LEN,
-            eval_max_tokens: 24,
+            eval_max_tokens: 16,
             burst: BurstConfig {
-                requests: 32,
+                requests: 16,
                 concurrency: 8,
-                max_tokens: 24,
+                max_tokens: 16,
             },
             replicas: 2,
             eval_faults: 0,
@@ -921,9 +921,10 @@ fn now_unix() -> u64 {
 /// version or damaged, a data dir in use by another run, or a workflow that failed.
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let dir = &opts.data_dir;
-    prepare_data_dir(dir)?;
+    // The model first, so a missing file leaves no half-made data dir behind.
     let model = keel_serving::resolve_model_path(opts.model.as_deref())
         .map_err(|e| anyhow!("the lifecycle serves the real model and cannot find it: {e}"))?;
+    prepare_data_dir(dir)?;
     let store = open_lineage(&dir.join("lineage"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let host = Arc::new(Host {
