@@ -454,8 +454,11 @@ impl Context {
             kind: "signal",
             subject: name,
         })?;
-        if let Some(Event::Signal { value, .. }) = recorded {
-            return Ok(value);
+        if let Some(Event::Signal {
+            value, timed_out, ..
+        }) = recorded
+        {
+            return Ok(if timed_out { None } else { Some(value) });
         }
         self.check_cancel(index).await?;
         let id = self.shared.id.as_str();
@@ -466,7 +469,8 @@ impl Context {
                 w.remove(key);
                 let ev = Event::Signal {
                     name: name.into(),
-                    value: Some(value.clone()),
+                    value: value.clone(),
+                    timed_out: false,
                 };
                 self.record(index, ev, w).await?;
                 return Ok(Some(value));
@@ -478,7 +482,8 @@ impl Context {
         {
             let ev = Event::Signal {
                 name: name.into(),
-                value: None,
+                value: Value::Null,
+                timed_out: true,
             };
             self.record(index, ev, Writes::default()).await?;
             return Ok(None);

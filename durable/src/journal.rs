@@ -63,7 +63,12 @@ pub(crate) enum Event {
     },
     Signal {
         name: String,
-        value: Option<Value>,
+        // Not an `Option`: a delivered `null` (a unit signal) must stay distinct from a timeout
+        // on replay, and serde reads `null` back as `None`.
+        #[serde(default)]
+        value: Value,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        timed_out: bool,
     },
     Now {
         ms: u64,

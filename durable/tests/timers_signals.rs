@@ -163,3 +163,30 @@ async fn recv_timeout_gives_none_then_value() {
     assert_eq!(v, (None, Some(9)));
     stop(rt).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unit_signal_with_timeout_replays_as_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = || {
+        builder(dir.path()).register("wf", |ctx: Context, (): ()| async move {
+            let got = ctx
+                .recv_timeout::<()>("ping", Duration::from_secs(60))
+                .await?;
+            ctx.recv::<()>("hold").await?;
+            Ok::<_, Error>(got.is_some())
+        })
+    };
+    let rt = start(make()).await;
+    rt.start("wf", &id("u"), &()).await.unwrap();
+    rt.signal(&id("u"), "ping", &()).await.unwrap();
+    while rt.history(&id("u")).unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(rt).await;
+    // After a restart the journaled `()` must still read as a received signal.
+    let rt = start(make()).await;
+    rt.signal(&id("u"), "hold", &()).await.unwrap();
+    let got: bool = rt.handle(&id("u")).unwrap().result().await.unwrap();
+    assert!(got);
+    stop(rt).await;
+}
