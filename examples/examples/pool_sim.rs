@@ -213,7 +213,7 @@ fn main() -> anyhow::Result<()> {
         cfg.seed
     );
 
-    let main_run = cfg.run_all();
+    let main_run = cfg.run_all()?;
     table(
         &format!(
             "{} replicas; replica {} degrades {}x at {:?}",
@@ -238,7 +238,7 @@ fn main() -> anyhow::Result<()> {
             2 * cfg.replicas / 3,
             failing.fail_at.unwrap_or_default()
         ),
-        &failing.run_all().policies,
+        &failing.run_all()?.policies,
     );
 
     if args.search {
@@ -254,10 +254,10 @@ fn main() -> anyhow::Result<()> {
         );
         println!("| policy | replicas | vs least-loaded | vs 1 ms-fresh least-loaded |");
         println!("|---|---:|---:|---:|");
-        let found: Vec<(Policy, Option<usize>)> = Policy::ALL
+        let found = Policy::ALL
             .iter()
-            .map(|&p| (p, c.fleet_needed(p, Duration::from_secs(1), min, max)))
-            .collect();
+            .map(|&p| Ok((p, c.fleet_needed(p, Duration::from_secs(1), min, max)?)))
+            .collect::<anyhow::Result<Vec<(Policy, Option<usize>)>>>()?;
         let ll = found
             .iter()
             .find(|(p, _)| *p == Policy::LeastLoaded)
@@ -265,7 +265,7 @@ fn main() -> anyhow::Result<()> {
         // The idealised baseline: least-loaded with load information 1 ms old.
         let mut fresh = c.clone();
         fresh.info_period = Duration::from_millis(1);
-        let oracle = fresh.fleet_needed(Policy::LeastLoaded, Duration::from_secs(1), min, max);
+        let oracle = fresh.fleet_needed(Policy::LeastLoaded, Duration::from_secs(1), min, max)?;
         let rows = found
             .iter()
             .map(|(p, n)| (p.name().to_owned(), *n))

@@ -461,6 +461,7 @@ async fn invalid_configuration_is_rejected() {
         Pool::builder().max_ejected_fraction(1.5),
         Pool::builder().max_ejected_fraction(f64::NAN),
         Pool::builder().latency_outliers(Some(0.5), Duration::ZERO),
+        Pool::builder().latency_outliers(Some(f64::INFINITY), Duration::ZERO),
         Pool::builder().default_deadline(Duration::ZERO),
         Pool::builder().ejection_backoff(Duration::from_secs(2), Duration::from_secs(1)),
     ];

@@ -437,8 +437,8 @@ impl PoolBuilder {
         if !(0.0..=1.0).contains(&c.max_ejected_fraction) {
             return bad("max_ejected_fraction must be within 0..=1");
         }
-        if c.outlier_factor.is_some_and(|f| f.is_nan() || f <= 1.0) {
-            return bad("the latency outlier factor must be above 1");
+        if c.outlier_factor.is_some_and(|f| !f.is_finite() || f <= 1.0) {
+            return bad("the latency outlier factor must be finite and above 1");
         }
         let runtime = tokio::runtime::Handle::try_current().ok();
         if self.discovery.is_some() && runtime.is_none() {
@@ -919,7 +919,10 @@ impl Pool {
         }
         lat.sort_by_key(|(l, _)| *l);
         let median = lat[lat.len() / 2].0;
-        let limit = median.mul_f64(factor).max(sh.cfg.outlier_min_latency);
+        let scaled = Duration::try_from_secs_f64(median.as_secs_f64() * factor);
+        let limit = scaled
+            .unwrap_or(Duration::MAX)
+            .max(sh.cfg.outlier_min_latency);
         lat.iter()
             .filter(|(l, _)| *l > limit)
             .filter(|(_, s)| s.eject(false))

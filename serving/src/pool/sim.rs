@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use super::metrics::{LatencySummary, empty_counts, record_into};
 use super::picker::{Policy, SplitMix, pick};
+use crate::error::{Error, Result};
 
 /// The simulated workload, fleet and balancers.
 ///
@@ -200,17 +201,79 @@ impl SimConfig {
             .sum()
     }
 
+    /// Checks that the configuration describes a finite simulation.
+    ///
+    /// # Errors
+    /// [`Error::InvalidPoolConfig`] when a rate, factor or fraction is not a finite number in
+    /// range, a count is zero, a period is under a microsecond, or the run would simulate more
+    /// than a billion requests.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: &str| {
+            Err(Error::InvalidPoolConfig {
+                reason: format!("simulation: {reason}"),
+            })
+        };
+        let finite_pos = |x: f64| x.is_finite() && x > 0.0;
+        if !finite_pos(self.qps) {
+            return bad("qps must be a positive, finite number");
+        }
+        if self.qps * self.duration.as_secs_f64() > 1e9 {
+            return bad("more than a billion requests");
+        }
+        if self.replicas == 0 || self.replicas > 1_000_000 || self.balancers == 0 {
+            return bad("replicas must be in 1..=1000000 and balancers at least 1");
+        }
+        if self.max_batch == 0 || self.output_tokens == 0 {
+            return bad("max_batch and output_tokens must be at least 1");
+        }
+        if !finite_pos(self.slow_factor) || !finite_pos(self.degrade_factor) {
+            return bad("slow_factor and degrade_factor must be positive and finite");
+        }
+        if !(0.0..=1.0).contains(&self.slow_fraction) {
+            return bad("slow_fraction must be within 0..=1");
+        }
+        if self.balancers > 100_000 || self.replicas.saturating_mul(self.balancers) > 100_000_000 {
+            return bad(
+                "at most 100000 balancers and 10^8 replicas × balancers (per-balancer load views)",
+            );
+        }
+        let micro = Duration::from_micros(1);
+        if self.duration.as_secs_f64() / self.timeline_bucket.as_secs_f64().max(1e-6) > 100_000.0 {
+            return bad("at most 100000 timeline buckets");
+        }
+        if self.info_period < micro || self.timeline_bucket < micro {
+            return bad("info_period and timeline_bucket must be at least 1 µs");
+        }
+        if self.step_overhead.is_zero()
+            && self.decode_cost_per_sequence.is_zero()
+            && self.prefill_cost_per_token.is_zero()
+        {
+            return bad("a batching step must cost some time");
+        }
+        Ok(())
+    }
+
     /// Simulates one policy.
-    pub fn run(&self, policy: Policy) -> SimPolicyReport {
-        World::new(self, policy).run()
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn run(&self, policy: Policy) -> Result<SimPolicyReport> {
+        self.validate()?;
+        Ok(World::new(self, policy).run())
     }
 
     /// Simulates every policy in [`Policy::ALL`].
-    pub fn run_all(&self) -> SimReport {
-        SimReport {
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn run_all(&self) -> Result<SimReport> {
+        Ok(SimReport {
             config: self.clone(),
-            policies: Policy::ALL.iter().map(|&p| self.run(p)).collect(),
-        }
+            policies: Policy::ALL
+                .iter()
+                .map(|&p| self.run(p))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// The smallest fleet (between `min` and `max`) on which `policy` keeps p99 latency below
@@ -219,32 +282,35 @@ impl SimConfig {
     ///
     /// A fleet whose [`fleet_capacity`](Self::fleet_capacity) is below the offered load never
     /// counts: its queues grow without bound, however short the simulated run is.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate), for any fleet size tried.
     pub fn fleet_needed(
         &self,
         policy: Policy,
         target: Duration,
         min: usize,
         max: usize,
-    ) -> Option<usize> {
-        let meets = |n: usize| {
+    ) -> Result<Option<usize>> {
+        let meets = |n: usize| -> Result<bool> {
             let mut c = self.clone();
             c.replicas = n;
-            c.fleet_capacity() > c.qps && c.run(policy).latency.p99 < target
+            Ok(c.fleet_capacity() > c.qps && c.run(policy)?.latency.p99 < target)
         };
         let (mut lo, mut hi) = (min.max(1), max.max(1));
-        if !meets(hi) {
-            return None;
+        if !meets(hi)? {
+            return Ok(None);
         }
         // Invariant: `hi` meets the target; everything below `lo` is unknown or fails.
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if meets(mid) {
+            if meets(mid)? {
                 hi = mid;
             } else {
                 lo = mid + 1;
             }
         }
-        Some(hi)
+        Ok(Some(hi))
     }
 }
 
@@ -604,8 +670,8 @@ mod tests {
     #[test]
     fn deterministic_and_complete() {
         let c = small();
-        let a = c.run(Policy::PowerOfTwoChoices);
-        let b = c.run(Policy::PowerOfTwoChoices);
+        let a = c.run(Policy::PowerOfTwoChoices).unwrap();
+        let b = c.run(Policy::PowerOfTwoChoices).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.completed + a.failed, a.requests);
         assert_eq!(a.failed, 0);
@@ -616,11 +682,39 @@ mod tests {
     fn failure_loses_only_streamed_requests() {
         let mut c = small();
         c.fail_at = Some(Duration::from_secs(1));
-        let r = c.run(Policy::PowerOfTwoChoices);
+        let r = c.run(Policy::PowerOfTwoChoices).unwrap();
         assert_eq!(r.completed + r.failed, r.requests);
         assert!(r.retried > 0);
         // At most what was running on one of eight replicas.
         assert!(r.failed < r.requests / 50, "{r:?}");
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        let mut bad = Vec::new();
+        for f in [
+            |c: &mut SimConfig| c.qps = f64::INFINITY,
+            |c: &mut SimConfig| c.qps = -1.0,
+            |c: &mut SimConfig| c.qps = f64::NAN,
+            |c: &mut SimConfig| c.replicas = 0,
+            |c: &mut SimConfig| c.balancers = 0,
+            |c: &mut SimConfig| c.info_period = Duration::ZERO,
+            |c: &mut SimConfig| c.slow_fraction = 2.0,
+            |c: &mut SimConfig| c.degrade_factor = f64::NAN,
+            |c: &mut SimConfig| c.duration = Duration::from_secs(1_000_000),
+            |c: &mut SimConfig| c.timeline_bucket = Duration::from_micros(1),
+            |c: &mut SimConfig| c.balancers = 1_000_000,
+        ] {
+            let mut c = small();
+            f(&mut c);
+            bad.push(c);
+        }
+        for c in bad {
+            assert!(
+                matches!(c.run(Policy::Random), Err(Error::InvalidPoolConfig { .. })),
+                "{c:?}"
+            );
+        }
     }
 
     #[test]
