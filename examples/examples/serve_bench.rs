@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p keel-examples --example serve_bench -- \
 //!     [--model PATH] [--requests 16] [--concurrency 16] [--input-tokens 50] [--output-tokens 50]
-//!     [--max-seqs 32] [--max-batch-tokens 256]
+//!     [--max-seqs 32] [--max-batch-tokens 256] [--dequantize]
 //! ```
 #![allow(clippy::print_stdout)] // a CLI program reports on stdout
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use keel_serving::{Engine, GenerateRequest, SamplingParams, Specials, StreamEvent};
+use keel_serving::{Engine, GenerateRequest, SamplingParams, Specials, StreamEvent, Weights};
 
 struct Args {
     model: Option<String>,
@@ -22,6 +22,7 @@ struct Args {
     output: usize,
     max_seqs: usize,
     max_batch_tokens: usize,
+    dequantize: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -33,6 +34,7 @@ fn parse() -> anyhow::Result<Args> {
         output: 50,
         max_seqs: 32,
         max_batch_tokens: 256,
+        dequantize: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -45,6 +47,7 @@ fn parse() -> anyhow::Result<Args> {
             "--output-tokens" => a.output = val()?.parse()?,
             "--max-seqs" => a.max_seqs = val()?.parse()?,
             "--max-batch-tokens" => a.max_batch_tokens = val()?.parse()?,
+            "--dequantize" => a.dequantize = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -77,7 +80,12 @@ fn main() -> anyhow::Result<()> {
     let mut b = Engine::builder()
         .kv_blocks(blocks)
         .max_seqs(a.max_seqs)
-        .max_batch_tokens(a.max_batch_tokens);
+        .max_batch_tokens(a.max_batch_tokens)
+        .weights(if a.dequantize {
+            Weights::Dequantized
+        } else {
+            Weights::AsStored
+        });
     if let Some(m) = &a.model {
         b = b.model_path(m);
     }
@@ -152,8 +160,18 @@ fn main() -> anyhow::Result<()> {
     lats.sort();
     let generated: usize = results.iter().map(|r| r.2).sum();
     println!(
-        "serve_bench: {} ({}), {} requests, concurrency {}, {} in / {} out tokens",
-        info.architecture, info.weight_type, a.requests, a.concurrency, a.input, a.output
+        "serve_bench: {} ({}{}), {} requests, concurrency {}, {} in / {} out tokens",
+        info.architecture,
+        info.weight_type,
+        if a.dequantize {
+            ", dequantized to f32"
+        } else {
+            ""
+        },
+        a.requests,
+        a.concurrency,
+        a.input,
+        a.output
     );
     println!("  wall time            {:>9.2} s", wall.as_secs_f64());
     println!(

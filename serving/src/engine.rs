@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::loader::{load, resolve_model_path};
+use crate::loader::{Weights, load, resolve_model_path};
 use crate::metrics::{EngineLoad, EngineMetrics, LoadCounters, MetricsState};
 use crate::request::{Completion, GenerateRequest, Prompt, StreamEvent};
 use crate::scheduler::{Command, NewSeq, Scheduler, SchedulerConfig};
@@ -69,9 +69,16 @@ pub struct EngineBuilder {
     max_batch_tokens: usize,
     max_seqs: usize,
     max_context: Option<usize>,
+    weights: Weights,
 }
 
 impl EngineBuilder {
+    /// How to hold projection weights (default [`Weights::AsStored`]).
+    pub fn weights(mut self, weights: Weights) -> Self {
+        self.weights = weights;
+        self
+    }
+
     /// Loads the model at `path` (a `.gguf` file or a safetensors directory) instead of
     /// searching `KEEL_MODEL` and `models/`.
     pub fn model_path(mut self, path: impl AsRef<Path>) -> Self {
@@ -138,7 +145,7 @@ impl EngineBuilder {
         }
         let device = self.device.to_candle()?;
         let path = resolve_model_path(self.path.as_deref())?;
-        let (model, tokenizer) = load(&path, &device)?;
+        let (model, tokenizer) = load(&path, &device, self.weights)?;
         let c = &model.config;
         let capacity = self.block_size * self.kv_blocks;
         let max_context = self
@@ -233,6 +240,7 @@ impl Engine {
             max_batch_tokens: 256,
             max_seqs: 32,
             max_context: None,
+            weights: Weights::AsStored,
         }
     }
 

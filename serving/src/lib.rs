@@ -68,7 +68,7 @@ mod tokenizer;
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use engine::{Device, Engine, EngineBuilder, GenerationStream, ModelInfo};
 pub use error::{Error, Result};
-pub use loader::{DEFAULT_MODEL_FILE, resolve_model_path};
+pub use loader::{DEFAULT_MODEL_FILE, Weights, resolve_model_path};
 pub use metrics::{EngineLoad, EngineMetrics};
 pub use pool::{
     BoxFuture, Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, EngineReplica,

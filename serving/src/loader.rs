@@ -59,11 +59,11 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// Loads a model and its tokenizer from a `.gguf` file or a directory holding
 /// `config.json`, `*.safetensors` and `tokenizer.json`.
-pub(crate) fn load(path: &Path, device: &Device) -> Result<(Model, Tokenizer)> {
+pub(crate) fn load(path: &Path, device: &Device, weights: Weights) -> Result<(Model, Tokenizer)> {
     if path.is_dir() {
         load_safetensors_dir(path, device)
     } else {
-        load_gguf(path, device)
+        load_gguf(path, device, weights)
     }
 }
 
@@ -203,7 +203,32 @@ fn tokenizer_from_gguf(m: &Meta) -> Result<Tokenizer> {
     })
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<(Model, Tokenizer)> {
+/// How projection weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Weights {
+    /// Keep each weight in the file's type and multiply with candle's quantized kernels
+    /// (least memory; the default, and what the llama.cpp parity tests check).
+    #[default]
+    AsStored,
+    /// Expand quantized weights to f32 at load and multiply with dense kernels: about 8x the
+    /// memory of a 4-bit file, but batched steps become true matrix products. Activations are
+    /// no longer rounded to 8 bits, so greedy output may differ from llama.cpp at near-ties.
+    Dequantized,
+}
+
+fn matmul(
+    q: candle_core::quantized::QTensor,
+    weights: Weights,
+    device: &Device,
+) -> Result<QMatMul> {
+    match weights {
+        Weights::AsStored => QMatMul::from_qtensor(q).map_err(crate::error::invalid_model),
+        Weights::Dequantized => Ok(QMatMul::Tensor(dense(q, device)?)),
+    }
+}
+
+fn load_gguf(path: &Path, device: &Device, weights: Weights) -> Result<(Model, Tokenizer)> {
     let (content, mut r) = read_gguf(path)?;
     let m = &content.metadata;
     let arch_name = meta_str(m, "general.architecture").ok_or_else(|| Error::InvalidModel {
@@ -256,7 +281,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<(Model, Tokenizer)> {
         if wt.is_none() {
             *wt = Some(format!("{:?}", q.dtype()));
         }
-        let weight = QMatMul::from_qtensor(q).map_err(crate::error::invalid_model)?;
+        let weight = matmul(q, weights, device)?;
         let bias = if bias {
             Some(dense(
                 qtensor_named(&content, r, path, &format!("{name}.bias"), device)?,
@@ -332,7 +357,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<(Model, Tokenizer)> {
         embd
     };
     let output = Linear {
-        weight: QMatMul::from_qtensor(output_q).map_err(crate::error::invalid_model)?,
+        weight: matmul(output_q, weights, device)?,
         bias: None,
     };
     let (rows, cols) = embedding.dims2().map_err(crate::error::invalid_model)?;

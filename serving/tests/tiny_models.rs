@@ -105,3 +105,22 @@ async fn chat_requests_use_the_template() {
     let text = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(toks, e.tokenizer().encode(text, Specials::Parse).unwrap());
 }
+
+#[tokio::test]
+async fn dequantized_weights_run_and_agree_on_the_first_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // Expanded weights skip the 8-bit activation rounding, so only near-identical logits are
+    // expected: check they run and agree with the quantized path on the first greedy token.
+    let path = tiny::write_gguf(dir.path(), 9, GgmlDType::Q8_0, "llama");
+    let q = engine(&path);
+    let d = Engine::builder()
+        .model_path(&path)
+        .kv_blocks(64)
+        .weights(keel_serving::Weights::Dequantized)
+        .build()
+        .unwrap();
+    let a = greedy(&q, "hello world", 6).await;
+    let b = greedy(&d, "hello world", 6).await;
+    assert_eq!(b.len(), 6);
+    assert_eq!(a[0], b[0]);
+}
