@@ -49,7 +49,8 @@
 //! - [`Engine`] and [`GenerationStream`] are `Send + Sync`/`Send`; share the engine in an `Arc`.
 //! - Dropping a stream cancels its request and frees its KV blocks at the next step.
 //! - A failing request (deadline, bad input) never stops the engine serving others.
-//! - Greedy output does not depend on what else is in the batch.
+//! - With weights as stored ([`Weights::AsStored`]), greedy output does not depend on what
+//!   else is in the batch.
 #![cfg_attr(not(test), forbid(unsafe_code))]
 
 mod chat;

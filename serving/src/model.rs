@@ -220,13 +220,73 @@ impl Model {
             .broadcast_as((t, c.kv_dim()))?
             .contiguous()?;
         // Gather indices per sequence are shared by all layers, so build them once.
-        let mut gathers = Vec::with_capacity(seqs.len());
-        for s in seqs {
+        // Sequences with several new tokens (prefill chunks) get their own attention. Decoding
+        // sequences (one new token) are grouped by context length rounded up to
+        // DECODE_BUCKET, and each group is one batched attention with the padding keys masked
+        // out. A sequence's padding depends only on its own length, so its result does not
+        // depend on what else is in the batch.
+        let mut gathers = Vec::new();
+        let mut buckets: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        let mut starts = Vec::with_capacity(seqs.len());
+        let mut off = 0usize;
+        for (i, s) in seqs.iter().enumerate() {
+            starts.push(off);
+            off += s.len;
             let ctx = s.start_pos + s.len;
-            let idx = Tensor::from_slice(&s.slots[..ctx], ctx, dev)?;
-            let mask = causal_mask(s.start_pos, s.len, dev)?;
-            gathers.push((idx, mask));
+            if s.len == 1 {
+                buckets
+                    .entry(ctx.div_ceil(DECODE_BUCKET) * DECODE_BUCKET)
+                    .or_default()
+                    .push(i);
+            } else {
+                let idx = Tensor::from_slice(&s.slots[..ctx], ctx, dev)?;
+                let mask = causal_mask(s.start_pos, s.len, dev)?;
+                gathers.push((i, idx, mask));
+            }
         }
+        let mut groups = Vec::with_capacity(buckets.len());
+        // Row order of the concatenated attention outputs: prefill sequences, then groups.
+        let mut order: Vec<usize> = gathers.iter().map(|g| g.0).collect();
+        for (bucket, members) in &buckets {
+            let bucket = *bucket;
+            let n = members.len();
+            let mut idx = Vec::with_capacity(n * bucket);
+            let mut mask = vec![0f32; n * bucket];
+            let mut rows = Vec::with_capacity(n);
+            for (j, &i) in members.iter().enumerate() {
+                let s = &seqs[i];
+                let ctx = s.start_pos + 1;
+                idx.extend_from_slice(&s.slots[..ctx]);
+                idx.extend(std::iter::repeat_n(s.slots[0], bucket - ctx));
+                mask[j * bucket + ctx..(j + 1) * bucket].fill(f32::NEG_INFINITY);
+                rows.push(starts[i] as u32);
+                order.push(i);
+            }
+            groups.push(DecodeGroup {
+                n,
+                bucket,
+                rows: Tensor::from_vec(rows, n, dev)?,
+                idx: Tensor::from_vec(idx, n * bucket, dev)?,
+                mask: Tensor::from_vec(mask, (n, 1, 1, bucket), dev)?,
+            });
+        }
+        // Map each sequence's rows back to the batch's token order.
+        let mut out_start = vec![0usize; seqs.len()];
+        let mut pos = 0usize;
+        for &i in &order {
+            out_start[i] = pos;
+            pos += seqs[i].len;
+        }
+        let perm: Vec<u32> = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                let base = out_start[i];
+                (0..s.len).map(move |k| (base + k) as u32)
+            })
+            .collect();
+        let identity = perm.iter().enumerate().all(|(k, p)| *p as usize == k);
+        let perm = Tensor::from_vec(perm, t, dev)?;
 
         let mut x = self.embedding.index_select(&ids, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -240,16 +300,22 @@ impl Model {
             let (kc, vc) = cache.layer(li);
             kc.scatter_set(&write_idx, &k.contiguous()?, 0)?;
             vc.scatter_set(&write_idx, &v.contiguous()?, 0)?;
-            let mut outs = Vec::with_capacity(seqs.len());
-            let mut off = 0usize;
-            for (s, (idx, mask)) in seqs.iter().zip(&gathers) {
-                let qs = q.narrow(0, off, s.len)?;
-                off += s.len;
+            let mut outs = Vec::with_capacity(gathers.len() + groups.len());
+            for (i, idx, mask) in &gathers {
+                let qs = q.narrow(0, starts[*i], seqs[*i].len)?;
                 let ks = kc.index_select(idx, 0)?;
                 let vs = vc.index_select(idx, 0)?;
                 outs.push(self.attention(&qs, &ks, &vs, mask)?);
             }
+            for g in &groups {
+                outs.push(self.decode_attention(&q, kc, vc, g)?);
+            }
             let attn = Tensor::cat(&outs, 0)?;
+            let attn = if identity {
+                attn
+            } else {
+                attn.index_select(&perm, 0)?
+            };
             x = (x + layer.wo.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate = layer.w_gate.forward(&h)?.silu()?;
@@ -265,6 +331,34 @@ impl Model {
         let last = rms_norm(&last, &self.norm, c.rms_eps)?;
         let logits = self.output.forward(&last)?.to_dtype(DType::F32)?;
         logits.to_vec2::<f32>()
+    }
+
+    /// Attention for a group of decoding sequences padded to one context length.
+    fn decode_attention(
+        &self,
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        g: &DecodeGroup,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let group = c.heads / c.kv_heads;
+        let q = q
+            .index_select(&g.rows, 0)?
+            .reshape((g.n, c.kv_heads, group, c.head_dim))?;
+        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+            cache
+                .index_select(&g.idx, 0)?
+                .reshape((g.n, g.bucket, c.kv_heads, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let k = gather(kc)?;
+        let v = gather(vc)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&g.mask)?;
+        let probs = f16_round(&softmax_last(&scores)?)?;
+        probs.matmul(&v)?.reshape((g.n, c.heads * c.head_dim))
     }
 
     /// Grouped-query attention of one sequence's new queries over its cached keys and values.
@@ -305,6 +399,22 @@ impl Model {
             .contiguous()?
             .reshape((len, c.heads * c.head_dim))
     }
+}
+
+/// Decoding sequences are padded to a multiple of this many positions to share one attention.
+const DECODE_BUCKET: usize = 32;
+
+/// Decoding sequences whose contexts round up to the same length.
+#[derive(Debug)]
+struct DecodeGroup {
+    n: usize,
+    bucket: usize,
+    /// Row of each member's query in the step's token order.
+    rows: Tensor,
+    /// Cache slots, `bucket` per member (padding repeats the first slot).
+    idx: Tensor,
+    /// `[n, 1, 1, bucket]`: 0 for real positions, -inf for padding.
+    mask: Tensor,
 }
 
 fn rope_tables(c: &ModelConfig, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
