@@ -34,6 +34,16 @@
 //! # }
 //! ```
 //!
+//! # Replica pool
+//! A [`Pool`] spreads requests over many replicas (anything that implements [`Replica`]; an
+//! [`EngineReplica`] wraps an [`Engine`]) by power of two choices over each replica's cheap
+//! [`Load`] signal. Membership follows a [`Discovery`] source ([`StaticDiscovery`] or the
+//! in-process [`Registry`] with heartbeats); failing or slow replicas are ejected and probed
+//! back; [`Pool::drain`] lets in-flight work finish; when every replica is saturated the pool
+//! fails fast with [`Error::Overloaded`]. A request is retried on another replica only before
+//! its first token. [`SimConfig`] runs the same policies in a discrete-event simulation at
+//! fleet scale. See [`Pool`] for a runnable example with a test-double replica.
+//!
 //! # Models
 //! Llama 2/3, SmolLM/SmolLM2, Mistral and Qwen2, with hyper-parameters read from GGUF
 //! metadata or `config.json`. GGUF weights stay quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
