@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use keel_serving::{
     BoxFuture, EndpointStatus, Engine, EngineReplica, Load, Pool, PoolRequest, Registry, Replica,
-    ReplicaError, ReplicaErrorKind, ReplicaId, TokenStream,
+    ReplicaError, ReplicaErrorKind, ReplicaId, TokenStream, Weights,
 };
 use tokio::sync::Semaphore;
 
@@ -170,7 +170,12 @@ impl Fleet {
                 .model_path(&self.model)
                 .kv_blocks(cfg.kv_blocks)
                 .max_seqs(cfg.max_seqs)
-                .max_batch_tokens(cfg.max_batch_tokens);
+                .max_batch_tokens(cfg.max_batch_tokens)
+                .weights(if cfg.dense_weights {
+                    Weights::Dequantized
+                } else {
+                    Weights::AsStored
+                });
             let engine = tokio::task::spawn_blocking(move || builder.build())
                 .await
                 .context("the model loading task panicked")?
@@ -179,13 +184,18 @@ impl Fleet {
             progress.tick();
         }
         progress.finish(&format!(
-            "{} replica(s) of {} ({} max seqs, {} KV blocks)",
+            "{} replica(s) of {} ({} max seqs, {} KV blocks, {} weights)",
             self.replicas,
             self.model
                 .file_name()
                 .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
             cfg.max_seqs,
-            cfg.kv_blocks
+            cfg.kv_blocks,
+            if cfg.dense_weights {
+                "f32"
+            } else {
+                "as stored"
+            }
         ));
         self.engines.insert(version, out.clone());
         Ok(out)
