@@ -91,6 +91,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another [`LineageStore`](crate::LineageStore), in this process or another, holds the
+    /// store at this path.
+    #[error("lineage store {path:?} is locked by another open store")]
+    Locked {
+        /// The store's directory.
+        path: PathBuf,
+    },
     /// The embedded database failed.
     #[error("lineage store failed while {action}")]
     Storage {

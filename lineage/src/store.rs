@@ -14,6 +14,8 @@ use crate::time::Timestamp;
 
 const LOG_TREE: &str = "log";
 const META_TREE: &str = "meta";
+/// The file in the store's directory that [`LineageStore`] holds an OS lock on.
+const LOCK_FILE: &str = "keel-lineage.lock";
 const SCHEMA_KEY: &[u8] = b"schema";
 
 #[derive(Deserialize)]
@@ -39,6 +41,9 @@ pub struct LineageStore {
     log: sled::Tree,
     graph: RwLock<LineageGraph>,
     writer: Mutex<()>,
+    /// An OS lock on the store's `keel-lineage.lock`, held for the store's life so a second
+    /// opener gets [`Error::Locked`]. Declared last so it is released after the database.
+    _lock: std::fs::File,
 }
 
 /// Read access to the store's graph; holding it delays the next commit's in-memory step.
@@ -61,12 +66,24 @@ impl LineageStore {
     /// with another schema.
     pub fn open_with_schema(path: impl AsRef<Path>, schema: Schema) -> Result<Self> {
         let path = path.as_ref();
+        let lock = lock_dir(path)?;
         let db = std::panic::catch_unwind(|| sled::open(path))
             .map_err(|_| Error::CorruptStore {
                 entry: path.display().to_string(),
                 reason: "the database files cannot be read".to_owned(),
             })?
-            .map_err(|e| Error::storage("opening the database", e))?;
+            .map_err(|e| {
+                // Our own lock is free, but sled's may still be held for a moment by the
+                // background threads of a store that was just dropped; sled reports that only
+                // as an untyped IO error with this text.
+                if e.to_string().contains("could not acquire lock") {
+                    Error::Locked {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    Error::storage("opening the database", e)
+                }
+            })?;
         let meta = db
             .open_tree(META_TREE)
             .map_err(|e| Error::storage("opening the meta tree", e))?;
@@ -123,6 +140,7 @@ impl LineageStore {
         });
         replayed?;
         Ok(Self {
+            _lock: lock,
             db,
             log,
             graph: RwLock::new(graph),
@@ -233,4 +251,26 @@ fn decode_value(v: &[u8]) -> std::result::Result<Stored, String> {
         return serde_json::from_slice(v).map_err(|e| e.to_string());
     }
     crate::codec::decode(v).map(|(time, changes)| Stored { time, changes })
+}
+
+/// Creates the store's directory and takes an exclusive OS lock on a file inside it.
+fn lock_dir(path: &Path) -> Result<std::fs::File> {
+    let io = |e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    std::fs::create_dir_all(path).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join(LOCK_FILE))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }

@@ -151,3 +151,35 @@ fn readers_share_the_store_across_threads() {
     writer.join().unwrap();
     assert_eq!(store.read().node_count(), 21);
 }
+
+#[test]
+fn a_second_open_of_the_same_store_is_locked_and_the_lock_ends_with_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = LineageStore::open(dir.path()).unwrap();
+    let second = LineageStore::open(dir.path());
+    assert!(
+        matches!(&second, Err(Error::Locked { path }) if path == dir.path()),
+        "{second:?}"
+    );
+    // The first store is untouched by the refused open.
+    first
+        .commit(vec![Change::Upsert(NodeSpec::new(
+            NodeKind::Dataset,
+            "ns",
+            "a",
+        ))])
+        .unwrap();
+    drop(first);
+    // sled releases its own lock from background threads; give it a moment, as a restarting
+    // host would.
+    let mut reopened = LineageStore::open(dir.path());
+    for _ in 0..100 {
+        if !matches!(reopened, Err(Error::Locked { .. })) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        reopened = LineageStore::open(dir.path());
+    }
+    let reopened = reopened.unwrap();
+    assert!(reopened.read().find_str("ns:a").is_ok());
+}

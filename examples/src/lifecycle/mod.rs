@@ -874,8 +874,8 @@ fn open_lineage(path: &Path) -> anyhow::Result<LineageStore> {
         match LineageStore::open(path) {
             Ok(s) => return Ok(s),
             Err(e) => {
+                let locked = matches!(e, keel_lineage::Error::Locked { .. });
                 let text = format!("{:#}", anyhow::Error::from(e));
-                let locked = text.contains("lock");
                 // A store closed a moment ago by this process may still be releasing its lock.
                 if locked && tries < 20 {
                     tries += 1;
