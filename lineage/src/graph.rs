@@ -367,15 +367,7 @@ impl LineageGraph {
     /// The first failing batch's error; batches before it stay applied, the failing batch
     /// and those after it are not applied.
     pub fn apply(&mut self, batches: Vec<Batch>) -> Result<CommitSummary> {
-        let mut total = CommitSummary::default();
-        for b in batches {
-            let origin = b.origin;
-            let s = self
-                .commit_at(b.time.unwrap_or_else(Timestamp::now), b.changes)
-                .map_err(|e| with_origin(e, &origin))?;
-            total.add(&s);
-        }
-        Ok(total)
+        apply_batches(batches, |time, changes| self.commit_at(time, changes))
     }
 
     pub(crate) fn recorded_time(&self, time: Timestamp) -> Timestamp {
@@ -1293,29 +1285,26 @@ impl LineageGraph {
         Ok(v)
     }
 
+    /// Live (not removed) edges leaving `i`, as (edge, other end, kind).
     pub(crate) fn live_edges_out(&self, i: u32) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
-        self.g
-            .edges_directed(NodeIndex::new(i as usize), PgDir::Outgoing)
-            .filter(|e| !self.edge_removed.contains_key(&(e.id().index() as u32)))
-            .map(|e| {
-                (
-                    e.id().index() as u32,
-                    e.target().index() as u32,
-                    e.weight().kind,
-                )
-            })
+        self.live_edges(i, PgDir::Outgoing)
     }
 
+    /// Live (not removed) edges entering `i`, as (edge, other end, kind).
     pub(crate) fn live_edges_in(&self, i: u32) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
+        self.live_edges(i, PgDir::Incoming)
+    }
+
+    fn live_edges(&self, i: u32, dir: PgDir) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
         self.g
-            .edges_directed(NodeIndex::new(i as usize), PgDir::Incoming)
+            .edges_directed(NodeIndex::new(i as usize), dir)
             .filter(|e| !self.edge_removed.contains_key(&(e.id().index() as u32)))
-            .map(|e| {
-                (
-                    e.id().index() as u32,
-                    e.source().index() as u32,
-                    e.weight().kind,
-                )
+            .map(move |e| {
+                let other = match dir {
+                    PgDir::Outgoing => e.target(),
+                    PgDir::Incoming => e.source(),
+                };
+                (e.id().index() as u32, other.index() as u32, e.weight().kind)
             })
     }
 
@@ -1352,6 +1341,22 @@ fn unknown(key: &NodeKey) -> Error {
     Error::UnknownNode {
         key: key.to_string(),
     }
+}
+
+/// Commits `batches` one at a time through `commit`, stamping each with its own time (or
+/// now) and naming its origin in the first error, which stops the loop.
+pub(crate) fn apply_batches(
+    batches: Vec<Batch>,
+    mut commit: impl FnMut(Timestamp, Vec<Change>) -> Result<CommitSummary>,
+) -> Result<CommitSummary> {
+    let mut total = CommitSummary::default();
+    for b in batches {
+        let origin = b.origin;
+        let s = commit(b.time.unwrap_or_else(Timestamp::now), b.changes)
+            .map_err(|e| with_origin(e, &origin))?;
+        total.add(&s);
+    }
+    Ok(total)
 }
 
 pub(crate) fn with_origin(e: Error, origin: &str) -> Error {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::change::{Batch, Change, Commit};
 use crate::error::{Error, Result};
-use crate::graph::{CommitSummary, LineageGraph, with_origin};
+use crate::graph::{CommitSummary, LineageGraph, apply_batches};
 use crate::schema::Schema;
 use crate::time::Timestamp;
 
@@ -190,15 +190,7 @@ impl LineageStore {
     /// # Errors
     /// The first failing batch's error; earlier batches stay committed.
     pub fn apply(&self, batches: Vec<Batch>) -> Result<CommitSummary> {
-        let mut total = CommitSummary::default();
-        for b in batches {
-            let origin = b.origin;
-            let s = self
-                .commit_at(b.time.unwrap_or_else(Timestamp::now), b.changes)
-                .map_err(|e| with_origin(e, &origin))?;
-            total.add(&s);
-        }
-        Ok(total)
+        apply_batches(batches, |time, changes| self.commit_at(time, changes))
     }
 
     /// Reads commits `from..to` (by sequence number) back from disk.
