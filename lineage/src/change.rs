@@ -247,6 +247,10 @@ impl NodeSpec {
 pub enum Change {
     /// Creates a node or merges metadata into it (reviving it if it was removed).
     Upsert(NodeSpec),
+    /// Creates a node (with its fields) only if no live node has its key; otherwise does
+    /// nothing, leaving the existing node's metadata as it is. Refused with
+    /// [`Error::KindMismatch`] if the live node has another kind.
+    Insert(NodeSpec),
     /// Removes a tag from a node.
     RemoveTag {
         /// The node.

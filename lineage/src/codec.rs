@@ -14,8 +14,9 @@ pub(crate) fn encode(time: Timestamp, changes: &[Change]) -> Vec<u8> {
     put_len(&mut w, changes.len());
     for c in changes {
         match c {
-            Change::Upsert(s) => {
-                w.push(0);
+            Change::Upsert(s) | Change::Insert(s) => {
+                // Tag 5 is an insert: the same spec, applied only if the key is absent.
+                w.push(if matches!(c, Change::Insert(_)) { 5 } else { 0 });
                 put_key(&mut w, &s.key);
                 w.push(s.kind.code());
                 put_opt(&mut w, s.owner.as_deref());
@@ -190,7 +191,7 @@ pub(crate) fn decode(bytes: &[u8]) -> R<(Timestamp, Vec<Change>)> {
     let mut changes = Vec::with_capacity(n.min(1 << 12));
     for _ in 0..n {
         let c = match r.u8()? {
-            0 => {
+            tag @ (0 | 5) => {
                 let key = r.key()?;
                 let kc = r.u8()?;
                 let kind = NodeKind::from_code(kc).ok_or_else(|| format!("bad node kind {kc}"))?;
@@ -222,7 +223,11 @@ pub(crate) fn decode(bytes: &[u8]) -> R<(Timestamp, Vec<Change>)> {
                     s.fields.push(f);
                 }
                 s.placeholder = r.u8()? != 0;
-                Change::Upsert(s)
+                if tag == 5 {
+                    Change::Insert(s)
+                } else {
+                    Change::Upsert(s)
+                }
             }
             1 => Change::RemoveTag {
                 key: r.key()?,
@@ -287,6 +292,11 @@ mod tests {
                     .placeholder(),
             ),
             Change::Upsert(NodeSpec::new(NodeKind::Custom(3), "ns", "c")),
+            Change::Insert(
+                NodeSpec::new(NodeKind::Dataset, "ns", "d")
+                    .owner("o")
+                    .field(FieldSpec::new("g", None)),
+            ),
             Change::RemoveTag {
                 key: k("ns:a"),
                 tag: "pii".into(),

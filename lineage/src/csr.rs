@@ -1,7 +1,7 @@
 //! The immutable compressed-sparse-row adjacency used by every closure query.
 //!
-//! Built once per commit (lazily) from the petgraph tables; walking two flat arrays is an
-//! order of magnitude faster than chasing petgraph's linked edge lists for large closures.
+//! Built once per commit (lazily) from the node and edge tables; walking two flat arrays is
+//! an order of magnitude faster than chasing linked edge lists for large closures.
 
 use crate::graph::{At, LineageGraph};
 
@@ -23,23 +23,24 @@ impl Csr {
     pub(crate) fn build(g: &LineageGraph, at: At) -> Csr {
         let n = g.g.node_count();
         let h = g.horizon(at);
-        let node_kind: Vec<u8> = (0..n as u32)
-            .map(|i| {
-                if g.node_visible(i, at, h) {
-                    g.g[petgraph::graph::NodeIndex::new(i as usize)].kind.code()
-                } else {
-                    HIDDEN
-                }
-            })
-            .collect();
+        let node_kind: Vec<u8> =
+            g.g.node_rows()
+                .enumerate()
+                .map(|(i, r)| {
+                    if g.node_visible(i as u32, at, h) {
+                        r.kind.code()
+                    } else {
+                        HIDDEN
+                    }
+                })
+                .collect();
         let mut out_deg = vec![0u32; n + 1];
         let mut in_deg = vec![0u32; n + 1];
-        let edges = g.g.raw_edges();
         let visible = |e: usize| g.edge_visible(e as u32, at, h);
-        for (e, ed) in edges.iter().enumerate() {
+        for (e, (s, t, _)) in g.g.edge_rows().enumerate() {
             if visible(e) {
-                out_deg[ed.source().index() + 1] += 1;
-                in_deg[ed.target().index() + 1] += 1;
+                out_deg[s as usize + 1] += 1;
+                in_deg[t as usize + 1] += 1;
             }
         }
         for i in 0..n {
@@ -53,12 +54,12 @@ impl Csr {
         let mut rev_kind = vec![0u8; m];
         let mut fpos = out_deg.clone();
         let mut rpos = in_deg.clone();
-        for (e, ed) in edges.iter().enumerate() {
+        for (e, (s, t, row)) in g.g.edge_rows().enumerate() {
             if !visible(e) {
                 continue;
             }
-            let (s, t) = (ed.source().index(), ed.target().index());
-            let k = ed.weight.kind.code();
+            let (s, t) = (s as usize, t as usize);
+            let k = row.kind.code();
             let fp = fpos[s] as usize;
             fwd[fp] = t as u32;
             fwd_kind[fp] = k;

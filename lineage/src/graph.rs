@@ -1,15 +1,14 @@
-//! The in-memory lineage graph: node and edge tables on petgraph, interned names, validity
-//! intervals, atomic commits, and node lookups.
+//! The in-memory lineage graph: node and edge tables on chunked copy-on-write storage,
+//! interned names, validity intervals, atomic commits, and node lookups.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use petgraph::Direction as PgDir;
-use petgraph::graph::{EdgeIndex, Graph, NodeIndex};
-use petgraph::visit::EdgeRef;
 use serde::Serialize;
 
+use crate::adj::{Adjacency, Dir};
 use crate::change::{Batch, Change, Commit, NodeKey, NodeSpec};
+use crate::cow::{ChunkMap, ChunkVec};
 use crate::csr::Csr;
 use crate::error::{Error, Result};
 use crate::intern::{Interner, KeyIndex, Sym};
@@ -39,7 +38,7 @@ pub(crate) struct EdgeRow {
     pub(crate) kind: EdgeKind,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct NodeExtra {
     description: Option<String>,
     data_type: Option<String>,
@@ -152,16 +151,98 @@ pub struct Diff {
     pub removed_nodes: Vec<NodeKey>,
     /// Nodes that existed before and whose metadata changed in the interval.
     pub updated_nodes: Vec<NodeKey>,
+    /// Net metadata changes of nodes that existed before the interval, with the metadata
+    /// before and after it (a value changed and changed back is not listed).
+    pub metadata_changes: Vec<MetadataChange>,
     /// Edges created in the interval.
     pub added_edges: Vec<EdgeInfo>,
     /// Edges removed in the interval.
     pub removed_edges: Vec<EdgeInfo>,
 }
 
+/// The metadata of a node that can change over its life, as of some view.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Metadata {
+    /// Owner or team.
+    pub owner: Option<String>,
+    /// Tags set directly on the node.
+    pub tags: Vec<String>,
+    /// Lifecycle status.
+    pub status: Status,
+    /// True for placeholders created for assets referenced but never declared.
+    pub placeholder: bool,
+    /// Description.
+    pub description: Option<String>,
+    /// Data type (fields).
+    pub data_type: Option<String>,
+    /// Free properties.
+    pub properties: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Metadata {
+    fn changed_fields(&self, other: &Metadata) -> Vec<MetaField> {
+        let mut v = Vec::new();
+        let mut check = |changed: bool, f: MetaField| {
+            if changed {
+                v.push(f);
+            }
+        };
+        check(self.owner != other.owner, MetaField::Owner);
+        check(self.tags != other.tags, MetaField::Tags);
+        check(self.status != other.status, MetaField::Status);
+        check(
+            self.placeholder != other.placeholder,
+            MetaField::Placeholder,
+        );
+        check(
+            self.description != other.description,
+            MetaField::Description,
+        );
+        check(self.data_type != other.data_type, MetaField::DataType);
+        check(self.properties != other.properties, MetaField::Properties);
+        v
+    }
+}
+
+/// One part of a node's [`Metadata`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum MetaField {
+    /// [`Metadata::owner`].
+    Owner,
+    /// [`Metadata::tags`].
+    Tags,
+    /// [`Metadata::status`].
+    Status,
+    /// [`Metadata::placeholder`].
+    Placeholder,
+    /// [`Metadata::description`].
+    Description,
+    /// [`Metadata::data_type`].
+    DataType,
+    /// [`Metadata::properties`].
+    Properties,
+}
+
+/// A node's net metadata change over a [`LineageGraph::diff`] interval.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetadataChange {
+    /// The node (serialised as `namespace:name`).
+    #[serde(serialize_with = "key_text")]
+    pub key: NodeKey,
+    /// Which parts differ between `before` and `after`.
+    pub fields: Vec<MetaField>,
+    /// Metadata at the start of the interval.
+    pub before: Metadata,
+    /// Metadata at its end.
+    pub after: Metadata,
+}
+
 /// Heap bytes held by each part of a graph, from [`LineageGraph::memory_usage`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryUsage {
-    /// petgraph node and edge tables.
+    /// Node and edge tables (with their adjacency links).
     pub graph: usize,
     /// Interned names and the key index.
     pub names: usize,
@@ -188,20 +269,57 @@ impl MemoryUsage {
 /// Queries on [`At::Latest`] read a cached immutable CSR snapshot, rebuilt after a commit.
 #[derive(Debug)]
 pub struct LineageGraph {
-    pub(crate) schema: Schema,
-    pub(crate) g: Graph<NodeRow, EdgeRow, petgraph::Directed, u32>,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) g: Adjacency,
     pub(crate) names: Interner,
     keys: KeyIndex,
-    tagsets: Vec<Box<[Sym]>>,
-    tagset_index: HashMap<Box<[Sym]>, u32>,
-    extras: Vec<NodeExtra>,
-    transforms: HashMap<u32, Transformation>,
-    node_removed: HashMap<u32, u32>,
-    edge_removed: HashMap<u32, u32>,
-    commit_times: Vec<Timestamp>,
-    updates: Vec<(u32, u32)>,
+    tagsets: Arc<TagSets>,
+    extras: ChunkVec<NodeExtra>,
+    transforms: ChunkMap<Transformation>,
+    node_removed: ChunkMap<u32>,
+    edge_removed: ChunkMap<u32>,
+    commit_times: ChunkVec<Timestamp>,
+    /// Every metadata change, oldest first, with the metadata it replaced.
+    updates: ChunkVec<MetaUpdate>,
     log: Option<Vec<Commit>>,
     csr: OnceLock<Arc<Csr>>,
+}
+
+/// The distinct tag sets in use; rows point at one by index.
+#[derive(Debug, Clone)]
+struct TagSets {
+    sets: Vec<Box<[Sym]>>,
+    index: HashMap<Box<[Sym]>, u32>,
+}
+
+/// The metadata of a node row that can change after creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    owner: Sym,
+    tags: u32,
+    extra: u32,
+    status: u8,
+    flags: u8,
+}
+
+impl Meta {
+    fn of(r: &NodeRow) -> Meta {
+        Meta {
+            owner: r.owner,
+            tags: r.tags,
+            extra: r.extra,
+            status: r.status,
+            flags: r.flags,
+        }
+    }
+}
+
+/// Commit `commit` changed node `node`'s metadata; `before` is what it replaced.
+#[derive(Debug, Clone, Copy)]
+struct MetaUpdate {
+    commit: u32,
+    node: u32,
+    before: Meta,
 }
 
 impl Default for LineageGraph {
@@ -211,6 +329,8 @@ impl Default for LineageGraph {
 }
 
 impl Clone for LineageGraph {
+    /// Clones share storage with the original in chunks, so a clone is cheap and a write to
+    /// either copies only the chunks it touches.
     fn clone(&self) -> Self {
         Self {
             schema: self.schema.clone(),
@@ -218,7 +338,6 @@ impl Clone for LineageGraph {
             names: self.names.clone(),
             keys: self.keys.clone(),
             tagsets: self.tagsets.clone(),
-            tagset_index: self.tagset_index.clone(),
             extras: self.extras.clone(),
             transforms: self.transforms.clone(),
             node_removed: self.node_removed.clone(),
@@ -247,21 +366,23 @@ impl LineageGraph {
     /// An empty graph with the given schema.
     pub fn with_schema(schema: Schema) -> Self {
         let empty: Box<[Sym]> = Box::new([]);
-        let mut tagset_index = HashMap::new();
-        tagset_index.insert(empty.clone(), 0);
+        let mut index = HashMap::new();
+        index.insert(empty.clone(), 0);
         Self {
-            schema,
-            g: Graph::default(),
+            schema: Arc::new(schema),
+            g: Adjacency::default(),
             names: Interner::default(),
             keys: KeyIndex::default(),
-            tagsets: vec![empty],
-            tagset_index,
-            extras: Vec::new(),
-            transforms: HashMap::new(),
-            node_removed: HashMap::new(),
-            edge_removed: HashMap::new(),
-            commit_times: Vec::new(),
-            updates: Vec::new(),
+            tagsets: Arc::new(TagSets {
+                sets: vec![empty],
+                index,
+            }),
+            extras: ChunkVec::default(),
+            transforms: ChunkMap::default(),
+            node_removed: ChunkMap::default(),
+            edge_removed: ChunkMap::default(),
+            commit_times: ChunkVec::default(),
+            updates: ChunkVec::default(),
             log: Some(Vec::new()),
             csr: OnceLock::new(),
         }
@@ -278,8 +399,7 @@ impl LineageGraph {
     /// Reserves room for `nodes` more nodes, `edges` more edges and `name_bytes` bytes of
     /// names, to avoid regrowth during bulk loads.
     pub fn reserve(&mut self, nodes: usize, edges: usize, name_bytes: usize) {
-        self.g.reserve_nodes(nodes);
-        self.g.reserve_edges(edges);
+        self.g.reserve(nodes, edges);
         self.names.reserve(nodes, name_bytes);
         let g = &self.g;
         self.keys.reserve(nodes, |i| key_of(g, i));
@@ -312,18 +432,23 @@ impl LineageGraph {
 
     /// Heap bytes held, by part.
     pub fn memory_usage(&self) -> MemoryUsage {
-        let map_entry = 8 + 1;
         MemoryUsage {
-            graph: self.g.capacity().0 * (std::mem::size_of::<NodeRow>() + 8)
-                + self.g.capacity().1 * (std::mem::size_of::<EdgeRow>() + 16),
+            graph: self.g.heap_bytes(),
             names: self.names.heap_bytes() + self.keys.heap_bytes(),
-            metadata: self.tagsets.iter().map(|t| t.len() * 4 + 16).sum::<usize>() * 2
-                + self.tagset_index.capacity() * 24
-                + self.extras.capacity() * std::mem::size_of::<NodeExtra>()
-                + self.transforms.capacity() * (4 + std::mem::size_of::<Transformation>() + 1)
-                + (self.node_removed.capacity() + self.edge_removed.capacity()) * map_entry
-                + self.commit_times.capacity() * 8
-                + self.updates.capacity() * 8,
+            metadata: self
+                .tagsets
+                .sets
+                .iter()
+                .map(|t| t.len() * 4 + 16)
+                .sum::<usize>()
+                * 2
+                + self.tagsets.index.capacity() * 24
+                + self.extras.heap_bytes()
+                + self.transforms.heap_bytes()
+                + self.node_removed.heap_bytes()
+                + self.edge_removed.heap_bytes()
+                + self.commit_times.heap_bytes()
+                + self.updates.heap_bytes(),
             snapshot: self.csr.get().map_or(0, |c| c.heap_bytes()),
             log: self.log.as_ref().map_or(0, |l| {
                 l.iter()
@@ -388,14 +513,15 @@ impl LineageGraph {
             if let Some(p) = pending.get(key).or_else(|| owned.get(key)) {
                 return Some(*p);
             }
-            self.find_any(key).map(|i| Pending {
-                kind: self.g[NodeIndex::new(i as usize)].kind,
-                live: !self.node_removed.contains_key(&i),
+            let i = self.find_any(key)?;
+            Some(Pending {
+                kind: self.g.node(i)?.kind,
+                live: !self.node_removed.contains_key(i),
             })
         };
         for ch in changes {
             match ch {
-                Change::Upsert(spec) => {
+                Change::Upsert(spec) | Change::Insert(spec) => {
                     spec.key.validate()?;
                     if !self.schema.knows_node(spec.kind) {
                         return Err(Error::UnknownKind {
@@ -403,14 +529,20 @@ impl LineageGraph {
                         });
                     }
                     if let Some(p) = look(&pending, &owned, &spec.key)
-                        && p.kind != spec.kind
                         && p.live
                     {
-                        return Err(Error::KindMismatch {
-                            key: spec.key.to_string(),
-                            existing: p.kind,
-                            requested: spec.kind,
-                        });
+                        if p.kind != spec.kind {
+                            return Err(Error::KindMismatch {
+                                key: spec.key.to_string(),
+                                existing: p.kind,
+                                requested: spec.kind,
+                            });
+                        }
+                        if matches!(ch, Change::Insert(_)) {
+                            // The key is taken (before or earlier in this commit): an
+                            // insert is a no-op, so its fields are not checked or counted.
+                            continue;
+                        }
                     }
                     if !spec.fields.is_empty()
                         && !self
@@ -529,7 +661,7 @@ impl LineageGraph {
             .iter()
             .map(|c| match c {
                 Change::Link { .. } => 1,
-                Change::Upsert(s) => s.fields.len(),
+                Change::Upsert(s) | Change::Insert(s) => s.fields.len(),
                 _ => 0,
             })
             .sum::<usize>();
@@ -564,34 +696,25 @@ impl LineageGraph {
         };
         for ch in &changes {
             match ch {
-                Change::Upsert(spec) => {
-                    let id = self.upsert_node(c, spec, &mut s);
-                    for f in &spec.fields {
-                        let mut fs = NodeSpec::with_key(
-                            NodeKind::Field,
-                            NodeKey::field(spec.key.namespace(), spec.key.name(), &f.name),
-                        );
-                        fs.data_type.clone_from(&f.data_type);
-                        fs.tags.clone_from(&f.tags);
-                        fs.description.clone_from(&f.description);
-                        fs.placeholder = spec.placeholder;
-                        let fid = self.upsert_node(c, &fs, &mut s);
-                        self.link_ids(c, id, EdgeKind::HasField, fid, None, &mut s);
+                Change::Upsert(spec) => self.upsert_with_fields(c, spec, &mut s),
+                Change::Insert(spec) => {
+                    if self.find_live(&spec.key).is_none() {
+                        self.upsert_with_fields(c, spec, &mut s);
                     }
                 }
                 Change::RemoveTag { key, tag } => {
-                    if let (Some(i), Some(t)) = (self.find_live(key), self.names.get(tag)) {
-                        let cur = self.g[NodeIndex::new(i as usize)].tags;
+                    if let (Some(i), Some(t)) = (self.find_live(key), self.names.get(tag))
+                        && let Some(cur) = self.g.node(i).map(Meta::of)
+                    {
                         let set: Vec<Sym> = self
-                            .tagset(cur)
+                            .tagset(cur.tags)
                             .iter()
                             .copied()
                             .filter(|&x| x != t)
                             .collect();
-                        let new = self.intern_tagset(set);
-                        if new != cur {
-                            self.g[NodeIndex::new(i as usize)].tags = new;
-                            self.updates.push((c, i));
+                        let tags = self.intern_tagset(set);
+                        if tags != cur.tags {
+                            self.set_meta(c, i, Meta { tags, ..cur });
                             s.nodes_updated += 1;
                         }
                     }
@@ -600,18 +723,15 @@ impl LineageGraph {
                     if let Some(i) = self.find_live(key) {
                         self.node_removed.insert(i, c);
                         s.nodes_removed += 1;
-                        let n = NodeIndex::new(i as usize);
                         let incident: Vec<u32> = self
                             .g
-                            .edges_directed(n, PgDir::Outgoing)
-                            .chain(self.g.edges_directed(n, PgDir::Incoming))
-                            .map(|e| e.id().index() as u32)
+                            .edges_of(i, Dir::Out)
+                            .chain(self.g.edges_of(i, Dir::In))
+                            .map(|(e, _, _)| e)
                             .collect();
                         for e in incident {
-                            if let std::collections::hash_map::Entry::Vacant(v) =
-                                self.edge_removed.entry(e)
-                            {
-                                v.insert(c);
+                            if !self.edge_removed.contains_key(e) {
+                                self.edge_removed.insert(e, c);
                                 s.edges_removed += 1;
                             }
                         }
@@ -632,13 +752,10 @@ impl LineageGraph {
                         let (src, dst) = self.flow_pair(*edge, a, b);
                         let ids: Vec<u32> = self
                             .g
-                            .edges_connecting(
-                                NodeIndex::new(src as usize),
-                                NodeIndex::new(dst as usize),
-                            )
-                            .filter(|e| e.weight().kind == *edge)
-                            .map(|e| e.id().index() as u32)
-                            .filter(|e| !self.edge_removed.contains_key(e))
+                            .edges_connecting(src, dst)
+                            .filter(|(_, r)| r.kind == *edge)
+                            .map(|(e, _)| e)
+                            .filter(|&e| !self.edge_removed.contains_key(e))
                             .collect();
                         for e in ids {
                             self.edge_removed.insert(e, c);
@@ -656,6 +773,42 @@ impl LineageGraph {
             });
         }
         s
+    }
+
+    /// Upserts a node and the fields its spec lists, linking each by `has-field`.
+    fn upsert_with_fields(&mut self, c: u32, spec: &NodeSpec, s: &mut CommitSummary) {
+        let id = self.upsert_node(c, spec, s);
+        for f in &spec.fields {
+            let mut fs = NodeSpec::with_key(
+                NodeKind::Field,
+                NodeKey::field(spec.key.namespace(), spec.key.name(), &f.name),
+            );
+            fs.data_type.clone_from(&f.data_type);
+            fs.tags.clone_from(&f.tags);
+            fs.description.clone_from(&f.description);
+            fs.placeholder = spec.placeholder;
+            let fid = self.upsert_node(c, &fs, s);
+            self.link_ids(c, id, EdgeKind::HasField, fid, None, s);
+        }
+    }
+
+    /// Replaces node `i`'s metadata in commit `c`, recording what it replaced so that
+    /// as-of views can read it back.
+    fn set_meta(&mut self, c: u32, i: u32, new: Meta) {
+        let Some(row) = self.g.node_mut(i) else {
+            return;
+        };
+        let before = Meta::of(row);
+        row.owner = new.owner;
+        row.tags = new.tags;
+        row.extra = new.extra;
+        row.status = new.status;
+        row.flags = new.flags;
+        self.updates.push(MetaUpdate {
+            commit: c,
+            node: i,
+            before,
+        });
     }
 
     fn flow_pair(&self, edge: EdgeKind, from: u32, to: u32) -> (u32, u32) {
@@ -677,28 +830,26 @@ impl LineageGraph {
         let (src, dst) = self.flow_pair(edge, from, to);
         let existing = self
             .g
-            .edges_connecting(NodeIndex::new(src as usize), NodeIndex::new(dst as usize))
-            .filter(|e| e.weight().kind == edge)
-            .map(|e| e.id().index() as u32)
-            .find(|e| !self.edge_removed.contains_key(e));
+            .edges_connecting(src, dst)
+            .filter(|(_, r)| r.kind == edge)
+            .map(|(e, _)| e)
+            .find(|&e| !self.edge_removed.contains_key(e));
         let id = match existing {
             Some(e) => e,
             None => {
                 s.edges_created += 1;
-                self.g
-                    .add_edge(
-                        NodeIndex::new(src as usize),
-                        NodeIndex::new(dst as usize),
-                        EdgeRow {
-                            created: c,
-                            kind: edge,
-                        },
-                    )
-                    .index() as u32
+                self.g.add_edge(
+                    src,
+                    dst,
+                    EdgeRow {
+                        created: c,
+                        kind: edge,
+                    },
+                )
             }
         };
         if let Some(t) = t {
-            let merged = match self.transforms.get(&id) {
+            let merged = match self.transforms.get(id) {
                 Some(old) => old.merge(t),
                 None => t.clone(),
             };
@@ -718,72 +869,57 @@ impl LineageGraph {
         let tag_syms: Vec<Sym> = spec.tags.iter().map(|t| self.intern(t)).collect();
         let g = &self.g;
         let found = self.keys.get(ns, name, |i| key_of(g, i));
-        let live = found.filter(|i| !self.node_removed.contains_key(i));
-        match live {
-            Some(i) => {
-                let cur = self.g[NodeIndex::new(i as usize)].clone();
-                let mut row = cur.clone();
+        let live = found.filter(|&i| !self.node_removed.contains_key(i));
+        let has_extra =
+            spec.description.is_some() || spec.data_type.is_some() || !spec.properties.is_empty();
+        match live.and_then(|i| Some((i, Meta::of(self.g.node(i)?)))) {
+            Some((i, cur)) => {
+                let mut new = cur;
                 if let Some(o) = owner {
-                    row.owner = o;
+                    new.owner = o;
                 }
                 if !tag_syms.is_empty() {
                     let mut set: Vec<Sym> = self.tagset(cur.tags).to_vec();
                     set.extend(tag_syms);
-                    row.tags = self.intern_tagset(set);
+                    new.tags = self.intern_tagset(set);
                 }
                 if let Some(st) = spec.status {
-                    row.status = st.code();
+                    new.status = st.code();
                 }
                 if !spec.placeholder {
-                    row.flags &= !FLAG_PLACEHOLDER;
+                    new.flags &= !FLAG_PLACEHOLDER;
                 }
-                let mut changed = row.owner != cur.owner
-                    || row.tags != cur.tags
-                    || row.status != cur.status
-                    || row.flags != cur.flags;
-                if spec.description.is_some()
-                    || spec.data_type.is_some()
-                    || !spec.properties.is_empty()
-                {
-                    if row.extra == OPEN {
-                        row.extra = self.extras.len() as u32;
-                        self.extras.push(NodeExtra::default());
+                if has_extra {
+                    // Extras are versioned, not edited in place: an as-of view of an earlier
+                    // commit still points at the old one.
+                    let old = self.extras.get(cur.extra as usize);
+                    let mut x = old.cloned().unwrap_or_default();
+                    if spec.description.is_some() {
+                        x.description.clone_from(&spec.description);
                     }
-                    if let Some(x) = self.extras.get_mut(row.extra as usize) {
-                        if spec.description.is_some() && x.description != spec.description {
-                            x.description.clone_from(&spec.description);
-                            changed = true;
-                        }
-                        if spec.data_type.is_some() && x.data_type != spec.data_type {
-                            x.data_type.clone_from(&spec.data_type);
-                            changed = true;
-                        }
-                        for (k, v) in &spec.properties {
-                            if x.properties.get(k) != Some(v) {
-                                x.properties.insert(k.clone(), v.clone());
-                                changed = true;
-                            }
-                        }
+                    if spec.data_type.is_some() {
+                        x.data_type.clone_from(&spec.data_type);
+                    }
+                    for (k, v) in &spec.properties {
+                        x.properties.insert(k.clone(), v.clone());
+                    }
+                    if old != Some(&x) {
+                        new.extra = self.extras.push(x) as u32;
                     }
                 }
-                if changed {
-                    self.g[NodeIndex::new(i as usize)] = row;
-                    self.updates.push((c, i));
+                if new != cur {
+                    self.set_meta(c, i, new);
                     s.nodes_updated += 1;
                 }
                 i
             }
             None => {
-                let extra = if spec.description.is_some()
-                    || spec.data_type.is_some()
-                    || !spec.properties.is_empty()
-                {
+                let extra = if has_extra {
                     self.extras.push(NodeExtra {
                         description: spec.description.clone(),
                         data_type: spec.data_type.clone(),
                         properties: spec.properties.clone(),
-                    });
-                    (self.extras.len() - 1) as u32
+                    }) as u32
                 } else {
                     OPEN
                 };
@@ -803,7 +939,7 @@ impl LineageGraph {
                         0
                     },
                 };
-                let id = self.g.add_node(row).index() as u32;
+                let id = self.g.add_node(row);
                 let g = &self.g;
                 match found {
                     // A removed node with this key: the key now names the new node.
@@ -822,18 +958,21 @@ impl LineageGraph {
     fn intern_tagset(&mut self, mut set: Vec<Sym>) -> u32 {
         set.sort_unstable();
         set.dedup();
-        if let Some(&i) = self.tagset_index.get(set.as_slice()) {
+        if let Some(&i) = self.tagsets.index.get(set.as_slice()) {
             return i;
         }
+        // A new tag set copies the table once per commit that adds one; distinct sets are
+        // few next to nodes.
+        let t = Arc::make_mut(&mut self.tagsets);
         let b: Box<[Sym]> = set.into_boxed_slice();
-        let i = self.tagsets.len() as u32;
-        self.tagsets.push(b.clone());
-        self.tagset_index.insert(b, i);
+        let i = t.sets.len() as u32;
+        t.sets.push(b.clone());
+        t.index.insert(b, i);
         i
     }
 
     pub(crate) fn tagset(&self, i: u32) -> &[Sym] {
-        self.tagsets.get(i as usize).map_or(&[], |b| b)
+        self.tagsets.sets.get(i as usize).map_or(&[], |b| b)
     }
 
     // ----- lookups ---------------------------------------------------------------------
@@ -846,7 +985,7 @@ impl LineageGraph {
 
     fn find_live(&self, key: &NodeKey) -> Option<u32> {
         self.find_any(key)
-            .filter(|i| !self.node_removed.contains_key(i))
+            .filter(|i| !self.node_removed.contains_key(*i))
     }
 
     /// The live node with this key.
@@ -906,15 +1045,13 @@ impl LineageGraph {
     }
 
     pub(crate) fn row(&self, id: AnyNodeId) -> Result<&NodeRow> {
-        self.g
-            .node_weight(NodeIndex::new(id.index()))
-            .ok_or_else(|| Error::UnknownNode {
-                key: id.to_string(),
-            })
+        self.g.node(id.0).ok_or_else(|| Error::UnknownNode {
+            key: id.to_string(),
+        })
     }
 
     pub(crate) fn key_of_idx(&self, i: u32) -> NodeKey {
-        match self.g.node_weight(NodeIndex::new(i as usize)) {
+        match self.g.node(i) {
             Some(r) => NodeKey::new(self.names.resolve(r.ns), self.names.resolve(r.name)),
             None => NodeKey::new("?", format!("n{i}")),
         }
@@ -943,66 +1080,127 @@ impl LineageGraph {
     }
 
     pub(crate) fn owner_of(&self, i: u32) -> Option<&str> {
-        let r = self.g.node_weight(NodeIndex::new(i as usize))?;
+        let r = self.g.node(i)?;
         (!r.owner.is_none()).then(|| self.names.resolve(r.owner))
     }
 
     pub(crate) fn status_of(&self, i: u32) -> Status {
         self.g
-            .node_weight(NodeIndex::new(i as usize))
+            .node(i)
             .map_or(Status::Active, |r| Status::from_code(r.status))
     }
 
     pub(crate) fn has_tag(&self, i: u32, tag: Sym) -> bool {
         self.g
-            .node_weight(NodeIndex::new(i as usize))
+            .node(i)
             .is_some_and(|r| self.tagset(r.tags).contains(&tag))
     }
 
     pub(crate) fn tags_of(&self, i: u32) -> Vec<String> {
         self.g
-            .node_weight(NodeIndex::new(i as usize))
-            .map(|r| {
-                self.tagset(r.tags)
-                    .iter()
-                    .map(|&t| self.names.resolve(t).to_owned())
-                    .collect()
-            })
+            .node(i)
+            .map(|r| self.tag_names(r.tags))
             .unwrap_or_default()
     }
 
+    fn tag_names(&self, set: u32) -> Vec<String> {
+        self.tagset(set)
+            .iter()
+            .map(|&t| self.names.resolve(t).to_owned())
+            .collect()
+    }
+
     pub(crate) fn property_of(&self, i: u32, name: &str) -> Option<&serde_json::Value> {
-        let r = self.g.node_weight(NodeIndex::new(i as usize))?;
+        let r = self.g.node(i)?;
         self.extras.get(r.extra as usize)?.properties.get(name)
     }
 
     pub(crate) fn is_live_node(&self, i: u32) -> bool {
-        (i as usize) < self.g.node_count() && !self.node_removed.contains_key(&i)
+        (i as usize) < self.g.node_count() && !self.node_removed.contains_key(i)
     }
 
-    /// Everything known about a node.
+    /// The metadata each node updated after horizon `h` had at `h` (its state before the
+    /// first update at or after `h`); nodes not in the map have their current metadata.
+    fn metas_before(&self, h: u32) -> HashMap<u32, Meta> {
+        let from = self.updates.partition_point(|u| u.commit < h);
+        let mut out = HashMap::new();
+        for k in from..self.updates.len() {
+            if let Some(u) = self.updates.get(k) {
+                out.entry(u.node).or_insert(u.before);
+            }
+        }
+        out
+    }
+
+    /// Node `i`'s metadata in view `at`.
+    pub(crate) fn meta_at(&self, i: u32, at: At) -> Option<Metadata> {
+        let r = self.g.node(i)?;
+        let m = match at {
+            At::Latest | At::Cumulative => Meta::of(r),
+            At::Time(_) => {
+                // A node the view predates reads as it stood at the end of its creating
+                // commit.
+                let h = self.horizon(at).max(r.created + 1);
+                let from = self.updates.partition_point(|u| u.commit < h);
+                (from..self.updates.len())
+                    .filter_map(|k| self.updates.get(k))
+                    .find(|u| u.node == i)
+                    .map_or_else(|| Meta::of(r), |u| u.before)
+            }
+        };
+        Some(self.resolve_meta(m))
+    }
+
+    fn resolve_meta(&self, m: Meta) -> Metadata {
+        let x = self.extras.get(m.extra as usize);
+        Metadata {
+            owner: (!m.owner.is_none()).then(|| self.names.resolve(m.owner).to_owned()),
+            tags: self.tag_names(m.tags),
+            status: Status::from_code(m.status),
+            placeholder: m.flags & FLAG_PLACEHOLDER != 0,
+            description: x.and_then(|x| x.description.clone()),
+            data_type: x.and_then(|x| x.data_type.clone()),
+            properties: x.map(|x| x.properties.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Everything known about a node, with its current metadata.
     ///
     /// # Errors
     /// [`Error::UnknownNode`] for a handle from another graph.
     pub fn info(&self, id: impl Into<AnyNodeId>) -> Result<NodeInfo> {
+        self.info_at(id, At::Latest)
+    }
+
+    /// Everything known about a node, with its metadata (owner, tags, status, description,
+    /// data type, properties) as it stood in view `at`. A node that did not exist yet at
+    /// that time reports the metadata it was created with.
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a handle from another graph.
+    pub fn info_at(&self, id: impl Into<AnyNodeId>, at: At) -> Result<NodeInfo> {
         let id = id.into();
         let r = self.row(id)?;
-        let x = self.extras.get(r.extra as usize);
-        Ok(NodeInfo {
+        let m = self.meta_at(id.0, at).unwrap_or_default();
+        Ok(self.info_with(id, r, m))
+    }
+
+    fn info_with(&self, id: AnyNodeId, r: &NodeRow, m: Metadata) -> NodeInfo {
+        NodeInfo {
             id,
             key: self.key_of_idx(id.0),
             kind_name: self.schema.node_kind_name(r.kind).to_owned(),
             kind: r.kind,
-            owner: self.owner_of(id.0).map(str::to_owned),
-            tags: self.tags_of(id.0),
-            status: Status::from_code(r.status),
-            placeholder: r.flags & FLAG_PLACEHOLDER != 0,
-            description: x.and_then(|x| x.description.clone()),
-            data_type: x.and_then(|x| x.data_type.clone()),
-            properties: x.map(|x| x.properties.clone()).unwrap_or_default(),
+            owner: m.owner,
+            tags: m.tags,
+            status: m.status,
+            placeholder: m.placeholder,
+            description: m.description,
+            data_type: m.data_type,
+            properties: m.properties,
             created_at: self.time_of(r.created),
-            removed_at: self.node_removed.get(&id.0).map(|&c| self.time_of(c)),
-        })
+            removed_at: self.node_removed.get(id.0).map(|&c| self.time_of(c)),
+        }
     }
 
     pub(crate) fn time_of(&self, c: u32) -> Timestamp {
@@ -1021,45 +1219,45 @@ impl LineageGraph {
     }
 
     pub(crate) fn node_visible(&self, i: u32, at: At, h: u32) -> bool {
-        let Some(r) = self.g.node_weight(NodeIndex::new(i as usize)) else {
+        let Some(r) = self.g.node(i) else {
             return false;
         };
         match at {
             At::Cumulative => true,
-            _ => r.created < h && self.node_removed.get(&i).is_none_or(|&rm| rm >= h),
+            _ => r.created < h && self.node_removed.get(i).is_none_or(|&rm| rm >= h),
         }
     }
 
     pub(crate) fn edge_visible(&self, e: u32, at: At, h: u32) -> bool {
-        let Some(r) = self.g.edge_weight(EdgeIndex::new(e as usize)) else {
+        let Some(r) = self.g.edge(e) else {
             return false;
         };
         match at {
             At::Cumulative => true,
-            _ => r.created < h && self.edge_removed.get(&e).is_none_or(|&rm| rm >= h),
+            _ => r.created < h && self.edge_removed.get(e).is_none_or(|&rm| rm >= h),
         }
     }
 
     pub(crate) fn edge_info(&self, e: u32) -> Option<EdgeInfo> {
-        let (src, dst) = self.g.edge_endpoints(EdgeIndex::new(e as usize))?;
-        let w = self.g.edge_weight(EdgeIndex::new(e as usize))?;
+        let (src, dst) = self.g.endpoints(e)?;
+        let w = self.g.edge(e)?;
         let (from, to) = match self.schema.flow(w.kind) {
             Flow::Forward => (src, dst),
             Flow::Reverse => (dst, src),
         };
         Some(EdgeInfo {
-            from: self.key_of_idx(from.index() as u32),
+            from: self.key_of_idx(from),
             kind: w.kind,
             kind_name: self.schema.edge_kind_name(w.kind).to_owned(),
-            to: self.key_of_idx(to.index() as u32),
-            transformation: self.transforms.get(&e).cloned(),
+            to: self.key_of_idx(to),
+            transformation: self.transforms.get(e).cloned(),
             created_at: self.time_of(w.created),
-            removed_at: self.edge_removed.get(&e).map(|&c| self.time_of(c)),
+            removed_at: self.edge_removed.get(e).map(|&c| self.time_of(c)),
         })
     }
 
     pub(crate) fn transformation(&self, e: u32) -> Option<&Transformation> {
-        self.transforms.get(&e)
+        self.transforms.get(e)
     }
 
     /// Edges touching a node in a view, in their declared direction. `Downstream` lists
@@ -1077,13 +1275,13 @@ impl LineageGraph {
         self.row(id)?;
         let h = self.horizon(at);
         let pd = match dir {
-            crate::Direction::Downstream => PgDir::Outgoing,
-            crate::Direction::Upstream => PgDir::Incoming,
+            crate::Direction::Downstream => Dir::Out,
+            crate::Direction::Upstream => Dir::In,
         };
         let mut out: Vec<u32> = self
             .g
-            .edges_directed(NodeIndex::new(id.index()), pd)
-            .map(|e| e.id().index() as u32)
+            .edges_of(id.0, pd)
+            .map(|(e, _, _)| e)
             .filter(|&e| self.edge_visible(e, at, h))
             .collect();
         out.sort_unstable();
@@ -1105,36 +1303,47 @@ impl LineageGraph {
         let hi = self.horizon(At::Time(to));
         let in_range = |c: u32| c >= lo && c < hi;
         let mut d = Diff::default();
-        for (i, r) in self.g.node_weights().enumerate() {
+        for (i, r) in self.g.node_rows().enumerate() {
             let i = i as u32;
             if in_range(r.created) {
                 d.added_nodes.push(self.key_of_idx(i));
             }
-            if self.node_removed.get(&i).is_some_and(|&c| in_range(c)) {
+            if self.node_removed.get(i).is_some_and(|&c| in_range(c)) {
                 d.removed_nodes.push(self.key_of_idx(i));
             }
         }
-        let mut updated: Vec<u32> = self
-            .updates
-            .iter()
-            .filter(|(c, i)| {
-                in_range(*c)
-                    && self
-                        .g
-                        .node_weight(NodeIndex::new(*i as usize))
-                        .is_some_and(|r| r.created < lo)
-            })
-            .map(|&(_, i)| i)
+        let first = self.updates.partition_point(|u| u.commit < lo);
+        let mut updated: Vec<u32> = (first..self.updates.len())
+            .filter_map(|k| self.updates.get(k))
+            .take_while(|u| u.commit < hi)
+            .map(|u| u.node)
+            .filter(|&i| self.g.node(i).is_some_and(|r| r.created < lo))
             .collect();
         updated.sort_unstable();
         updated.dedup();
+        let before = self.metas_before(lo);
+        let after = self.metas_before(hi);
+        for &i in &updated {
+            let Some(r) = self.g.node(i) else { continue };
+            let old = before.get(&i).copied().unwrap_or_else(|| Meta::of(r));
+            let new = after.get(&i).copied().unwrap_or_else(|| Meta::of(r));
+            let (old, new) = (self.resolve_meta(old), self.resolve_meta(new));
+            if old != new {
+                d.metadata_changes.push(MetadataChange {
+                    key: self.key_of_idx(i),
+                    fields: old.changed_fields(&new),
+                    before: old,
+                    after: new,
+                });
+            }
+        }
         d.updated_nodes = updated.into_iter().map(|i| self.key_of_idx(i)).collect();
-        for (e, r) in self.g.edge_weights().enumerate() {
+        for (e, (_, _, r)) in self.g.edge_rows().enumerate() {
             let e = e as u32;
             if in_range(r.created) {
                 d.added_edges.extend(self.edge_info(e));
             }
-            if self.edge_removed.get(&e).is_some_and(|&c| in_range(c)) {
+            if self.edge_removed.get(e).is_some_and(|&c| in_range(c)) {
                 d.removed_edges.extend(self.edge_info(e));
             }
         }
@@ -1178,6 +1387,50 @@ impl LineageGraph {
         let key = spec.key.clone();
         self.commit(vec![Change::Upsert(spec)])?;
         self.find(&key)
+    }
+
+    /// Creates a node of kind `K` unless a live node already has its key, and returns the
+    /// handle either way. An existing node is returned as it is: the spec's metadata and
+    /// fields are not merged into it, and no commit is recorded. Inside a batch, use
+    /// [`Change::Insert`], which makes the same decision atomically with the batch.
+    ///
+    /// # Errors
+    /// [`Error::KindMismatch`] if the live node with this key has another kind; otherwise as
+    /// [`Self::commit`].
+    pub fn insert<K: Kind>(&mut self, mut spec: NodeSpec) -> Result<NodeId<K>> {
+        spec.kind = K::KIND;
+        let id = self.insert_dyn(spec)?;
+        self.typed(id)
+    }
+
+    /// Creates a node of any kind unless a live node already has its key (dynamic API); see
+    /// [`Self::insert`].
+    ///
+    /// # Errors
+    /// As [`Self::insert`].
+    pub fn insert_dyn(&mut self, spec: NodeSpec) -> Result<AnyNodeId> {
+        if let Some(id) = self.existing_for_insert(&spec)? {
+            return Ok(id);
+        }
+        let key = spec.key.clone();
+        self.commit(vec![Change::Insert(spec)])?;
+        self.find(&key)
+    }
+
+    /// The live node an insert of `spec` would return instead of creating one.
+    pub(crate) fn existing_for_insert(&self, spec: &NodeSpec) -> Result<Option<AnyNodeId>> {
+        let Some(i) = self.find_live(&spec.key) else {
+            return Ok(None);
+        };
+        let existing = self.row(AnyNodeId(i))?.kind;
+        if existing != spec.kind {
+            return Err(Error::KindMismatch {
+                key: spec.key.to_string(),
+                existing,
+                requested: spec.kind,
+            });
+        }
+        Ok(Some(AnyNodeId(i)))
     }
 
     /// Adds the edge `from -[E]-> to`; only compiles for triples the built-in schema allows.
@@ -1274,12 +1527,9 @@ impl LineageGraph {
         self.row(id)?;
         let mut v: Vec<AnyNodeId> = self
             .g
-            .edges_directed(NodeIndex::new(id.index()), PgDir::Outgoing)
-            .filter(|e| {
-                e.weight().kind == EdgeKind::HasField
-                    && !self.edge_removed.contains_key(&(e.id().index() as u32))
-            })
-            .map(|e| AnyNodeId(e.target().index() as u32))
+            .edges_of(id.0, Dir::Out)
+            .filter(|&(e, _, r)| r.kind == EdgeKind::HasField && !self.edge_removed.contains_key(e))
+            .map(|(_, t, _)| AnyNodeId(t))
             .collect();
         v.sort_unstable();
         Ok(v)
@@ -1287,25 +1537,19 @@ impl LineageGraph {
 
     /// Live (not removed) edges leaving `i`, as (edge, other end, kind).
     pub(crate) fn live_edges_out(&self, i: u32) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
-        self.live_edges(i, PgDir::Outgoing)
+        self.live_edges(i, Dir::Out)
     }
 
     /// Live (not removed) edges entering `i`, as (edge, other end, kind).
     pub(crate) fn live_edges_in(&self, i: u32) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
-        self.live_edges(i, PgDir::Incoming)
+        self.live_edges(i, Dir::In)
     }
 
-    fn live_edges(&self, i: u32, dir: PgDir) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
+    fn live_edges(&self, i: u32, dir: Dir) -> impl Iterator<Item = (u32, u32, EdgeKind)> + '_ {
         self.g
-            .edges_directed(NodeIndex::new(i as usize), dir)
-            .filter(|e| !self.edge_removed.contains_key(&(e.id().index() as u32)))
-            .map(move |e| {
-                let other = match dir {
-                    PgDir::Outgoing => e.target(),
-                    PgDir::Incoming => e.source(),
-                };
-                (e.id().index() as u32, other.index() as u32, e.weight().kind)
-            })
+            .edges_of(i, dir)
+            .filter(|&(e, _, _)| !self.edge_removed.contains_key(e))
+            .map(|(e, other, r)| (e, other, r.kind))
     }
 
     pub(crate) fn all_node_indices(&self) -> std::ops::Range<u32> {
@@ -1328,9 +1572,8 @@ impl KeyIndex {
     }
 }
 
-pub(crate) fn key_of(g: &Graph<NodeRow, EdgeRow, petgraph::Directed, u32>, i: u32) -> (Sym, Sym) {
-    g.node_weight(NodeIndex::new(i as usize))
-        .map_or((Sym::NONE, Sym::NONE), |r| (r.ns, r.name))
+pub(crate) fn key_of(g: &Adjacency, i: u32) -> (Sym, Sym) {
+    g.node(i).map_or((Sym::NONE, Sym::NONE), |r| (r.ns, r.name))
 }
 
 fn key_text<S: serde::Serializer>(k: &NodeKey, s: S) -> std::result::Result<S::Ok, S::Error> {

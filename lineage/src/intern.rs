@@ -4,6 +4,10 @@
 //! ids that re-read the arena to compare, so an index costs 4-8 bytes a slot instead of a
 //! second copy of every string.
 
+use std::sync::Arc;
+
+use crate::cow::ChunkVec;
+
 /// An interned string id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Sym(pub(crate) u32);
@@ -35,26 +39,43 @@ pub(crate) fn mix(mut h: u64) -> u64 {
     h
 }
 
+/// Bytes per arena chunk; a name's position is packed as `chunk << 16 | offset`.
+const ARENA: usize = (1 << 16) - 1;
+
 /// Append-only string interner.
+///
+/// Names are packed into immutable `Arc`-shared arena chunks plus one open tail, and the
+/// tables are [`ChunkVec`]s, so a clone shares everything but the tail (at most 64 KiB).
+/// A name never spans chunks; a name longer than a chunk gets a chunk of its own.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Interner {
-    arena: String,
-    ends: Vec<u32>,
-    slots: Vec<u32>,
+    sealed: Vec<Arc<str>>,
+    tail: String,
+    starts: ChunkVec<u32>,
+    slots: ChunkVec<u32>,
 }
 
 impl Interner {
     pub(crate) fn len(&self) -> usize {
-        self.ends.len()
+        self.starts.len()
+    }
+
+    fn chunk(&self, c: usize) -> &str {
+        self.sealed.get(c).map_or(self.tail.as_str(), |s| s)
     }
 
     pub(crate) fn resolve(&self, s: Sym) -> &str {
         let i = s.0 as usize;
-        let Some(&end) = self.ends.get(i) else {
+        let Some(&p) = self.starts.get(i) else {
             return "";
         };
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        self.arena.get(start as usize..end as usize).unwrap_or("")
+        let (c, off) = ((p >> 16) as usize, (p & 0xffff) as usize);
+        let chunk = self.chunk(c);
+        let end = match self.starts.get(i + 1) {
+            Some(&q) if (q >> 16) as usize == c => (q & 0xffff) as usize,
+            _ => chunk.len(),
+        };
+        chunk.get(off..end).unwrap_or("")
     }
 
     pub(crate) fn get(&self, s: &str) -> Option<Sym> {
@@ -64,7 +85,7 @@ impl Interner {
         let mask = self.slots.len() - 1;
         let mut i = hash_bytes(s.as_bytes()) as usize & mask;
         loop {
-            let v = self.slots[i];
+            let v = *self.slots.get(i)?;
             if v == EMPTY {
                 return None;
             }
@@ -75,22 +96,38 @@ impl Interner {
         }
     }
 
-    /// Interns `s`; `None` when the arena would exceed 4 GiB or 2^32-1 names.
+    /// Interns `s`; `None` when the arena would exceed 2^16 chunks or 2^32-1 names.
     pub(crate) fn intern(&mut self, s: &str) -> Option<Sym> {
         if let Some(sym) = self.get(s) {
             return Some(sym);
         }
-        if self.arena.len() + s.len() >= u32::MAX as usize
-            || self.ends.len() >= (u32::MAX - 1) as usize
-        {
+        if self.sealed.len() + 2 >= 1 << 16 || self.starts.len() >= (u32::MAX - 1) as usize {
             return None;
         }
-        if (self.ends.len() + 1) * 2 > self.slots.len() {
-            self.grow();
+        if (self.starts.len() + 1) * 2 > self.slots.len() {
+            self.rehash((self.slots.len() * 2).max(64));
         }
-        self.arena.push_str(s);
-        self.ends.push(self.arena.len() as u32);
-        let id = (self.ends.len() - 1) as u32;
+        let packed = if self.tail.len() + s.len() <= ARENA {
+            (self.sealed.len() << 16 | self.tail.len()) as u32
+        } else {
+            if !self.tail.is_empty() {
+                let full = std::mem::take(&mut self.tail);
+                self.sealed.push(Arc::from(full));
+            }
+            if s.len() > ARENA {
+                self.sealed.push(Arc::from(s));
+                ((self.sealed.len() - 1) << 16) as u32
+            } else {
+                (self.sealed.len() << 16) as u32
+            }
+        };
+        if s.len() <= ARENA {
+            if self.tail.capacity() == 0 {
+                self.tail.reserve_exact(ARENA);
+            }
+            self.tail.push_str(s);
+        }
+        let id = self.starts.push(packed) as u32;
         self.place(id, hash_bytes(s.as_bytes()));
         Some(Sym(id))
     }
@@ -98,36 +135,35 @@ impl Interner {
     fn place(&mut self, id: u32, h: u64) {
         let mask = self.slots.len() - 1;
         let mut i = h as usize & mask;
-        while self.slots[i] != EMPTY {
+        while self.slots.get(i).is_some_and(|&v| v != EMPTY) {
             i = (i + 1) & mask;
         }
-        self.slots[i] = id;
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = id;
+        }
     }
 
-    fn grow(&mut self) {
-        let n = (self.slots.len() * 2).max(64);
-        self.slots = vec![EMPTY; n];
-        for id in 0..self.ends.len() as u32 {
+    fn rehash(&mut self, n: usize) {
+        self.slots = ChunkVec::filled(n, EMPTY);
+        for id in 0..self.starts.len() as u32 {
             let h = hash_bytes(self.resolve(Sym(id)).as_bytes());
             self.place(id, h);
         }
     }
 
-    pub(crate) fn reserve(&mut self, names: usize, bytes: usize) {
-        self.arena.reserve(bytes);
-        self.ends.reserve(names);
-        let want = ((self.ends.len() + names) * 2).next_power_of_two();
+    pub(crate) fn reserve(&mut self, names: usize, _bytes: usize) {
+        self.starts.reserve(names);
+        let want = ((self.starts.len() + names) * 2).next_power_of_two();
         if want > self.slots.len() {
-            self.slots = vec![EMPTY; want];
-            for id in 0..self.ends.len() as u32 {
-                let h = hash_bytes(self.resolve(Sym(id)).as_bytes());
-                self.place(id, h);
-            }
+            self.rehash(want);
         }
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.arena.capacity() + self.ends.capacity() * 4 + self.slots.capacity() * 4
+        self.sealed.iter().map(|c| c.len() + 16).sum::<usize>()
+            + self.tail.capacity()
+            + self.starts.heap_bytes()
+            + self.slots.heap_bytes()
     }
 }
 
@@ -135,7 +171,7 @@ impl Interner {
 /// back through a caller-supplied accessor, so the table holds only node indices.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct KeyIndex {
-    slots: Vec<u32>,
+    slots: ChunkVec<u32>,
     len: usize,
 }
 
@@ -156,7 +192,7 @@ impl KeyIndex {
         let mask = self.slots.len() - 1;
         let mut i = key_hash(ns, name) as usize & mask;
         loop {
-            let v = self.slots[i];
+            let v = *self.slots.get(i)?;
             if v == EMPTY {
                 return None;
             }
@@ -185,15 +221,17 @@ impl KeyIndex {
     fn place(&mut self, h: u64, node: u32) {
         let mask = self.slots.len() - 1;
         let mut i = h as usize & mask;
-        while self.slots[i] != EMPTY {
+        while self.slots.get(i).is_some_and(|&v| v != EMPTY) {
             i = (i + 1) & mask;
         }
-        self.slots[i] = node;
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = node;
+        }
     }
 
     fn resize(&mut self, n: usize, key_of: &impl Fn(u32) -> (Sym, Sym)) {
-        let old = std::mem::replace(&mut self.slots, vec![EMPTY; n]);
-        for v in old.into_iter().filter(|&v| v != EMPTY) {
+        let old = std::mem::replace(&mut self.slots, ChunkVec::filled(n, EMPTY));
+        for v in old.iter().copied().filter(|&v| v != EMPTY) {
             let (a, b) = key_of(v);
             self.place(key_hash(a, b), v);
         }
@@ -207,7 +245,7 @@ impl KeyIndex {
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * 4
+        self.slots.heap_bytes()
     }
 
     /// Points the slot holding `old` (whose key is `(ns, name)`) at `new`, which has the
@@ -226,12 +264,14 @@ impl KeyIndex {
         let mask = self.slots.len() - 1;
         let mut i = key_hash(ns, name) as usize & mask;
         for _ in 0..self.slots.len() {
-            if self.slots[i] == old {
-                self.slots[i] = new;
-                return;
-            }
-            if self.slots[i] == EMPTY {
-                return;
+            match self.slots.get_mut(i) {
+                Some(v) if *v == old => {
+                    *v = new;
+                    return;
+                }
+                Some(v) if *v == EMPTY => return,
+                None => return,
+                Some(_) => {}
             }
             i = (i + 1) & mask;
         }
@@ -254,5 +294,29 @@ mod tests {
         }
         assert_eq!(i.get("nope"), None);
         assert_eq!(i.len(), 1000);
+    }
+
+    #[test]
+    fn names_span_arena_chunks_and_clones_stay_independent() {
+        let mut i = Interner::default();
+        // Long names fill several chunks; one name is larger than a chunk.
+        let mut words: Vec<String> = (0..400).map(|n| format!("{n:0>500}")).collect();
+        words.push("x".repeat(3 * ARENA));
+        words.push(String::new());
+        words.extend((0..50).map(|n| format!("tail{n}")));
+        let syms: Vec<Sym> = words.iter().map(|w| i.intern(w).unwrap()).collect();
+        let snapshot = i.clone();
+        let extra: Vec<Sym> = (0..300)
+            .map(|n| i.intern(&format!("{n:x>400}")).unwrap())
+            .collect();
+        for (w, s) in words.iter().zip(&syms) {
+            assert_eq!(i.resolve(*s), w);
+            assert_eq!(snapshot.resolve(*s), w);
+            assert_eq!(snapshot.get(w), Some(*s));
+        }
+        for (n, s) in extra.iter().enumerate() {
+            assert_eq!(i.resolve(*s), format!("{n:x>400}"));
+            assert_eq!(snapshot.get(&format!("{n:x>400}")), None);
+        }
     }
 }

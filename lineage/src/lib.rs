@@ -9,7 +9,8 @@
 //! latest graph, the graph as of a time, or everything that ever existed ([`At`]).
 //! [`LineageGraph::walk`] walks upstream or downstream with limits ([`Walk`]);
 //! [`LineageGraph::impact`] turns a [`ProposedChange`] into an [`ImpactReport`].
-//! [`LineageStore`] makes the graph durable in an embedded database.
+//! [`LineageStore`] makes the graph durable in an embedded database and hands readers an
+//! immutable [`Snapshot`] of it.
 //!
 //! Typed handles ([`NodeId`]) make wrong edges fail to compile: `graph.connect(service,
 //! edges::Serves, dataset)` does not build, because a service serves model versions.
@@ -56,6 +57,11 @@
 //!
 //! # Guarantees
 //! - Every public type is `Send + Sync`; a [`LineageStore`] can be shared across threads.
+//! - Readers of a [`LineageStore`] never wait for a writer: [`LineageStore::read`] returns a
+//!   [`Snapshot`] that keeps its view while later commits are published, and a reader sees a
+//!   commit whole or not at all.
+//! - Metadata is versioned like structure: [`LineageGraph::info_at`] answers as of a time, and
+//!   [`LineageGraph::diff`] lists metadata changes.
 //! - A commit applies entirely or not at all; an OpenLineage event or a dbt manifest is one
 //!   commit, so a bad event leaves the graph unchanged.
 //! - [`LineageStore::commit`] returns only after the commit is flushed to disk; reopening
@@ -63,8 +69,10 @@
 //! - Library code does not panic on bad input; cycles and self-loops are visited once.
 #![forbid(unsafe_code)]
 
+mod adj;
 mod change;
 mod codec;
+mod cow;
 mod csr;
 mod dbt;
 mod discovery;
@@ -89,14 +97,17 @@ pub use governance::{
     FnPolicy, NoDeprecatedUpstream, PiiHasOwner, Policy, PropagatedTags, Propagation,
     ServedModelsEvaluated, TagRule, TagRules, Violation,
 };
-pub use graph::{At, CommitSummary, Diff, EdgeInfo, LineageGraph, MemoryUsage, NodeInfo};
+pub use graph::{
+    At, CommitSummary, Diff, EdgeInfo, LineageGraph, MemoryUsage, MetaField, Metadata,
+    MetadataChange, NodeInfo,
+};
 pub use impact::{
     AffectedNode, Budget, Impact, ImpactReport, ImpactSet, ImpactSummary, OwnerNotice,
     ProposedChange, ServiceHit, Severity,
 };
 pub use openlineage::{OpenLineageOptions, parse_openlineage, resolve_marquez_templates};
 pub use schema::{EdgeKind, Flow, NodeKind, Schema, Status, TransformKind, Transformation};
-pub use store::{LineageStore, ReadGuard};
+pub use store::{LineageStore, Snapshot};
 pub use time::Timestamp;
 pub use traverse::{Direction, Paths, Reached, Subgraph, Walk, WalkResult};
 pub use typed::{Allows, AnyNodeId, EdgeMarker, Kind, NodeId, edges, nodes};

@@ -1,16 +1,19 @@
 //! The sled-backed store: an append-only log of commits on disk, replayed into an
 //! in-memory [`LineageGraph`] on open.
 
+use std::ops::Deref;
 use std::path::Path;
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use serde::Deserialize;
 
-use crate::change::{Batch, Change, Commit};
+use crate::change::{Batch, Change, Commit, NodeSpec};
 use crate::error::{Error, Result};
 use crate::graph::{CommitSummary, LineageGraph, apply_batches};
 use crate::schema::Schema;
 use crate::time::Timestamp;
+use crate::typed::AnyNodeId;
 
 const LOG_TREE: &str = "log";
 const META_TREE: &str = "meta";
@@ -31,23 +34,45 @@ struct Stored {
 /// and is replayed by the next [`LineageStore::open`]. Batch many changes into one commit for
 /// throughput: the flush cost is per commit, not per change.
 ///
-/// **Concurrency:** writers are serialised. Validation and the disk write and flush happen
-/// while readers keep reading the previous state; readers wait only for the short in-memory
-/// application of an already-durable commit. Queries themselves run on an immutable CSR
-/// snapshot.
+/// **Concurrency:** readers never wait for a writer. [`LineageStore::read`] hands out an
+/// immutable [`Snapshot`] of the graph as of the last commit, and a reader keeps that view,
+/// unchanged, for as long as it holds it. Writers are serialised; a commit is validated,
+/// written and flushed, then applied to the writer's own copy of the graph, which is
+/// published atomically, so a reader sees every change of a commit or none of them. The
+/// copy shares storage with the previous snapshot in fixed-size chunks: a commit copies the
+/// chunks it writes, not the graph.
 #[derive(Debug)]
 pub struct LineageStore {
     db: sled::Db,
     log: sled::Tree,
-    graph: RwLock<LineageGraph>,
+    current: ArcSwap<LineageGraph>,
     writer: Mutex<()>,
     /// An OS lock on the store's `keel-lineage.lock`, held for the store's life so a second
     /// opener gets [`Error::Locked`]. Declared last so it is released after the database.
     _lock: std::fs::File,
 }
 
-/// Read access to the store's graph; holding it delays the next commit's in-memory step.
-pub type ReadGuard<'a> = RwLockReadGuard<'a, LineageGraph>;
+/// An immutable view of a store's graph as of one commit, from [`LineageStore::read`].
+///
+/// It dereferences to [`LineageGraph`], so every query works on it. Commits made after it was
+/// taken are not visible through it; holding it never delays a writer (it only keeps the
+/// storage of that version alive), so take a fresh one to see newer commits.
+#[derive(Debug, Clone)]
+pub struct Snapshot(Arc<LineageGraph>);
+
+impl Deref for Snapshot {
+    type Target = LineageGraph;
+
+    fn deref(&self) -> &LineageGraph {
+        &self.0
+    }
+}
+
+impl AsRef<LineageGraph> for Snapshot {
+    fn as_ref(&self) -> &LineageGraph {
+        &self.0
+    }
+}
 
 impl LineageStore {
     /// Opens (or creates) a store with the default schema.
@@ -143,14 +168,15 @@ impl LineageStore {
             _lock: lock,
             db,
             log,
-            graph: RwLock::new(graph),
+            current: ArcSwap::from_pointee(graph),
             writer: Mutex::new(()),
         })
     }
 
-    /// Read access to the current graph.
-    pub fn read(&self) -> ReadGuard<'_> {
-        self.graph.read().unwrap_or_else(|p| p.into_inner())
+    /// A snapshot of the graph as of the last commit. Never waits for a writer: a commit
+    /// in progress publishes its result only once it is fully applied.
+    pub fn read(&self) -> Snapshot {
+        Snapshot(self.current.load_full())
     }
 
     /// Commits `changes` atomically and durably, stamped now.
@@ -169,11 +195,39 @@ impl LineageStore {
     /// [`Error::Storage`] if the write or flush fails (nothing is applied in memory).
     pub fn commit_at(&self, time: Timestamp, changes: Vec<Change>) -> Result<CommitSummary> {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let (seq, time) = {
-            let g = self.read();
-            g.validate(&changes)?;
-            (g.commit_count(), g.recorded_time(time))
-        };
+        self.commit_locked(self.current.load_full(), time, changes)
+            .map(|(s, _)| s)
+    }
+
+    /// Creates a node unless a live node already has its key, and returns its handle either
+    /// way (see [`LineageGraph::insert`]); the check and the commit are one atomic step, so
+    /// two threads inserting the same key get the same node. When a node is created, it is
+    /// durable once this returns.
+    ///
+    /// # Errors
+    /// [`Error::KindMismatch`] if the live node with this key has another kind; otherwise as
+    /// [`Self::commit_at`].
+    pub fn insert(&self, spec: NodeSpec) -> Result<AnyNodeId> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.current.load_full();
+        if let Some(id) = cur.existing_for_insert(&spec)? {
+            return Ok(id);
+        }
+        let key = spec.key.clone();
+        let (_, g) = self.commit_locked(cur, Timestamp::now(), vec![Change::Insert(spec)])?;
+        g.find(&key)
+    }
+
+    /// Validates, logs, flushes and applies one commit on top of `cur`, the published graph;
+    /// the caller holds the writer lock, so nothing else replaces `current` meanwhile.
+    fn commit_locked(
+        &self,
+        cur: Arc<LineageGraph>,
+        time: Timestamp,
+        changes: Vec<Change>,
+    ) -> Result<(CommitSummary, Arc<LineageGraph>)> {
+        cur.validate(&changes)?;
+        let (seq, time) = (cur.commit_count(), cur.recorded_time(time));
         let bytes = crate::codec::encode(time, &changes);
         self.log
             .insert(seq.to_be_bytes(), bytes)
@@ -181,8 +235,12 @@ impl LineageStore {
         self.db
             .flush()
             .map_err(|e| Error::storage("flushing a commit", e))?;
-        let mut g = self.graph.write().unwrap_or_else(|p| p.into_inner());
-        Ok(g.apply_validated(time, changes))
+        let mut next = LineageGraph::clone(&cur);
+        drop(cur);
+        let summary = next.apply_validated(time, changes);
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        Ok((summary, next))
     }
 
     /// Commits each batch atomically and durably, in order.

@@ -346,12 +346,9 @@ impl LineageGraph {
         for &i in ids {
             let mut out: Vec<u32> = self
                 .g
-                .edges_directed(
-                    petgraph::graph::NodeIndex::new(i as usize),
-                    petgraph::Direction::Outgoing,
-                )
-                .filter(|e| set.contains(&(petgraph::visit::EdgeRef::target(e).index() as u32)))
-                .map(|e| petgraph::visit::EdgeRef::id(&e).index() as u32)
+                .edges_of(i, crate::adj::Dir::Out)
+                .filter(|(_, t, _)| set.contains(t))
+                .map(|(e, _, _)| e)
                 .filter(|&e| self.edge_visible(e, at, h))
                 .collect();
             out.sort_unstable();
@@ -360,7 +357,7 @@ impl LineageGraph {
         Subgraph {
             nodes: ids
                 .iter()
-                .filter_map(|&i| self.info(AnyNodeId(i)).ok())
+                .filter_map(|&i| self.info_at(AnyNodeId(i), at).ok())
                 .collect(),
             edges,
             partial,

@@ -29,6 +29,9 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<Violation>();
     assert_send_sync::<Search>();
     assert_send_sync::<Diff>();
+    assert_send_sync::<Snapshot>();
+    assert_send_sync::<Metadata>();
+    assert_send_sync::<MetadataChange>();
     assert_send_sync::<OpenLineageOptions>();
     assert_send_sync::<Box<dyn Policy>>();
 }

@@ -1,0 +1,156 @@
+//! Node and edge tables with linked adjacency lists, on chunked copy-on-write storage.
+//!
+//! The layout is petgraph's `Graph` (each node heads an outgoing and an incoming list, each
+//! edge links to the next edge of both lists), but the tables are [`ChunkVec`]s, so a
+//! snapshot and the writer's next version share every chunk a commit did not write.
+
+use crate::cow::ChunkVec;
+use crate::graph::{EdgeRow, NodeRow};
+
+/// End of an adjacency list.
+const END: u32 = u32::MAX;
+
+/// Which list of a node: edges leaving it or edges entering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    Out = 0,
+    In = 1,
+}
+
+#[derive(Debug, Clone)]
+struct NodeSlot {
+    row: NodeRow,
+    first: [u32; 2],
+}
+
+#[derive(Debug, Clone)]
+struct EdgeSlot {
+    row: EdgeRow,
+    ends: [u32; 2],
+    next: [u32; 2],
+}
+
+/// The node and edge tables of a graph; indices are dense and never reused.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Adjacency {
+    nodes: ChunkVec<NodeSlot>,
+    edges: ChunkVec<EdgeSlot>,
+}
+
+impl Adjacency {
+    pub(crate) fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub(crate) fn edge_count(&self) -> usize {
+        self.edges.len()
+    }
+
+    #[inline]
+    pub(crate) fn node(&self, i: u32) -> Option<&NodeRow> {
+        self.nodes.get(i as usize).map(|n| &n.row)
+    }
+
+    pub(crate) fn node_mut(&mut self, i: u32) -> Option<&mut NodeRow> {
+        self.nodes.get_mut(i as usize).map(|n| &mut n.row)
+    }
+
+    #[inline]
+    pub(crate) fn edge(&self, e: u32) -> Option<&EdgeRow> {
+        self.edges.get(e as usize).map(|x| &x.row)
+    }
+
+    /// `(source, target)` in data-flow storage order.
+    pub(crate) fn endpoints(&self, e: u32) -> Option<(u32, u32)> {
+        self.edges.get(e as usize).map(|x| (x.ends[0], x.ends[1]))
+    }
+
+    pub(crate) fn add_node(&mut self, row: NodeRow) -> u32 {
+        self.nodes.push(NodeSlot {
+            row,
+            first: [END; 2],
+        }) as u32
+    }
+
+    /// Adds an edge; both endpoints must exist (the caller resolved them from keys).
+    pub(crate) fn add_edge(&mut self, src: u32, dst: u32, row: EdgeRow) -> u32 {
+        let e = self.edges.len() as u32;
+        let next_out = self.nodes.get(src as usize).map_or(END, |n| n.first[0]);
+        let next_in = self.nodes.get(dst as usize).map_or(END, |n| n.first[1]);
+        self.edges.push(EdgeSlot {
+            row,
+            ends: [src, dst],
+            next: [next_out, next_in],
+        });
+        if let Some(n) = self.nodes.get_mut(src as usize) {
+            n.first[0] = e;
+        }
+        if let Some(n) = self.nodes.get_mut(dst as usize) {
+            n.first[1] = e;
+        }
+        e
+    }
+
+    /// Edges of one list of node `i`, newest first, as (edge, other end, row).
+    pub(crate) fn edges_of(&self, i: u32, dir: Dir) -> Edges<'_> {
+        Edges {
+            adj: self,
+            next: self
+                .nodes
+                .get(i as usize)
+                .map_or(END, |n| n.first[dir as usize]),
+            dir,
+        }
+    }
+
+    /// Edges stored from `src` to `dst`, as (edge, row).
+    pub(crate) fn edges_connecting(
+        &self,
+        src: u32,
+        dst: u32,
+    ) -> impl Iterator<Item = (u32, &EdgeRow)> + '_ {
+        self.edges_of(src, Dir::Out)
+            .filter(move |&(_, t, _)| t == dst)
+            .map(|(e, _, r)| (e, r))
+    }
+
+    pub(crate) fn node_rows(&self) -> impl Iterator<Item = &NodeRow> + '_ {
+        self.nodes.iter().map(|n| &n.row)
+    }
+
+    /// Every edge in index order, as (source, target, row).
+    pub(crate) fn edge_rows(&self) -> impl Iterator<Item = (u32, u32, &EdgeRow)> + '_ {
+        self.edges.iter().map(|x| (x.ends[0], x.ends[1], &x.row))
+    }
+
+    pub(crate) fn reserve(&mut self, nodes: usize, edges: usize) {
+        self.nodes.reserve(nodes);
+        self.edges.reserve(edges);
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.nodes.heap_bytes() + self.edges.heap_bytes()
+    }
+}
+
+/// An adjacency list walk, from [`Adjacency::edges_of`].
+pub(crate) struct Edges<'a> {
+    adj: &'a Adjacency,
+    next: u32,
+    dir: Dir,
+}
+
+impl<'a> Iterator for Edges<'a> {
+    type Item = (u32, u32, &'a EdgeRow);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let e = self.next;
+        let x = self.adj.edges.get(e as usize)?;
+        self.next = x.next[self.dir as usize];
+        let other = match self.dir {
+            Dir::Out => x.ends[1],
+            Dir::In => x.ends[0],
+        };
+        Some((e, other, &x.row))
+    }
+}
