@@ -180,6 +180,44 @@ pub enum Error {
         reason: String,
     },
     // --- end of replica pool variants ---
+    // --- kernel variants (owned by serving/src/cuda) ---
+    /// A kernel was given shapes, sizes or parameters it does not support.
+    #[error("kernel {kernel}: {reason}")]
+    KernelInput {
+        /// The kernel involved.
+        kernel: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A block table or cache slot points outside the KV cache.
+    #[error("kernel {kernel}: {what} {index} is outside the cache of {limit} {what}s")]
+    CacheIndexOutOfRange {
+        /// The kernel involved.
+        kernel: &'static str,
+        /// `"block"` or `"slot"`.
+        what: &'static str,
+        /// The offending block or slot.
+        index: usize,
+        /// How many blocks or slots the cache has.
+        limit: usize,
+    },
+    /// The GPU ran out of memory.
+    #[error("CUDA device {ordinal} is out of memory ({reason})")]
+    DeviceOutOfMemory {
+        /// The device's ordinal.
+        ordinal: usize,
+        /// What the driver reported.
+        reason: String,
+    },
+    /// A CUDA driver call, copy or kernel launch failed.
+    #[error("CUDA device {ordinal} failed: {reason}")]
+    Cuda {
+        /// The device's ordinal.
+        ordinal: usize,
+        /// What the driver reported.
+        reason: String,
+    },
+    // --- end of kernel variants ---
 }
 
 /// Shorthand for results whose error is [`Error`].

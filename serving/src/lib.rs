@@ -52,8 +52,10 @@
 //! model's template ([`ChatTemplate`]). [`resolve_model_path`] finds models.
 //!
 //! # Feature flags
-//! None yet; CUDA kernels come behind a `cuda` feature. Asking for [`Device::Cuda`] returns
-//! [`Error::CudaUnavailable`].
+//! - `cuda` (off by default): candle's CUDA backend and Keel's own kernels
+//!   ([`cuda_kernels`]), compiled with nvcc at build time (`scripts/cuda-env`, docs/cuda.md).
+//!   Without it nothing CUDA-related is compiled and asking for [`Device::Cuda`] returns
+//!   [`Error::CudaUnavailable`]; the kernels' CPU references are always available.
 //!
 //! # Guarantees
 //! - [`Engine`] and [`GenerationStream`] are `Send + Sync`/`Send`; share the engine in an `Arc`.
@@ -61,9 +63,12 @@
 //! - A failing request (deadline, bad input) never stops the engine serving others.
 //! - With weights as stored ([`Weights::AsStored`]), greedy output does not depend on what
 //!   else is in the batch.
-#![cfg_attr(not(test), forbid(unsafe_code))]
+// `unsafe` is denied everywhere except the CUDA launches (serving/src/cuda/gpu.rs, only with
+// the `cuda` feature), which allow it per block, each with a SAFETY comment.
+#![cfg_attr(not(test), deny(unsafe_code))]
 
 mod chat;
+mod cuda;
 mod engine;
 mod error;
 mod kv;
@@ -77,6 +82,7 @@ mod scheduler;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use cuda::cuda_kernels;
 pub use engine::{Device, Engine, EngineBuilder, GenerationStream, ModelInfo};
 pub use error::{Error, Result};
 pub use loader::{DEFAULT_MODEL_FILE, Weights, resolve_model_path};

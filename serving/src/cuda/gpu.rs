@@ -1,0 +1,354 @@
+//! Kernel launches (the `cuda` feature): loads the PTX that build.rs compiled through candle's
+//! per-device module cache and launches each kernel on the tensors' stream. The only `unsafe`
+//! in the crate's CUDA code is here, one block per launch or uninitialised allocation.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Shape, WithDType, bail};
+
+use super::ops::{ATTENTION_THREADS, KvWrite, PagedAttention, RmsNormResidual, Rope, Sample};
+
+const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+const KV_CACHE: &str = include_str!(concat!(env!("OUT_DIR"), "/kv_cache.ptx"));
+const PAGED_ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+const SAMPLING: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
+/// Threads per block for the element-wise kernels (rope, KV write).
+const ELEMENTWISE_THREADS: u32 = 256;
+/// Threads per block (one block per sequence) for sampling.
+const SAMPLE_THREADS: u32 = 512;
+/// Grid cap for the grid-stride kernels; each thread loops over the rest.
+const MAX_BLOCKS: usize = 65_535;
+
+/// The kernel-name suffix of a dtype.
+fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => bail!("keel kernels take f32 or bf16, not {other:?}"),
+    }
+}
+
+fn int(x: usize, what: &str) -> candle_core::Result<i32> {
+    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("{what} {x} exceeds i32")))
+}
+
+/// The contiguous part of `s` that `l` describes.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("keel kernels take contiguous tensors")
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// A fresh output of `n` elements, filled with `poison` first when asked so that elements a
+/// kernel fails to write are visible.
+fn output<T: CudaDType + WithDType>(
+    dev: &CudaDevice,
+    n: usize,
+    poison: Option<T>,
+) -> candle_core::Result<CudaSlice<T>> {
+    match poison {
+        Some(p) => dev.clone_htod(&vec![p; n][..]),
+        // SAFETY: every element of the output is written by the kernel launched right after
+        // (each launch below covers all `n` elements; gpu_check verifies this with poisoned
+        // outputs), and nothing reads it before that launch on the same stream.
+        None => unsafe { dev.alloc::<T>(n) },
+    }
+}
+
+fn grid_stride(total: usize) -> LaunchConfig {
+    let blocks = total
+        .div_ceil(ELEMENTWISE_THREADS as usize)
+        .clamp(1, MAX_BLOCKS);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) fn rms_norm_residual(
+    op: &RmsNormResidual,
+    x: (&CudaStorage, &Layout),
+    delta: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match x.0.dtype() {
+        DType::F32 => rms_typed::<f32>(op, x, delta, w),
+        DType::BF16 => rms_typed::<half::bf16>(op, x, delta, w),
+        other => bail!("rms_norm_residual: unsupported dtype {other:?}"),
+    }
+}
+
+fn rms_typed<T: CudaDType + WithDType>(
+    op: &RmsNormResidual,
+    x: (&CudaStorage, &Layout),
+    delta: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.0.device().clone();
+    let hidden = w.1.shape().elem_count();
+    let n = x.1.shape().elem_count();
+    let rows = n / hidden;
+    let (xv, dv, wv) = (
+        view::<T>(x.0, x.1)?,
+        view::<T>(delta.0, delta.1)?,
+        view::<T>(w.0, w.1)?,
+    );
+    let mut out = output::<T>(&dev, 2 * n, op.poison.then(|| T::from_f64(f64::NAN)))?;
+    let f = dev.get_or_load_custom_func(
+        &format!("rms_norm_residual_{}", suffix(T::DTYPE)?),
+        "keel_rms_norm",
+        RMS_NORM,
+    )?;
+    let (rows_i, hidden_i) = (int(rows, "rows")?, int(hidden, "hidden")?);
+    let threads = (hidden.div_ceil(32) * 32).clamp(32, 1024) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = f.builder();
+    b.arg(&xv).arg(&dv).arg(&wv).arg(&mut out);
+    b.arg(&rows_i).arg(&hidden_i).arg(&op.eps);
+    // SAFETY: the argument list matches `rms_norm_residual_*` in kernels/rms_norm.cu (three
+    // input pointers, the output, rows, hidden, eps). ops::rms_norm_residual checked that x and
+    // delta hold `rows * hidden` elements and w `hidden`, all of dtype T; `out` holds
+    // `2 * rows * hidden`. One block per row (rows fits a grid dimension: it is at most
+    // i32::MAX), a multiple of 32 threads at most 1024 as block_sum requires, and all access is
+    // within those bounds. The views borrow the storages until the launch is queued, and
+    // candle's stream orders it after their producers.
+    unsafe { b.launch(cfg) }.w()?;
+    let mut dims = vec![2];
+    dims.extend_from_slice(x.1.dims());
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+}
+
+pub(crate) fn rope(
+    op: &Rope,
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    srcs: [(&CudaStorage, &Layout); 2],
+) -> candle_core::Result<()> {
+    match dst.dtype() {
+        DType::F32 => rope_typed::<f32>(op, dst, dst_l, srcs),
+        DType::BF16 => rope_typed::<half::bf16>(op, dst, dst_l, srcs),
+        other => bail!("rope: unsupported dtype {other:?}"),
+    }
+}
+
+fn rope_typed<T: CudaDType + WithDType>(
+    op: &Rope,
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    [cos, sin]: [(&CudaStorage, &Layout); 2],
+) -> candle_core::Result<()> {
+    let dev = dst.device().clone();
+    let tokens = op.positions.len();
+    let total = tokens * op.heads * (op.head_dim / 2);
+    let pos = dev.clone_htod(&op.positions[..])?;
+    let (cv, sv) = (view::<f32>(cos.0, cos.1)?, view::<f32>(sin.0, sin.1)?);
+    let f =
+        dev.get_or_load_custom_func(&format!("rope_{}", suffix(T::DTYPE)?), "keel_rope", ROPE)?;
+    let Some((a, b_end)) = dst_l.contiguous_offsets() else {
+        bail!("rope: x is not contiguous")
+    };
+    let mut x = dst.as_cuda_slice_mut::<T>()?.slice_mut(a..b_end);
+    let (tokens_i, heads_i, dim_i) = (
+        int(tokens, "tokens")?,
+        int(op.heads, "heads")?,
+        int(op.head_dim, "head_dim")?,
+    );
+    let (style, rounding) = (op.style.code(), op.rounding.code());
+    let mut b = f.builder();
+    b.arg(&mut x).arg(&pos).arg(&cv).arg(&sv);
+    b.arg(&tokens_i)
+        .arg(&heads_i)
+        .arg(&dim_i)
+        .arg(&style)
+        .arg(&rounding);
+    // SAFETY: the arguments match `rope_*` in kernels/rope.cu. ops::rope_inplace checked that
+    // x holds tokens * heads * head_dim elements of T (head_dim even), that cos and sin are f32
+    // tables of equal length, a multiple of head_dim / 2, and that every position is below
+    // their row count, so each thread's index (< tokens * heads * head_dim / 2, grid-stride)
+    // reads and writes in bounds. `pos` lives until the end of this function, after the launch
+    // is queued on the same stream that frees it.
+    unsafe { b.launch(grid_stride(total)) }.w()?;
+    Ok(())
+}
+
+pub(crate) fn kv_write(
+    op: &KvWrite,
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    srcs: [(&CudaStorage, &Layout); 1],
+) -> candle_core::Result<()> {
+    match dst.dtype() {
+        DType::F32 => kv_typed::<f32>(op, dst, dst_l, srcs),
+        DType::BF16 => kv_typed::<half::bf16>(op, dst, dst_l, srcs),
+        other => bail!("kv_write: unsupported dtype {other:?}"),
+    }
+}
+
+fn kv_typed<T: CudaDType + WithDType>(
+    op: &KvWrite,
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    [src]: [(&CudaStorage, &Layout); 1],
+) -> candle_core::Result<()> {
+    let dev = dst.device().clone();
+    let tokens = op.slots.len();
+    let slots = dev.clone_htod(&op.slots[..])?;
+    let sv = view::<T>(src.0, src.1)?;
+    let f = dev.get_or_load_custom_func(
+        &format!("kv_write_{}", suffix(T::DTYPE)?),
+        "keel_kv_cache",
+        KV_CACHE,
+    )?;
+    let Some((a, b_end)) = dst_l.contiguous_offsets() else {
+        bail!("kv_write: cache is not contiguous")
+    };
+    let mut cache = dst.as_cuda_slice_mut::<T>()?.slice_mut(a..b_end);
+    let (tokens_i, dim_i, rounding) = (
+        int(tokens, "tokens")?,
+        int(op.dim, "dim")?,
+        op.rounding.code(),
+    );
+    let mut b = f.builder();
+    b.arg(&mut cache).arg(&sv).arg(&slots);
+    b.arg(&tokens_i).arg(&dim_i).arg(&rounding);
+    // SAFETY: the arguments match `kv_write_*` in kernels/kv_cache.cu. ops::kv_write checked
+    // that src holds tokens * dim elements, that the cache is whole rows of dim, and that every
+    // slot is below the cache's row count and distinct, so every write lands in bounds and no
+    // two threads write the same element. `slots` outlives the queued launch (same stream).
+    unsafe { b.launch(grid_stride(tokens * op.dim)) }.w()?;
+    Ok(())
+}
+
+pub(crate) fn paged_attention(
+    op: &PagedAttention,
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match q.0.dtype() {
+        DType::F32 => attention_typed::<f32>(op, q, k, v),
+        DType::BF16 => attention_typed::<half::bf16>(op, q, k, v),
+        other => bail!("paged_attention: unsupported dtype {other:?}"),
+    }
+}
+
+fn attention_typed<T: CudaDType + WithDType>(
+    op: &PagedAttention,
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = q.0.device().clone();
+    let s = &op.shape;
+    let seqs = op.tables.len();
+    let n = seqs * s.heads() * s.head_dim();
+    let tables = dev.clone_htod(op.tables.flat())?;
+    let lens = dev.clone_htod(op.tables.context_lens())?;
+    let (qv, kv, vv) = (
+        view::<T>(q.0, q.1)?,
+        view::<T>(k.0, k.1)?,
+        view::<T>(v.0, v.1)?,
+    );
+    let mut out = output::<T>(&dev, n, op.poison.then(|| T::from_f64(f64::NAN)))?;
+    let f = dev.get_or_load_custom_func(
+        &format!("paged_attention_{}", suffix(T::DTYPE)?),
+        "keel_paged_attention",
+        PAGED_ATTENTION,
+    )?;
+    let scores_len = op.tables.max_context();
+    let shared = super::ops::attention_shared_bytes(s.head_dim(), scores_len);
+    let args = (
+        int(s.heads(), "heads")?,
+        int(s.kv_heads(), "kv_heads")?,
+        int(s.head_dim(), "head_dim")?,
+        int(s.block_size(), "block_size")?,
+        int(op.tables.width(), "table width")?,
+        int(scores_len, "context")?,
+    );
+    let (scale, rounding) = (s.scale(), s.probability_rounding().code());
+    let cfg = LaunchConfig {
+        grid_dim: (s.heads() as u32, seqs as u32, 1),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let mut b = f.builder();
+    b.arg(&mut out)
+        .arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&tables)
+        .arg(&lens);
+    b.arg(&args.0)
+        .arg(&args.1)
+        .arg(&args.2)
+        .arg(&args.3)
+        .arg(&args.4)
+        .arg(&args.5);
+    b.arg(&scale).arg(&rounding);
+    // SAFETY: the arguments match `paged_attention_*` in kernels/paged_attention.cu.
+    // ops::paged_attention checked that q holds seqs * heads * head_dim elements, that both
+    // caches are whole blocks of block_size rows of kv_heads * head_dim, that every block a
+    // sequence reads (the first ceil(len / block_size) of its row of `tables`, which has
+    // `width` entries) is inside the cache, that heads is a multiple of kv_heads, that
+    // head_dim <= 256 (the kernel's per-lane accumulators), and that the shared memory asked for
+    // (max context scores + 32 + warps * head_dim floats) fits the default 48 KiB. Grid
+    // (heads, seqs) are below the grid limits (heads < 65536 and seqs < 65536 checked there too).
+    // `tables` and `lens` outlive the queued launch.
+    unsafe { b.launch(cfg) }.w()?;
+    let shape = Shape::from((seqs, s.heads() * s.head_dim()));
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+pub(crate) fn sample(
+    op: &Sample,
+    s: &CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => sample_typed::<f32>(op, s, l),
+        DType::BF16 => sample_typed::<half::bf16>(op, s, l),
+        other => bail!("sample: unsupported dtype {other:?}"),
+    }
+}
+
+fn sample_typed<T: CudaDType + WithDType>(
+    op: &Sample,
+    s: &CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let rows = op.params.len();
+    let words: Vec<u32> = op.params.iter().flat_map(|p| p.words()).collect();
+    let params = dev.clone_htod(&words[..])?;
+    let logits = view::<T>(s, l)?;
+    let mut out = output::<u32>(&dev, rows, op.poison.then_some(u32::MAX))?;
+    let f = dev.get_or_load_custom_func(
+        &format!("sample_{}", suffix(T::DTYPE)?),
+        "keel_sampling",
+        SAMPLING,
+    )?;
+    let vocab = int(op.vocab, "vocab")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (SAMPLE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = f.builder();
+    b.arg(&logits).arg(&params).arg(&mut out).arg(&vocab);
+    // SAFETY: the arguments match `sample_*` in kernels/sampling.cu. ops::sample checked that
+    // the logits are rows * vocab elements of T; `params` holds 5 words per row and `out` one
+    // id per row. One block per row (rows < 65536 checked there), 512 threads (a multiple of
+    // 32, as block_reduce requires); thread 0 of each block writes its row's id. `params`
+    // outlives the queued launch.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+}

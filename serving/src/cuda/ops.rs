@@ -1,0 +1,660 @@
+//! The kernels as candle ops: the CPU path runs the reference, the CUDA path (with the `cuda`
+//! feature) launches the kernel. The functions here validate first and return typed errors, so
+//! the ops themselves only ever see inputs the kernels accept.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Shape, Tensor,
+};
+
+use super::reference::{
+    self, AttentionShape, BlockTables, Dtype, RopeStyle, Rounding, SampleParams, input_error,
+};
+use crate::error::{Error, Result};
+
+/// Turns a candle failure into ours, keeping the device and spotting GPU out-of-memory.
+pub(crate) fn backend_error(e: candle_core::Error, device: &Device) -> Error {
+    let reason = e.to_string();
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } if reason.contains("OUT_OF_MEMORY") => {
+            Error::DeviceOutOfMemory {
+                ordinal: gpu_id,
+                reason,
+            }
+        }
+        candle_core::DeviceLocation::Cuda { gpu_id } => Error::Cuda {
+            ordinal: gpu_id,
+            reason,
+        },
+        _ => Error::Execution { reason },
+    }
+}
+
+/// The kernel dtype of `t`, which must be a contiguous f32 or bf16 tensor.
+fn kernel_dtype(kernel: &'static str, what: &str, t: &Tensor) -> Result<Dtype> {
+    if !t.is_contiguous() {
+        return Err(input_error(kernel, format!("{what} is not contiguous")));
+    }
+    match t.dtype() {
+        DType::F32 => Ok(Dtype::F32),
+        DType::BF16 => Ok(Dtype::Bf16),
+        other => Err(input_error(
+            kernel,
+            format!("{what} has dtype {other:?}; the kernels take f32 or bf16"),
+        )),
+    }
+}
+
+/// Checks that every tensor has the dtype of the first and lives on the same device.
+fn same_dtype(kernel: &'static str, tensors: &[(&str, &Tensor)]) -> Result<Dtype> {
+    let (first_name, first) = tensors[0];
+    let dtype = kernel_dtype(kernel, first_name, first)?;
+    for (name, t) in &tensors[1..] {
+        if kernel_dtype(kernel, name, t)? != dtype {
+            return Err(input_error(
+                kernel,
+                format!(
+                    "{name} is {:?} but {first_name} is {:?}",
+                    t.dtype(),
+                    first.dtype()
+                ),
+            ));
+        }
+        if !t.device().same_device(first.device()) {
+            return Err(input_error(
+                kernel,
+                format!("{name} and {first_name} are on different devices"),
+            ));
+        }
+    }
+    Ok(dtype)
+}
+
+fn dtype_of(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+/// Fused residual add and RMSNorm ([`reference::rms_norm_residual`]) of `[rows, hidden]`
+/// tensors; returns `(x + delta, normed)`. One launch on a GPU.
+pub(crate) fn rms_norm_residual(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let both = rms_norm_both(x, delta, weight, eps, false)?;
+    let split = |i| both.get(i).map_err(|e| backend_error(e, x.device()));
+    Ok((split(0)?, split(1)?))
+}
+
+/// The op's raw `[2, rows, hidden]` output.
+fn rms_norm_both(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    poison: bool,
+) -> Result<Tensor> {
+    same_dtype(
+        "rms_norm_residual",
+        &[("x", x), ("delta", delta), ("weight", weight)],
+    )?;
+    reference::check_rms_norm(x.elem_count(), delta.elem_count(), weight.elem_count(), eps)?;
+    if x.dims() != delta.dims() {
+        return Err(input_error(
+            "rms_norm_residual",
+            format!(
+                "x {:?} and delta {:?} differ in shape",
+                x.dims(),
+                delta.dims()
+            ),
+        ));
+    }
+    x.apply_op3_no_bwd(delta, weight, &RmsNormResidual { eps, poison })
+        .map_err(|e| backend_error(e, x.device()))
+}
+
+/// Rotary embedding in place on `x` (`[tokens, heads, head_dim]`, f32 or bf16) with `[rows,
+/// head_dim / 2]` f32 tables ([`reference::rope`]).
+pub(crate) fn rope_inplace(
+    x: &Tensor,
+    positions: &[u32],
+    cos: &Tensor,
+    sin: &Tensor,
+    style: RopeStyle,
+    rounding: Rounding,
+) -> Result<()> {
+    const K: &str = "rope";
+    kernel_dtype(K, "x", x)?;
+    for (name, t) in [("cos", cos), ("sin", sin)] {
+        if t.dtype() != DType::F32 || !t.is_contiguous() {
+            return Err(input_error(
+                K,
+                format!("{name} must be a contiguous f32 table"),
+            ));
+        }
+    }
+    let (tokens, heads, head_dim) = x
+        .dims3()
+        .map_err(|_| input_error(K, format!("x has shape {:?}, not 3-d", x.dims())))?;
+    if tokens != positions.len() {
+        return Err(input_error(
+            K,
+            format!("{tokens} tokens but {} positions", positions.len()),
+        ));
+    }
+    reference::check_rope(
+        x.elem_count(),
+        heads,
+        head_dim,
+        positions,
+        cos.elem_count(),
+        sin.elem_count(),
+    )?;
+    let op = Rope {
+        positions: positions.to_vec(),
+        heads,
+        head_dim,
+        style,
+        rounding,
+    };
+    x.inplace_op3(cos, sin, &op)
+        .map_err(|e| backend_error(e, x.device()))
+}
+
+/// Writes rows of `src` (`[tokens, dim]`) into `cache` (`[rows, dim]`) at `slots`
+/// ([`reference::kv_write`]).
+pub(crate) fn kv_write(
+    cache: &Tensor,
+    src: &Tensor,
+    slots: &[u32],
+    rounding: Rounding,
+) -> Result<()> {
+    same_dtype("kv_write", &[("cache", cache), ("src", src)])?;
+    let dim = cache.dims().last().copied().unwrap_or(0);
+    reference::check_kv_write(cache.elem_count(), dim, src.elem_count(), slots)?;
+    let op = KvWrite {
+        slots: slots.to_vec(),
+        dim,
+        rounding,
+    };
+    cache
+        .inplace_op2(src, &op)
+        .map_err(|e| backend_error(e, cache.device()))
+}
+
+/// Decode attention over the paged caches ([`reference::paged_attention`]); returns
+/// `[sequences, heads * head_dim]`.
+pub(crate) fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    shape: &AttentionShape,
+    tables: &BlockTables,
+) -> Result<Tensor> {
+    attention_inner(q, k_cache, v_cache, shape, tables, false)
+}
+
+/// Threads per block of the attention kernel (4 warps).
+pub(crate) const ATTENTION_THREADS: u32 = 128;
+/// Shared memory a block may use without opting in to more (48 KiB on every CUDA GPU).
+const SHARED_LIMIT: usize = 48 * 1024;
+/// The most blocks in a grid's y or z dimension.
+const MAX_GRID_Y: usize = 65_535;
+
+/// Shared memory of one attention block: the scores, 32 reduction slots, and one partial
+/// output per warp.
+pub(crate) fn attention_shared_bytes(head_dim: usize, max_context: usize) -> usize {
+    (max_context + 32 + (ATTENTION_THREADS as usize / 32) * head_dim) * 4
+}
+
+fn attention_inner(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    shape: &AttentionShape,
+    tables: &BlockTables,
+    poison: bool,
+) -> Result<Tensor> {
+    const K: &str = "paged_attention";
+    same_dtype(
+        "paged_attention",
+        &[("q", q), ("k_cache", k_cache), ("v_cache", v_cache)],
+    )?;
+    reference::check_paged_attention(
+        shape,
+        q.elem_count(),
+        k_cache.elem_count(),
+        v_cache.elem_count(),
+        tables,
+    )?;
+    if q.device().is_cuda() {
+        // The GPU kernel keeps every score of a sequence in shared memory.
+        let bytes = attention_shared_bytes(shape.head_dim(), tables.max_context());
+        if bytes > SHARED_LIMIT {
+            return Err(input_error(
+                K,
+                format!(
+                    "a context of {} positions needs {bytes} bytes of shared memory; the kernel has {SHARED_LIMIT}",
+                    tables.max_context()
+                ),
+            ));
+        }
+        if tables.len() > MAX_GRID_Y {
+            return Err(input_error(
+                K,
+                format!("{} sequences exceed {MAX_GRID_Y} per launch", tables.len()),
+            ));
+        }
+    }
+    let op = PagedAttention {
+        shape: *shape,
+        tables: tables.clone(),
+        poison,
+    };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+        .map_err(|e| backend_error(e, q.device()))
+}
+
+/// Picks one token per row of `logits` (`[rows, vocab]`) ([`reference::sample`]); only the
+/// ids come back to the host.
+pub(crate) fn sample(logits: &Tensor, params: &[SampleParams]) -> Result<Vec<u32>> {
+    sample_inner(logits, params, false)
+}
+
+fn sample_inner(logits: &Tensor, params: &[SampleParams], poison: bool) -> Result<Vec<u32>> {
+    kernel_dtype("sample", "logits", logits)?;
+    let vocab = logits.dims().last().copied().unwrap_or(0);
+    reference::check_sample(logits.elem_count(), vocab, params.len())?;
+    let op = Sample {
+        params: params.to_vec(),
+        vocab,
+        poison,
+    };
+    let ids = logits
+        .apply_op1_no_bwd(&op)
+        .map_err(|e| backend_error(e, logits.device()))?;
+    ids.to_vec1::<u32>()
+        .map_err(|e| backend_error(e, logits.device()))
+}
+
+/// The same ops with their outputs filled with NaN (or `u32::MAX`) before the kernel runs, so
+/// a kernel that skips an element fails the comparison with the reference. For `gpu_check`.
+pub(crate) mod poisoned {
+    use super::*;
+
+    /// [`super::rms_norm_residual`] with a poisoned output, as one `[2, rows, hidden]` tensor.
+    pub(crate) fn rms_norm_residual(
+        x: &Tensor,
+        delta: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        rms_norm_both(x, delta, weight, eps, true)
+    }
+
+    /// [`super::paged_attention`] with a poisoned output.
+    pub(crate) fn paged_attention(
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        shape: &AttentionShape,
+        tables: &BlockTables,
+    ) -> Result<Tensor> {
+        attention_inner(q, k_cache, v_cache, shape, tables, true)
+    }
+
+    /// [`super::sample`] with a poisoned output.
+    pub(crate) fn sample(logits: &Tensor, params: &[SampleParams]) -> Result<Vec<u32>> {
+        sample_inner(logits, params, true)
+    }
+}
+
+// --- CPU paths: copy out of candle's storage, run the reference, copy back ---
+
+/// The contiguous values of `s` under `l` as f32, and their dtype.
+fn cpu_values(kernel: &str, s: &CpuStorage, l: &Layout) -> candle_core::Result<(Dtype, Vec<f32>)> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: input is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok((Dtype::F32, v[a..b].to_vec())),
+        CpuStorage::BF16(v) => Ok((Dtype::Bf16, v[a..b].iter().map(|x| x.to_f32()).collect())),
+        other => Err(candle_core::Error::Msg(format!(
+            "{kernel}: unsupported dtype {:?}",
+            other.dtype()
+        ))),
+    }
+}
+
+fn cpu_storage(dtype: Dtype, v: Vec<f32>) -> CpuStorage {
+    match dtype {
+        Dtype::F32 => CpuStorage::F32(v),
+        Dtype::Bf16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+    }
+}
+
+/// Writes `v` back over the contiguous region of `s` under `l`.
+fn cpu_store(kernel: &str, s: &mut CpuStorage, l: &Layout, v: &[f32]) -> candle_core::Result<()> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: output is not contiguous")))?;
+    match s {
+        CpuStorage::F32(dst) => dst[a..b].copy_from_slice(v),
+        CpuStorage::BF16(dst) => {
+            for (d, x) in dst[a..b].iter_mut().zip(v) {
+                *d = half::bf16::from_f32(*x);
+            }
+        }
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "{kernel}: unsupported dtype {:?}",
+                other.dtype()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn to_candle(e: Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Output `[2, rows, hidden]`: the new residual, then the normalised rows.
+pub(crate) struct RmsNormResidual {
+    pub(crate) eps: f32,
+    pub(crate) poison: bool,
+}
+
+impl CustomOp3 for RmsNormResidual {
+    fn name(&self) -> &'static str {
+        "keel-rms-norm-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (dtype, x) = cpu_values(self.name(), s1, l1)?;
+        let (_, delta) = cpu_values(self.name(), s2, l2)?;
+        let (_, w) = cpu_values(self.name(), s3, l3)?;
+        let (mut sum, normed) =
+            reference::rms_norm_residual(dtype, &x, &delta, &w, self.eps).map_err(to_candle)?;
+        sum.extend(normed);
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((cpu_storage(dtype, sum), Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::gpu::rms_norm_residual(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// In place on `[tokens, heads, head_dim]`, with the cos and sin tables as sources.
+pub(crate) struct Rope {
+    pub(crate) positions: Vec<u32>,
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) style: RopeStyle,
+    pub(crate) rounding: Rounding,
+}
+
+impl InplaceOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "keel-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        cos: &CpuStorage,
+        cos_l: &Layout,
+        sin: &CpuStorage,
+        sin_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (dtype, mut x) = cpu_values(self.name(), dst, dst_l)?;
+        let (_, cos) = cpu_values(self.name(), cos, cos_l)?;
+        let (_, sin) = cpu_values(self.name(), sin, sin_l)?;
+        reference::rope(
+            dtype,
+            &mut x,
+            self.heads,
+            self.head_dim,
+            &self.positions,
+            &cos,
+            &sin,
+            self.style,
+            self.rounding,
+        )
+        .map_err(to_candle)?;
+        cpu_store(self.name(), dst, dst_l, &x)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        cos: &candle_core::CudaStorage,
+        cos_l: &Layout,
+        sin: &candle_core::CudaStorage,
+        sin_l: &Layout,
+    ) -> candle_core::Result<()> {
+        super::gpu::rope(self, dst, dst_l, [(cos, cos_l), (sin, sin_l)])
+    }
+}
+
+/// In place on the cache `[rows, dim]`, with the new rows as the source.
+pub(crate) struct KvWrite {
+    pub(crate) slots: Vec<u32>,
+    pub(crate) dim: usize,
+    pub(crate) rounding: Rounding,
+}
+
+impl InplaceOp2 for KvWrite {
+    fn name(&self) -> &'static str {
+        "keel-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (dtype, mut cache) = cpu_values(self.name(), dst, dst_l)?;
+        let (_, src) = cpu_values(self.name(), src, src_l)?;
+        reference::kv_write(
+            dtype,
+            &mut cache,
+            self.dim,
+            &src,
+            &self.slots,
+            self.rounding,
+        )
+        .map_err(to_candle)?;
+        cpu_store(self.name(), dst, dst_l, &cache)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        super::gpu::kv_write(self, dst, dst_l, [(src, src_l)])
+    }
+}
+
+/// `(q, k_cache, v_cache)` to `[sequences, heads * head_dim]`.
+pub(crate) struct PagedAttention {
+    pub(crate) shape: AttentionShape,
+    pub(crate) tables: BlockTables,
+    pub(crate) poison: bool,
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "keel-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (dtype, q) = cpu_values(self.name(), s1, l1)?;
+        let (_, k) = cpu_values(self.name(), s2, l2)?;
+        let (_, v) = cpu_values(self.name(), s3, l3)?;
+        let out = reference::paged_attention(dtype, &self.shape, &q, &k, &v, &self.tables)
+            .map_err(to_candle)?;
+        let shape = Shape::from((
+            self.tables.len(),
+            self.shape.heads() * self.shape.head_dim(),
+        ));
+        Ok((cpu_storage(dtype, out), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::gpu::paged_attention(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// `[rows, vocab]` logits to `[rows]` u32 token ids.
+pub(crate) struct Sample {
+    pub(crate) params: Vec<SampleParams>,
+    pub(crate) vocab: usize,
+    pub(crate) poison: bool,
+}
+
+impl CustomOp1 for Sample {
+    fn name(&self) -> &'static str {
+        "keel-sample"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (dtype, logits) = cpu_values(self.name(), s, l)?;
+        let ids = reference::sample(dtype, &logits, self.vocab, &self.params).map_err(to_candle)?;
+        let n = ids.len();
+        Ok((CpuStorage::U32(ids), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::gpu::sample(self, s, l)
+    }
+}
+
+/// Uploads host values as a tensor of `dtype` on `device` (for tests and `gpu_check`).
+pub(crate) fn upload(
+    values: &[f32],
+    shape: &[usize],
+    dtype: Dtype,
+    device: &Device,
+) -> Result<Tensor> {
+    Tensor::from_slice(values, shape, device)
+        .and_then(|t| t.to_dtype(dtype_of(dtype)))
+        .map_err(|e| backend_error(e, device))
+}
+
+/// Downloads a tensor's values as f32.
+pub(crate) fn download(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| backend_error(e, t.device()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        upload(v, shape, Dtype::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn cpu_ops_match_the_reference() {
+        let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let d: Vec<f32> = (0..8).map(|i| (i as f32).sin()).collect();
+        let w = [1.0, 0.5, 2.0, -1.0];
+        let (sum, normed) =
+            rms_norm_residual(&t(&x, &[2, 4]), &t(&d, &[2, 4]), &t(&w, &[4]), 1e-5).unwrap();
+        let (rs, rn) = reference::rms_norm_residual(Dtype::F32, &x, &d, &w, 1e-5).unwrap();
+        assert_eq!(download(&sum).unwrap(), rs);
+        assert_eq!(download(&normed).unwrap(), rn);
+        assert_eq!(sum.dims(), &[2, 4]);
+
+        let cache = t(&[0.0; 12], &[4, 3]);
+        kv_write(&cache, &t(&[1.0, 2.0, 3.0], &[1, 3]), &[2], Rounding::None).unwrap();
+        assert_eq!(
+            download(&cache).unwrap(),
+            [0., 0., 0., 0., 0., 0., 1., 2., 3., 0., 0., 0.]
+        );
+        assert!(matches!(
+            kv_write(&cache, &t(&[1.0, 2.0, 3.0], &[1, 3]), &[4], Rounding::None),
+            Err(Error::CacheIndexOutOfRange {
+                index: 4,
+                limit: 4,
+                ..
+            })
+        ));
+
+        let ids = sample(&t(&[0.0, 3.0, 1.0], &[1, 3]), &[SampleParams::greedy()]).unwrap();
+        assert_eq!(ids, [1]);
+    }
+
+    #[test]
+    fn mismatched_dtypes_are_typed_errors() {
+        let a = t(&[1.0; 4], &[1, 4]);
+        let b = a.to_dtype(DType::BF16).unwrap();
+        assert!(matches!(
+            rms_norm_residual(&a, &b, &t(&[1.0; 4], &[4]), 1e-5),
+            Err(Error::KernelInput { .. })
+        ));
+        let ints = Tensor::from_slice(&[1u32, 2], (1, 2), &Device::Cpu).unwrap();
+        assert!(matches!(
+            sample(&ints, &[SampleParams::greedy()]),
+            Err(Error::KernelInput { .. })
+        ));
+    }
+}
