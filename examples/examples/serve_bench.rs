@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p keel-examples --example serve_bench -- \
 //!     [--model PATH] [--requests 16] [--concurrency 16] [--input-tokens 50] [--output-tokens 50]
-//!     [--max-seqs 32] [--max-batch-tokens 256] [--dequantize]
+//!     [--max-seqs 32] [--max-batch-tokens 256] [--dequantize] [--kernels auto|candle] [--threads N]
 //! ```
 #![allow(clippy::print_stdout)] // a CLI program reports on stdout
 
@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use keel_serving::{Engine, GenerateRequest, SamplingParams, Specials, StreamEvent, Weights};
+use keel_serving::{
+    Engine, GenerateRequest, Kernels, SamplingParams, Specials, StreamEvent, Weights,
+};
 
 struct Args {
     model: Option<String>,
@@ -23,6 +25,8 @@ struct Args {
     max_seqs: usize,
     max_batch_tokens: usize,
     dequantize: bool,
+    candle: bool,
+    threads: Option<usize>,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -35,6 +39,8 @@ fn parse() -> anyhow::Result<Args> {
         max_seqs: 32,
         max_batch_tokens: 256,
         dequantize: false,
+        candle: false,
+        threads: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,6 +54,14 @@ fn parse() -> anyhow::Result<Args> {
             "--max-seqs" => a.max_seqs = val()?.parse()?,
             "--max-batch-tokens" => a.max_batch_tokens = val()?.parse()?,
             "--dequantize" => a.dequantize = true,
+            "--kernels" => {
+                a.candle = match val()?.as_str() {
+                    "auto" => false,
+                    "candle" => true,
+                    other => bail!("--kernels takes auto or candle, not {other}"),
+                }
+            }
+            "--threads" => a.threads = Some(val()?.parse()?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -86,9 +100,16 @@ fn main() -> anyhow::Result<()> {
         } else {
             Weights::AsStored
         });
+    if a.candle {
+        b = b.kernels(Kernels::Candle);
+    }
+    if let Some(n) = a.threads {
+        b = b.threads(n);
+    }
     if let Some(m) = &a.model {
         b = b.model_path(m);
     }
+    let load_started = Instant::now();
     let engine = match b.build() {
         Ok(e) => Arc::new(e),
         Err(e @ keel_serving::Error::ModelNotFound { .. }) => {
@@ -97,6 +118,7 @@ fn main() -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    let load_time = load_started.elapsed();
     let info = engine.model_info().clone();
     let base = "Once upon a time, in a small village by the sea, there lived an old fisherman who told \
                 stories about the storms he had seen, the ships he had saved and the friends he had lost. ";
@@ -160,7 +182,7 @@ fn main() -> anyhow::Result<()> {
     lats.sort();
     let generated: usize = results.iter().map(|r| r.2).sum();
     println!(
-        "serve_bench: {} ({}{}), {} requests, concurrency {}, {} in / {} out tokens",
+        "serve_bench: {} ({}{}, {} kernels), {} requests, concurrency {}, {} in / {} out tokens",
         info.architecture,
         info.weight_type,
         if a.dequantize {
@@ -168,11 +190,13 @@ fn main() -> anyhow::Result<()> {
         } else {
             ""
         },
+        info.kernels,
         a.requests,
         a.concurrency,
         a.input,
         a.output
     );
+    println!("  model load           {:>9.2} s", load_time.as_secs_f64());
     println!("  wall time            {:>9.2} s", wall.as_secs_f64());
     println!(
         "  output tokens/s      {:>9.1}",

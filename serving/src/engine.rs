@@ -9,7 +9,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::loader::{Weights, load, resolve_model_path};
+use crate::kv::KvCache;
+use crate::loader::{Kernels, LoadOptions, Weights, load, resolve_model_path};
 use crate::metrics::{EngineLoad, EngineMetrics, LoadCounters, MetricsState};
 use crate::request::{Completion, GenerateRequest, Prompt, StreamEvent};
 use crate::scheduler::{Command, NewSeq, Scheduler, SchedulerConfig};
@@ -57,6 +58,9 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// Bytes of KV cache one token occupies.
     pub kv_bytes_per_token: usize,
+    /// Which kernels run the model: `candle`, or `keel-cpu/<isa> x<threads>` for our CPU
+    /// kernels (e.g. `keel-cpu/avx2 x2`).
+    pub kernels: String,
 }
 
 /// Configures and starts an [`Engine`].
@@ -70,9 +74,24 @@ pub struct EngineBuilder {
     max_seqs: usize,
     max_context: Option<usize>,
     weights: Weights,
+    kernels: Kernels,
+    threads: Option<usize>,
 }
 
 impl EngineBuilder {
+    /// Which matrix kernels run the model (default [`Kernels::Auto`]).
+    pub fn kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Threads the CPU kernels use, the model thread included (default: the machine's
+    /// available parallelism). Give each engine its share when several run in one process.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = Some(n);
+        self
+    }
+
     /// How to hold projection weights (default [`Weights::AsStored`]).
     pub fn weights(mut self, weights: Weights) -> Self {
         self.weights = weights;
@@ -135,6 +154,7 @@ impl EngineBuilder {
             ("kv_blocks", self.kv_blocks),
             ("max_batch_tokens", self.max_batch_tokens),
             ("max_seqs", self.max_seqs),
+            ("threads", self.threads.unwrap_or(1)),
         ] {
             if v == 0 {
                 return Err(Error::InvalidConfig {
@@ -145,7 +165,15 @@ impl EngineBuilder {
         }
         let device = self.device.to_candle()?;
         let path = resolve_model_path(self.path.as_deref())?;
-        let (model, tokenizer) = load(&path, &device, self.weights)?;
+        let threads = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let options = LoadOptions {
+            weights: self.weights,
+            kernels: self.kernels,
+            threads,
+        };
+        let (model, tokenizer) = load(&path, &device, options)?;
         let c = &model.config;
         let capacity = self.block_size * self.kv_blocks;
         let max_context = self
@@ -168,7 +196,8 @@ impl EngineBuilder {
             kv_heads: c.kv_heads,
             vocab_size: c.vocab,
             context_length: c.context,
-            kv_bytes_per_token: 2 * c.layers * c.kv_dim() * 4,
+            kv_bytes_per_token: KvCache::bytes_per_token(c.layers, c.kv_dim(), model.host_kv()),
+            kernels: model.kernels(),
         };
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Mutex::new(MetricsState::new(self.kv_blocks)));
@@ -241,6 +270,8 @@ impl Engine {
             max_seqs: 32,
             max_context: None,
             weights: Weights::AsStored,
+            kernels: Kernels::Auto,
+            threads: None,
         }
     }
 

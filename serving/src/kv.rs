@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::cpu::HostKv;
 use crate::error::{Result, invalid_model};
 
 /// Hands out block ids from a fixed pool. Blocks are identified by index into every layer's
@@ -54,8 +55,20 @@ impl BlockAllocator {
 /// position's slot is `block * block_size + offset`.
 #[derive(Debug)]
 pub(crate) struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
+    store: Store,
     block_size: usize,
+}
+
+/// Where the keys and values live.
+#[derive(Debug)]
+enum Store {
+    /// Per layer, `(keys, values)` as f32 tensors `[slots, kv_dim]` on the model's device.
+    Tensors(Vec<(Tensor, Tensor)>),
+    /// Per layer, `(keys, values)` as f16 bits `[slots * kv_dim]` in host memory (CPU kernels).
+    Host {
+        layers: Vec<(Vec<u16>, Vec<u16>)>,
+        kv_dim: usize,
+    },
 }
 
 impl KvCache {
@@ -65,31 +78,70 @@ impl KvCache {
         block_size: usize,
         kv_dim: usize,
         device: &Device,
+        host: bool,
     ) -> Result<Self> {
+        let slots = blocks * block_size;
+        if host {
+            let len =
+                slots
+                    .checked_mul(kv_dim)
+                    .ok_or_else(|| crate::error::Error::InvalidConfig {
+                        name: "kv_blocks",
+                        reason: format!("{slots} slots of {kv_dim} values overflow memory"),
+                    })?;
+            let layers = (0..layers)
+                .map(|_| (vec![0u16; len], vec![0u16; len]))
+                .collect();
+            return Ok(Self {
+                store: Store::Host { layers, kv_dim },
+                block_size,
+            });
+        }
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
-            let k = Tensor::zeros((blocks * block_size, kv_dim), DType::F32, device)
-                .map_err(invalid_model)?;
-            let vv = Tensor::zeros((blocks * block_size, kv_dim), DType::F32, device)
-                .map_err(invalid_model)?;
+            let k = Tensor::zeros((slots, kv_dim), DType::F32, device).map_err(invalid_model)?;
+            let vv = Tensor::zeros((slots, kv_dim), DType::F32, device).map_err(invalid_model)?;
             v.push((k, vv));
         }
         Ok(Self {
-            layers: v,
+            store: Store::Tensors(v),
             block_size,
         })
+    }
+
+    /// Bytes one token occupies across all layers (keys and values).
+    pub(crate) fn bytes_per_token(layers: usize, kv_dim: usize, host: bool) -> usize {
+        2 * layers * kv_dim * if host { 2 } else { 4 }
     }
 
     pub(crate) fn block_size(&self) -> usize {
         self.block_size
     }
 
-    pub(crate) fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
-        let (k, v) = &self.layers[i];
-        (k, v)
+    /// Layer `i`'s key and value tensors (the candle path).
+    pub(crate) fn layer(&self, i: usize) -> candle_core::Result<(&Tensor, &Tensor)> {
+        match &self.store {
+            Store::Tensors(layers) => layers
+                .get(i)
+                .map(|(k, v)| (k, v))
+                .ok_or_else(|| candle_core::Error::Msg(format!("no cache for layer {i}"))),
+            Store::Host { .. } => Err(candle_core::Error::Msg(
+                "this KV cache is held for the CPU kernels".into(),
+            )),
+        }
     }
 
-    /// Slot of every position `0..len` of a sequence with block table `table`.
+    /// The f16 host cache (the CPU kernels' path), if this cache is one.
+    pub(crate) fn host(&mut self) -> Option<HostKv<'_>> {
+        match &mut self.store {
+            Store::Host { layers, kv_dim } => Some(HostKv {
+                layers,
+                kv_dim: *kv_dim,
+            }),
+            Store::Tensors(_) => None,
+        }
+    }
+
     pub(crate) fn slots(&self, table: &[u32], len: usize) -> Vec<u32> {
         (0..len)
             .map(|p| {
@@ -122,7 +174,7 @@ mod tests {
 
     #[test]
     fn slots_follow_block_table() {
-        let c = KvCache::new(1, 4, 2, 3, &Device::Cpu).unwrap();
+        let c = KvCache::new(1, 4, 2, 3, &Device::Cpu, false).unwrap();
         assert_eq!(c.slots(&[3, 1], 3), vec![6, 7, 2]);
         assert_eq!(blocks_for(5, 2), 3);
     }

@@ -63,11 +63,14 @@
 //! - A failing request (deadline, bad input) never stops the engine serving others.
 //! - With weights as stored ([`Weights::AsStored`]), greedy output does not depend on what
 //!   else is in the batch.
-// `unsafe` is denied everywhere except the CUDA launches (serving/src/cuda/gpu.rs, only with
-// the `cuda` feature), which allow it per block, each with a SAFETY comment.
-#![cfg_attr(not(test), deny(unsafe_code))]
+// `unsafe` is denied everywhere except the CPU kernel module (SIMD intrinsics and the worker
+// pool's scoped jobs) and the CUDA launches (serving/src/cuda/gpu.rs, only with the `cuda`
+// feature), which allow it per block, each with a SAFETY comment.
+#![deny(unsafe_code)]
 
 mod chat;
+#[allow(unsafe_code)] // SIMD kernels and the scoped worker pool; see the module's docs.
+mod cpu;
 mod cuda;
 mod engine;
 mod error;
@@ -85,7 +88,7 @@ pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use cuda::cuda_kernels;
 pub use engine::{Device, Engine, EngineBuilder, GenerationStream, ModelInfo};
 pub use error::{Error, Result};
-pub use loader::{DEFAULT_MODEL_FILE, Weights, resolve_model_path};
+pub use loader::{DEFAULT_MODEL_FILE, Kernels, Weights, resolve_model_path};
 pub use metrics::{EngineLoad, EngineMetrics};
 pub use pool::{
     BoxFuture, Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, EngineReplica,

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
 use candle_core::{DType, Device, Tensor};
 
+use crate::cpu::quant::QMatrix;
+use crate::cpu::{self, CpuLayer, CpuModel, Proj};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Layer, Linear, Model, ModelConfig, RopeStyle};
 use crate::tokenizer::{Tokenizer, TokenizerParts};
@@ -59,12 +61,37 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// Loads a model and its tokenizer from a `.gguf` file or a directory holding
 /// `config.json`, `*.safetensors` and `tokenizer.json`.
-pub(crate) fn load(path: &Path, device: &Device, weights: Weights) -> Result<(Model, Tokenizer)> {
+pub(crate) fn load(
+    path: &Path,
+    device: &Device,
+    options: LoadOptions,
+) -> Result<(Model, Tokenizer)> {
     if path.is_dir() {
         load_safetensors_dir(path, device)
     } else {
-        load_gguf(path, device, weights)
+        load_gguf(path, device, options)
     }
+}
+
+/// Which matrix kernels run a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Kernels {
+    /// Keel's own CPU kernels where they apply: a GGUF model on the CPU, weights as stored,
+    /// whose projections and token embedding are all Q4_0, Q4_1 or Q8_0 (AVX2 on x86-64 when
+    /// the CPU has it, portable Rust otherwise). candle's tensors and kernels elsewhere.
+    #[default]
+    Auto,
+    /// candle's tensors and kernels everywhere (for comparison, and for other devices).
+    Candle,
+}
+
+/// How the engine asked for a model to be loaded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoadOptions {
+    pub(crate) weights: Weights,
+    pub(crate) kernels: Kernels,
+    pub(crate) threads: usize,
 }
 
 /// Reads a GGUF header, mapping candle's errors to ours.
@@ -228,7 +255,8 @@ fn matmul(
     }
 }
 
-fn load_gguf(path: &Path, device: &Device, weights: Weights) -> Result<(Model, Tokenizer)> {
+fn load_gguf(path: &Path, device: &Device, options: LoadOptions) -> Result<(Model, Tokenizer)> {
+    let weights = options.weights;
     let (content, mut r) = read_gguf(path)?;
     let m = &content.metadata;
     let arch_name = meta_str(m, "general.architecture").ok_or_else(|| Error::InvalidModel {
@@ -269,6 +297,13 @@ fn load_gguf(path: &Path, device: &Device, weights: Weights) -> Result<(Model, T
     };
     config.validate()?;
     let tokenizer = tokenizer_from_gguf(m)?;
+    if options.kernels == Kernels::Auto
+        && weights == Weights::AsStored
+        && device.is_cpu()
+        && let Some(model) = load_gguf_cpu(&content, &mut r, path, &config, options.threads)?
+    {
+        return Ok((model, tokenizer));
+    }
 
     let mut weight_type = None;
     let names_with_bias = arch == Arch::Qwen2;
@@ -379,6 +414,113 @@ fn load_gguf(path: &Path, device: &Device, weights: Weights) -> Result<(Model, T
         device.clone(),
     )?;
     Ok((model, tokenizer))
+}
+
+/// Loads a GGUF model for our CPU kernels, or returns `None` when a projection or the
+/// embedding is in a format they do not multiply (the caller falls back to candle).
+fn load_gguf_cpu(
+    content: &gguf_file::Content,
+    r: &mut BufReader<File>,
+    path: &Path,
+    config: &ModelConfig,
+    threads: usize,
+) -> Result<Option<Model>> {
+    let mut names = vec!["token_embd.weight".to_string()];
+    if content.tensor_infos.contains_key("output.weight") {
+        names.push("output.weight".into());
+    }
+    const PROJ: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    for i in 0..config.layers {
+        for p in PROJ {
+            names.push(format!("blk.{i}.{p}.weight"));
+        }
+    }
+    let mut first = None;
+    for n in &names {
+        let Some(info) = content.tensor_infos.get(n) else {
+            return Err(Error::InvalidModel {
+                reason: format!("tensor {n} is missing"),
+            });
+        };
+        if cpu::qtype_of(info.ggml_dtype).is_none() {
+            return Ok(None);
+        }
+        if first.is_none() && n.starts_with("blk.") {
+            first = Some(format!("{:?}", info.ggml_dtype));
+        }
+    }
+    let cpu_dev = Device::Cpu;
+    let matrix = |r: &mut BufReader<File>, name: &str| -> Result<QMatrix> {
+        let q = qtensor_named(content, r, path, name, &cpu_dev)?;
+        let bad = |reason: String| Error::InvalidModel {
+            reason: format!("tensor {name}: {reason}"),
+        };
+        let qtype = cpu::qtype_of(q.dtype()).ok_or_else(|| bad("unexpected type".into()))?;
+        let (rows, cols) = q.shape().dims2().map_err(|e| bad(e.to_string()))?;
+        let raw = q.data().map_err(|e| bad(e.to_string()))?;
+        QMatrix::from_ggml(qtype, rows, cols, &raw).map_err(|e| bad(e.0))
+    };
+    let vector = |r: &mut BufReader<File>, name: &str| -> Result<Vec<f32>> {
+        let t = dense(qtensor_named(content, r, path, name, &cpu_dev)?, &cpu_dev)?;
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(crate::error::invalid_model)
+    };
+    let bias = config.arch == Arch::Qwen2;
+    let mut layers = Vec::with_capacity(config.layers);
+    for i in 0..config.layers {
+        let p = format!("blk.{i}");
+        let proj = |r: &mut BufReader<File>, name: &str, with_bias: bool| -> Result<Proj> {
+            Ok(Proj {
+                w: matrix(r, &format!("{p}.{name}.weight"))?,
+                bias: if with_bias {
+                    Some(vector(r, &format!("{p}.{name}.bias"))?)
+                } else {
+                    None
+                },
+            })
+        };
+        let q = proj(r, "attn_q", bias)?;
+        let k = proj(r, "attn_k", bias)?;
+        let v = proj(r, "attn_v", bias)?;
+        let wo = proj(r, "attn_output", false)?;
+        let gate = proj(r, "ffn_gate", false)?;
+        let up = proj(r, "ffn_up", false)?;
+        let down = proj(r, "ffn_down", false)?;
+        let (Ok(qkv), Ok(gate_up)) = (cpu::stack(vec![q, k, v]), cpu::stack(vec![gate, up])) else {
+            // Mixed formats inside one stack: leave the model to candle.
+            return Ok(None);
+        };
+        layers.push(CpuLayer {
+            attn_norm: vector(r, &format!("{p}.attn_norm.weight"))?,
+            qkv,
+            wo,
+            ffn_norm: vector(r, &format!("{p}.ffn_norm.weight"))?,
+            gate_up,
+            down,
+        });
+    }
+    let norm = vector(r, "output_norm.weight")?;
+    let embedding = matrix(r, "token_embd.weight")?;
+    let output = if content.tensor_infos.contains_key("output.weight") {
+        Some(matrix(r, "output.weight")?)
+    } else {
+        None
+    };
+    let cpu = CpuModel::new(config.clone(), embedding, output, norm, layers, threads)?;
+    Ok(Some(Model::cpu(
+        cpu,
+        config.clone(),
+        first.unwrap_or_else(|| "Q8_0".into()),
+    )))
 }
 
 fn qtensor_named(

@@ -4,6 +4,7 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Tensor};
 
+use crate::cpu::CpuModel;
 use crate::error::{Error, Result, exec};
 use crate::kv::KvCache;
 
@@ -120,16 +121,32 @@ pub(crate) struct Layer {
     pub(crate) w_down: Linear,
 }
 
-/// A loaded model: configuration, weights and rotary tables.
+/// A loaded model: its configuration and the weights in the form one of the two forward
+/// passes reads.
 #[derive(Debug)]
 pub(crate) struct Model {
     pub(crate) config: ModelConfig,
-    pub(crate) embedding: Tensor,
-    pub(crate) layers: Vec<Layer>,
-    pub(crate) norm: Tensor,
-    pub(crate) output: Linear,
     /// A short name for the weights' storage type, e.g. `Q4_1` or `F32`.
     pub(crate) weight_type: String,
+    imp: Imp,
+}
+
+#[derive(Debug)]
+enum Imp {
+    /// candle tensors and candle's matmuls: any device, any weight type candle reads.
+    Candle(Box<CandleModel>),
+    /// Our CPU kernels over plain buffers (Q4_0, Q4_1 and Q8_0 weights on the CPU).
+    Cpu(Box<CpuModel>),
+}
+
+/// The candle-tensor form of a model.
+#[derive(Debug)]
+pub(crate) struct CandleModel {
+    config: ModelConfig,
+    embedding: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -160,18 +177,50 @@ impl Model {
         device: Device,
     ) -> Result<Self> {
         config.validate()?;
-        let (cos, sin) = rope_tables(&config, &device).map_err(crate::error::invalid_model)?;
+        let (cos, sin) = rope_table(&config);
+        let half = config.head_dim / 2;
+        let table = |v: Vec<f32>| {
+            Tensor::from_vec(v, (config.context, half), &device)
+                .map_err(crate::error::invalid_model)
+        };
+        let (cos, sin) = (table(cos)?, table(sin)?);
         Ok(Self {
-            config,
-            embedding,
-            layers,
-            norm,
-            output,
+            config: config.clone(),
             weight_type,
-            cos,
-            sin,
-            device,
+            imp: Imp::Candle(Box::new(CandleModel {
+                config,
+                embedding,
+                layers,
+                norm,
+                output,
+                cos,
+                sin,
+                device,
+            })),
         })
+    }
+
+    /// A model for our CPU kernels.
+    pub(crate) fn cpu(cpu: CpuModel, config: ModelConfig, weight_type: String) -> Self {
+        Self {
+            config,
+            weight_type,
+            imp: Imp::Cpu(Box::new(cpu)),
+        }
+    }
+
+    /// Whether the KV cache should hold f16 values in host memory (our CPU path) rather than
+    /// candle tensors.
+    pub(crate) fn host_kv(&self) -> bool {
+        matches!(self.imp, Imp::Cpu(_))
+    }
+
+    /// Which kernels run the model, for reports: `candle` or `keel-cpu/<isa> x<threads>`.
+    pub(crate) fn kernels(&self) -> String {
+        match &self.imp {
+            Imp::Candle(_) => "candle".into(),
+            Imp::Cpu(m) => m.describe(),
+        }
     }
 
     /// Runs one batched step: `tokens` holds every sequence's new tokens back to back, in the
@@ -183,9 +232,19 @@ impl Model {
         seqs: &[SeqStep],
         cache: &mut KvCache,
     ) -> Result<Vec<Vec<f32>>> {
-        self.forward_inner(tokens, seqs, cache).map_err(exec)
+        match &self.imp {
+            Imp::Candle(m) => m.forward_inner(tokens, seqs, cache).map_err(exec),
+            Imp::Cpu(m) => {
+                let mut kv = cache.host().ok_or_else(|| Error::Execution {
+                    reason: "the CPU kernels need a host KV cache".into(),
+                })?;
+                m.forward(tokens, seqs, &mut kv)
+            }
+        }
     }
+}
 
+impl CandleModel {
     fn forward_inner(
         &self,
         tokens: &[u32],
@@ -297,7 +356,7 @@ impl Model {
             let q = f16_round(&rope(&q, &cos, &sin, c.rope_style)?)?;
             let k = f16_round(&rope(&k, &cos, &sin, c.rope_style)?.reshape((t, c.kv_dim()))?)?;
             let v = f16_round(&v)?;
-            let (kc, vc) = cache.layer(li);
+            let (kc, vc) = cache.layer(li)?;
             kc.scatter_set(&write_idx, &k.contiguous()?, 0)?;
             vc.scatter_set(&write_idx, &v.contiguous()?, 0)?;
             let mut outs = Vec::with_capacity(gathers.len() + groups.len());
@@ -417,7 +476,8 @@ struct DecodeGroup {
     mask: Tensor,
 }
 
-fn rope_tables(c: &ModelConfig, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+/// Rotary angle tables `[context, head_dim/2]` (cos, sin): angle `p · θ^(−2i/d)`.
+pub(crate) fn rope_table(c: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
     let half = c.head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32))
@@ -431,10 +491,7 @@ fn rope_tables(c: &ModelConfig, dev: &Device) -> candle_core::Result<(Tensor, Te
             sin.push(a.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (c.context, half), dev)?,
-        Tensor::from_vec(sin, (c.context, half), dev)?,
-    ))
+    (cos, sin)
 }
 
 /// Applies rotary embeddings to `x` of shape `[t, heads, head_dim]`; `cos`/`sin` are `[t, head_dim/2]`.

@@ -173,7 +173,14 @@ impl Scheduler {
         device: &candle_core::Device,
     ) -> Result<Self> {
         let c = &model.config;
-        let cache = KvCache::new(c.layers, cfg.kv_blocks, cfg.block_size, c.kv_dim(), device)?;
+        let cache = KvCache::new(
+            c.layers,
+            cfg.kv_blocks,
+            cfg.block_size,
+            c.kv_dim(),
+            device,
+            model.host_kv(),
+        )?;
         Ok(Self {
             model,
             cache,

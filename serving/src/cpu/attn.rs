@@ -1,0 +1,142 @@
+//! Rotary embeddings, the f16 key/value cache write, and attention over the paged cache for
+//! the CPU path. Queries and probabilities are rounded to f16 before their products, keys and
+//! values are stored as f16, as llama.cpp's CPU path does.
+
+use super::kernels::{self, Isa};
+use super::pool::Pool;
+use super::quant::round_f16;
+use crate::model::{ModelConfig, RopeStyle, SeqStep};
+
+/// The engine's f16 key/value cache, one `(keys, values)` pair of `slots × kv_dim` per layer.
+#[derive(Debug)]
+pub(crate) struct HostKv<'a> {
+    pub(crate) layers: &'a mut [(Vec<u16>, Vec<u16>)],
+    pub(crate) kv_dim: usize,
+}
+
+impl HostKv<'_> {
+    /// Cache slots per layer.
+    pub(crate) fn slots(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.len() / self.kv_dim.max(1))
+    }
+}
+
+/// Rotates pairs of `x` (one head) by the angles of one position.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = x.len() / 2;
+    match style {
+        RopeStyle::Interleaved => {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+        RopeStyle::Halves => {
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                x[i] = a * cos[i] - b * sin[i];
+                x[i + half] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+/// For every token row of `qkv` (`[q | k | v]`): applies rotary embeddings to its query and
+/// key heads, rounds the query to f16 in place, and writes key and value to the cache at the
+/// token's slot as f16. Slots were checked against the cache by the caller.
+#[allow(clippy::too_many_arguments)] // One fused pass over everything a token needs.
+pub(super) fn rope_and_store(
+    isa: Isa,
+    c: &ModelConfig,
+    qkv: &mut [f32],
+    positions: &[usize],
+    slots: &[u32],
+    cos: &[f32],
+    sin: &[f32],
+    kv: &mut HostKv<'_>,
+    layer: usize,
+) {
+    let hd = c.head_dim;
+    let half = hd / 2;
+    let qd = c.heads * hd;
+    let kvd = kv.kv_dim;
+    let width = qd + 2 * kvd;
+    let (kc, vc) = &mut kv.layers[layer];
+    for (i, row) in qkv.chunks_exact_mut(width).enumerate() {
+        let p = positions[i];
+        let (cs, sn) = (
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        );
+        let (q, rest) = row.split_at_mut(qd);
+        let (k, v) = rest.split_at_mut(kvd);
+        for head in q.chunks_exact_mut(hd) {
+            rotate(head, cs, sn, c.rope_style);
+        }
+        for v in q.iter_mut() {
+            *v = round_f16(*v);
+        }
+        for head in k.chunks_exact_mut(hd) {
+            rotate(head, cs, sn, c.rope_style);
+        }
+        let at = slots[i] as usize * kvd;
+        kernels::to_f16(isa, k, &mut kc[at..at + kvd]);
+        kernels::to_f16(isa, v, &mut vc[at..at + kvd]);
+    }
+}
+
+/// Causal attention of every token's query heads over its sequence's cached keys and values,
+/// written to `out` (`t × heads·head_dim`). One task per (token, key/value head) serves the
+/// query heads that share it.
+#[allow(clippy::too_many_arguments)] // The step's bookkeeping, shared by every layer.
+pub(super) fn attention(
+    pool: &Pool,
+    isa: Isa,
+    c: &ModelConfig,
+    qkv: &[f32],
+    positions: &[usize],
+    owner: &[usize],
+    seqs: &[SeqStep],
+    kv: &HostKv<'_>,
+    layer: usize,
+    out: &mut [f32],
+) {
+    let hd = c.head_dim;
+    let group = c.heads / c.kv_heads;
+    let qd = c.heads * hd;
+    let kvd = kv.kv_dim;
+    let width = qd + 2 * kvd;
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let (kc, vc) = &kv.layers[layer];
+    pool.run_chunks(out, group * hd, &|task, dst| {
+        let i = task / c.kv_heads;
+        let g = task % c.kv_heads;
+        let ctx = positions[i] + 1;
+        let slots = &seqs[owner[i]].slots[..ctx];
+        let mut scores = vec![0f32; ctx];
+        for (j, o) in dst.chunks_exact_mut(hd).enumerate() {
+            let h = g * group + j;
+            let q = &qkv[i * width + h * hd..i * width + (h + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (s, &slot) in scores.iter_mut().zip(slots) {
+                let at = slot as usize * kvd + g * hd;
+                *s = kernels::dot_f16(isa, q, &kc[at..at + hd]) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            o.fill(0.0);
+            for (s, &slot) in scores.iter().zip(slots) {
+                let p = round_f16(*s / sum);
+                let at = slot as usize * kvd + g * hd;
+                kernels::axpy_f16(isa, o, p, &vc[at..at + hd]);
+            }
+        }
+    });
+}

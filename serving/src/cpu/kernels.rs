@@ -1,0 +1,334 @@
+//! The kernel interface the forward pass calls: quantized matrix products, f16 key/value
+//! arithmetic and conversions, each dispatched once per call to the best instruction set the
+//! CPU reports at run time (AVX2 + FMA + F16C on x86-64, else portable Rust).
+
+use std::sync::OnceLock;
+
+use super::pool::Pool;
+use super::quant::{QActs, QK, QMatrix, QType};
+
+/// The instruction set the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+}
+
+impl Isa {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+        }
+    }
+}
+
+/// The best instruction set this CPU supports; `KEEL_CPU_KERNELS=portable` forces the
+/// portable path (for comparisons and tests).
+pub(crate) fn detected() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("KEEL_CPU_KERNELS").is_ok_and(|v| v == "portable") {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// Rows `r0..r1` of `w` times every row of `x`, feature-major: `out[(r - r0) * x.rows + a]`.
+/// Shapes that do not fit leave `out` untouched and return `false`.
+pub(crate) fn matmul_rows(
+    isa: Isa,
+    w: &QMatrix,
+    x: &QActs,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) -> bool {
+    if x.nb != w.nb || r0 > r1 || r1 > w.rows || out.len() < (r1 - r0) * x.rows {
+        return false;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced by `detected` after checking AVX2, FMA and
+        // F16C (or by tests that check the same), and the shapes were checked above.
+        Isa::Avx2 => unsafe { super::avx2::matmul_rows(w, x, r0, r1, out) },
+        _ => portable_rows(w, x, r0, r1, out),
+    }
+    true
+}
+
+fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
+    let nb = w.nb;
+    let qb = w.qtype.quant_bytes();
+    for r in r0..r1 {
+        let wq = &w.qs[r * nb * qb..(r + 1) * nb * qb];
+        for a in 0..x.rows {
+            let xq = &x.qs[a * nb * QK..(a + 1) * nb * QK];
+            let mut total = 0f32;
+            for b in 0..nb {
+                let q = &wq[b * qb..(b + 1) * qb];
+                let y = &xq[b * QK..(b + 1) * QK];
+                let mut s = 0i32;
+                match w.qtype {
+                    QType::Q4_0 | QType::Q4_1 => {
+                        for k in 0..QK / 2 {
+                            s += i32::from(q[k] & 15) * i32::from(y[k]);
+                            s += i32::from(q[k] >> 4) * i32::from(y[k + QK / 2]);
+                        }
+                    }
+                    QType::Q8_0 => {
+                        for k in 0..QK {
+                            s += i32::from(q[k] as i8) * i32::from(y[k]);
+                        }
+                    }
+                }
+                total += w.d[r * nb + b] * x.d[a * nb + b] * s as f32;
+                if w.qtype != QType::Q8_0 {
+                    total += w.c[r * nb + b] * x.s[a * nb + b];
+                }
+            }
+            out[(r - r0) * x.rows + a] = total;
+        }
+    }
+}
+
+/// Weight rows per parallel task: enough work per task to amortise the hand-over, enough
+/// tasks to balance two or more threads.
+fn rows_per_task(rows: usize, t: usize, threads: usize) -> usize {
+    let target_tasks = threads * 4;
+    let by_balance = rows.div_ceil(target_tasks);
+    // At least ~16k block products per task.
+    let by_work = (16_384 / t.max(1)).max(4);
+    by_balance.max(by_work.min(rows)).div_ceil(4) * 4
+}
+
+/// `y = x · wᵀ` for all rows of `x`: `out[a * w.rows + r]` (token-major), using the pool.
+/// `scratch` is reused between calls to hold the feature-major partial result.
+pub(crate) fn matmul(
+    pool: &Pool,
+    isa: Isa,
+    w: &QMatrix,
+    x: &QActs,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let t = x.rows;
+    let n = w.rows;
+    let chunk = rows_per_task(n, t, pool.threads());
+    if t == 1 {
+        pool.run_chunks(&mut out[..n], chunk, &|i, part| {
+            let r0 = i * chunk;
+            let ok = matmul_rows(isa, w, x, r0, r0 + part.len(), part);
+            debug_assert!(ok);
+        });
+        return;
+    }
+    scratch.resize(n * t, 0.0);
+    pool.run_chunks(&mut scratch[..n * t], chunk * t, &|i, part| {
+        let r0 = i * chunk;
+        let ok = matmul_rows(isa, w, x, r0, r0 + part.len() / t, part);
+        debug_assert!(ok);
+    });
+    for a in 0..t {
+        let row = &mut out[a * n..(a + 1) * n];
+        for (r, v) in row.iter_mut().enumerate() {
+            *v = scratch[r * t + a];
+        }
+    }
+}
+
+/// `Σ q[i] · k[i]` with `k` in f16 bits.
+pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C were detected.
+        Isa::Avx2 => unsafe { super::avx2::dot_f16(q, k) },
+        _ => q
+            .iter()
+            .zip(k)
+            .map(|(a, b)| a * half::f16::from_bits(*b).to_f32())
+            .sum(),
+    }
+}
+
+/// `out[i] += p · v[i]` with `v` in f16 bits.
+pub(crate) fn axpy_f16(isa: Isa, out: &mut [f32], p: f32, v: &[u16]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C were detected.
+        Isa::Avx2 => unsafe { super::avx2::axpy_f16(out, p, v) },
+        _ => {
+            for (o, b) in out.iter_mut().zip(v) {
+                *o += p * half::f16::from_bits(*b).to_f32();
+            }
+        }
+    }
+}
+
+/// f32 to f16 bits, rounding to nearest even.
+pub(crate) fn to_f16(isa: Isa, src: &[f32], dst: &mut [u16]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2 and F16C were detected.
+        Isa::Avx2 => unsafe { super::avx2::to_f16(src, dst) },
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = half::f16::from_f32(*s).to_bits();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::quant::{QActs, QMatrix, QType, dot_ref, rounds_sum};
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so failures replay.
+    pub(crate) struct Rng(u64);
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Self {
+            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        pub(crate) fn f32(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        pub(crate) fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f32()).collect()
+        }
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if detected() == Isa::Avx2 {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+
+    fn check(qtype: QType, rows: usize, cols: usize, t: usize, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let w = QMatrix::quantize(qtype, rows, cols, &rng.vec(rows * cols));
+        let xs: Vec<f32> = rng.vec(t * cols).iter().map(|v| v * 3.0).collect();
+        let x = QActs::quantize(&xs, t, cols, rounds_sum(qtype));
+        let pool = Pool::new(2).unwrap();
+        for isa in isas() {
+            let mut out = vec![f32::NAN; t * rows];
+            let mut scratch = Vec::new();
+            matmul(&pool, isa, &w, &x, &mut out, &mut scratch);
+            for a in 0..t {
+                for r in 0..rows {
+                    let want = dot_ref(&w, r, &x, a);
+                    let got = out[a * rows + r];
+                    // Bound: f32 rounding over `cols` products of magnitude <= |d_w d_a| 127*15.
+                    let tol = 1e-6 * (cols as f32) * 3.0 + 1e-5 * want.abs();
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{qtype:?} {rows}x{cols} t={t} {isa:?} row {r} act {a}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_match_the_reference_at_many_shapes() {
+        let mut seed = 1;
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            for (rows, cols) in [(1, 32), (3, 64), (4, 32), (5, 96), (17, 160), (64, 576)] {
+                for t in [1, 2, 3, 4, 5, 7, 9] {
+                    check(qtype, rows, cols, t, seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_match_at_model_shapes() {
+        check(QType::Q4_1, 1536, 576, 1, 99);
+        check(QType::Q4_1, 576, 1536, 6, 100);
+        check(QType::Q8_0, 300, 576, 2, 101);
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_without_writing() {
+        let w = QMatrix::quantize(QType::Q4_1, 4, 64, &[0.5; 256]);
+        let x = QActs::quantize(&[0.25; 32], 1, 32, true);
+        let mut out = vec![7.0; 4];
+        for isa in isas() {
+            assert!(!matmul_rows(isa, &w, &x, 0, 4, &mut out));
+            assert!(out.iter().all(|v| *v == 7.0));
+        }
+        let x = QActs::quantize(&[0.25; 64], 1, 64, true);
+        assert!(!matmul_rows(Isa::Portable, &w, &x, 0, 5, &mut out));
+        assert!(!matmul_rows(Isa::Portable, &w, &x, 0, 4, &mut out[..3]));
+        assert!(matmul_rows(Isa::Portable, &w, &x, 0, 4, &mut out));
+    }
+
+    #[test]
+    fn ggml_layout_round_trips_and_rejects_wrong_sizes() {
+        let mut rng = Rng::new(7);
+        let vals = rng.vec(2 * 64);
+        let m = QMatrix::quantize(QType::Q4_1, 2, 64, &vals);
+        // Re-encode as GGML blocks and read back.
+        let mut raw = Vec::new();
+        for i in 0..m.d.len() {
+            raw.extend_from_slice(&half::f16::from_f32(m.d[i]).to_le_bytes());
+            raw.extend_from_slice(&half::f16::from_f32(m.c[i]).to_le_bytes());
+            raw.extend_from_slice(&m.qs[i * 16..(i + 1) * 16]);
+        }
+        let back = QMatrix::from_ggml(QType::Q4_1, 2, 64, &raw).unwrap();
+        assert_eq!(back.qs, m.qs);
+        assert_eq!(back.d, m.d);
+        let mut row = vec![0f32; 64];
+        back.dequantize_row(1, &mut row);
+        for (a, b) in row.iter().zip(&vals[64..]) {
+            assert!((a - b).abs() < 0.1, "{a} vs {b}");
+        }
+        assert!(QMatrix::from_ggml(QType::Q4_1, 2, 64, &raw[1..]).is_err());
+        assert!(QMatrix::from_ggml(QType::Q4_1, 2, 60, &raw).is_err());
+        assert!(QMatrix::from_ggml(QType::Q8_0, 0, 64, &[]).is_err());
+    }
+
+    #[test]
+    fn f16_helpers_agree_with_portable() {
+        let mut rng = Rng::new(3);
+        for n in [1usize, 7, 8, 9, 64, 67] {
+            let q = rng.vec(n);
+            let kf = rng.vec(n);
+            let mut k = vec![0u16; n];
+            to_f16(Isa::Portable, &kf, &mut k);
+            for isa in isas() {
+                let mut k2 = vec![0u16; n];
+                to_f16(isa, &kf, &mut k2);
+                assert_eq!(k, k2);
+                let a = dot_f16(isa, &q, &k);
+                let b = dot_f16(Isa::Portable, &q, &k);
+                assert!((a - b).abs() < 1e-5 * n as f32, "{a} vs {b}");
+                let mut o1 = q.clone();
+                let mut o2 = q.clone();
+                axpy_f16(isa, &mut o1, 0.3, &k);
+                axpy_f16(Isa::Portable, &mut o2, 0.3, &k);
+                for (x, y) in o1.iter().zip(&o2) {
+                    assert!((x - y).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}

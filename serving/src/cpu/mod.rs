@@ -1,0 +1,403 @@
+//! Our own CPU path: quantized matrix kernels (Q4_0, Q4_1, Q8_0 weights times activations
+//! quantized to 8 bits on the fly), a worker pool, and a forward pass over plain buffers with
+//! fused steps, used by default for GGUF models on the CPU whose weights are in those formats.
+//!
+//! The forward pass mirrors the numerics llama.cpp uses on the CPU, so greedy output matches
+//! it token for token: activations are quantized per block of 32 before every projection
+//! (Q8_1-style block sums for Q4_1 weights), keys and values live in the cache as f16, queries
+//! and attention probabilities are rounded to f16 before their products.
+//!
+//! `unsafe` is allowed in this module only: the SIMD kernels in `avx2` and the worker pool's
+//! lending of a borrowed closure to its threads. Every block has a SAFETY comment.
+
+mod attn;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub(crate) mod kernels;
+mod pool;
+pub(crate) mod quant;
+
+use std::sync::{Mutex, PoisonError};
+
+use kernels::Isa;
+use pool::Pool;
+use quant::{QActs, QMatrix, QType, rounds_sum};
+
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, SeqStep, rope_table};
+
+/// One projection: the weight matrix and an optional bias.
+#[derive(Debug)]
+pub(crate) struct Proj {
+    pub(crate) w: QMatrix,
+    pub(crate) bias: Option<Vec<f32>>,
+}
+
+/// One transformer block for the CPU path. Q, K and V are one matrix (their rows stacked), and
+/// so are the gate and up projections, so each takes one pass over the activations.
+#[derive(Debug)]
+pub(crate) struct CpuLayer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) qkv: Proj,
+    pub(crate) wo: Proj,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate_up: Proj,
+    pub(crate) down: Proj,
+}
+
+/// Stacks the rows of projections with the same weight format into one (biases follow, with
+/// zeros for parts that have none).
+pub(crate) fn stack(parts: Vec<Proj>) -> std::result::Result<Proj, String> {
+    let any_bias = parts.iter().any(|p| p.bias.is_some());
+    let mut it = parts.into_iter();
+    let Some(first) = it.next() else {
+        return Err("nothing to stack".into());
+    };
+    let mut w = first.w;
+    let mut bias = Vec::new();
+    if any_bias {
+        bias.extend(first.bias.unwrap_or_else(|| vec![0.0; w.rows]));
+    }
+    for p in it {
+        if p.w.qtype != w.qtype || p.w.cols != w.cols {
+            return Err(format!(
+                "cannot stack a {}x{} {} matrix under a {}x{} {} one",
+                p.w.rows,
+                p.w.cols,
+                p.w.qtype.name(),
+                w.rows,
+                w.cols,
+                w.qtype.name()
+            ));
+        }
+        if any_bias {
+            bias.extend(p.bias.unwrap_or_else(|| vec![0.0; p.w.rows]));
+        }
+        w.rows += p.w.rows;
+        w.d.extend(p.w.d);
+        w.c.extend(p.w.c);
+        w.qs.extend(p.w.qs);
+    }
+    Ok(Proj {
+        w,
+        bias: any_bias.then_some(bias),
+    })
+}
+
+/// Scratch buffers reused across steps (the forward pass runs on the model thread only).
+#[derive(Debug, Default)]
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    acts: QActs,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    ffn: Vec<f32>,
+    mm: Vec<f32>,
+}
+
+/// A model held for the CPU kernels.
+#[derive(Debug)]
+pub(crate) struct CpuModel {
+    config: ModelConfig,
+    isa: Isa,
+    pool: Pool,
+    embedding: QMatrix,
+    /// `None` when the output projection is the embedding (tied weights).
+    output: Option<QMatrix>,
+    norm: Vec<f32>,
+    layers: Vec<CpuLayer>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scratch: Mutex<Scratch>,
+}
+
+impl CpuModel {
+    pub(crate) fn new(
+        config: ModelConfig,
+        embedding: QMatrix,
+        output: Option<QMatrix>,
+        norm: Vec<f32>,
+        layers: Vec<CpuLayer>,
+        threads: usize,
+    ) -> Result<Self> {
+        let c = &config;
+        let bad = |reason: String| Err(Error::InvalidModel { reason });
+        let q_rows = c.heads * c.head_dim + 2 * c.kv_dim();
+        if embedding.cols != c.hidden || embedding.rows < c.vocab {
+            return bad(format!(
+                "token embedding is {}x{}, expected {}x{}",
+                embedding.rows, embedding.cols, c.vocab, c.hidden
+            ));
+        }
+        if let Some(o) = &output
+            && (o.cols != c.hidden || o.rows < c.vocab)
+        {
+            return bad(format!("output projection is {}x{}", o.rows, o.cols));
+        }
+        if norm.len() != c.hidden || layers.len() != c.layers {
+            return bad("output norm or layer count does not match the configuration".into());
+        }
+        for (i, l) in layers.iter().enumerate() {
+            let shapes = [
+                (&l.qkv.w, q_rows, c.hidden),
+                (&l.wo.w, c.hidden, c.heads * c.head_dim),
+                (&l.gate_up.w, 2 * c.intermediate, c.hidden),
+                (&l.down.w, c.hidden, c.intermediate),
+            ];
+            for (w, rows, cols) in shapes {
+                if w.rows != rows || w.cols != cols {
+                    return bad(format!(
+                        "layer {i}: a projection is {}x{}, expected {rows}x{cols}",
+                        w.rows, w.cols
+                    ));
+                }
+            }
+            if l.attn_norm.len() != c.hidden || l.ffn_norm.len() != c.hidden {
+                return bad(format!("layer {i}: norm weights of the wrong length"));
+            }
+        }
+        let (cos, sin) = rope_table(c);
+        let pool = Pool::new(threads).map_err(|e| Error::Execution {
+            reason: format!("cannot start the CPU worker threads: {e}"),
+        })?;
+        Ok(Self {
+            config,
+            isa: kernels::detected(),
+            pool,
+            embedding,
+            output,
+            norm,
+            layers,
+            cos,
+            sin,
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
+    /// The instruction set in use and the worker threads, for reports.
+    pub(crate) fn describe(&self) -> String {
+        format!("keel-cpu/{} x{}", self.isa.name(), self.pool.threads())
+    }
+
+    /// One batched step (see `Model::forward`), over the f16 cache in `kv`.
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        seqs: &[SeqStep],
+        kv: &mut attn::HostKv<'_>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let h = c.hidden;
+        let qd = c.heads * c.head_dim;
+        let kvd = c.kv_dim();
+        let mut guard = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = &mut *guard;
+        // Per-token bookkeeping: position, cache slot, and which sequence it belongs to.
+        let mut positions = Vec::with_capacity(t);
+        let mut write_slots = Vec::with_capacity(t);
+        let mut owner = Vec::with_capacity(t);
+        let mut logit_rows = Vec::new();
+        for (i, sq) in seqs.iter().enumerate() {
+            for k in 0..sq.len {
+                let p = sq.start_pos + k;
+                let slot = *sq.slots.get(p).ok_or_else(|| Error::Execution {
+                    reason: format!("sequence {i} has no cache slot for position {p}"),
+                })?;
+                if slot as usize >= kv.slots() {
+                    return Err(Error::Execution {
+                        reason: format!("cache slot {slot} is outside the cache"),
+                    });
+                }
+                positions.push(p);
+                write_slots.push(slot);
+                owner.push(i);
+            }
+            if sq.want_logits {
+                logit_rows.push(positions.len() - 1);
+            }
+        }
+        if positions.len() != t {
+            return Err(Error::Execution {
+                reason: format!("{t} tokens but the sequences cover {}", positions.len()),
+            });
+        }
+        if let Some(&p) = positions.iter().find(|p| **p >= c.context) {
+            return Err(Error::Execution {
+                reason: format!("position {p} is beyond the context of {}", c.context),
+            });
+        }
+        s.x.resize(t * h, 0.0);
+        for (i, &tok) in tokens.iter().enumerate() {
+            if tok as usize >= c.vocab {
+                return Err(Error::Execution {
+                    reason: format!("token id {tok} is outside the vocabulary"),
+                });
+            }
+            self.embedding
+                .dequantize_row(tok as usize, &mut s.x[i * h..(i + 1) * h]);
+        }
+        let eps = c.rms_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            norm_quantize(
+                &s.x,
+                &layer.attn_norm,
+                t,
+                eps,
+                layer.qkv.w.qtype,
+                &mut s.acts,
+                &mut s.normed,
+            );
+            let width = qd + 2 * kvd;
+            s.qkv.resize(t * width, 0.0);
+            self.project(&layer.qkv, &s.acts, &mut s.qkv, &mut s.mm);
+            attn::rope_and_store(
+                self.isa,
+                c,
+                &mut s.qkv,
+                &positions,
+                &write_slots,
+                &self.cos,
+                &self.sin,
+                kv,
+                li,
+            );
+            s.attn.resize(t * qd, 0.0);
+            attn::attention(
+                &self.pool,
+                self.isa,
+                c,
+                &s.qkv,
+                &positions,
+                &owner,
+                seqs,
+                kv,
+                li,
+                &mut s.attn,
+            );
+            quantize_rows(&s.attn, t, qd, rounds_sum(layer.wo.w.qtype), &mut s.acts);
+            s.proj.resize(t * h, 0.0);
+            self.project(&layer.wo, &s.acts, &mut s.proj, &mut s.mm);
+            for (x, p) in s.x.iter_mut().zip(&s.proj) {
+                *x += p;
+            }
+            // Feed-forward block.
+            norm_quantize(
+                &s.x,
+                &layer.ffn_norm,
+                t,
+                eps,
+                layer.gate_up.w.qtype,
+                &mut s.acts,
+                &mut s.normed,
+            );
+            let inter = c.intermediate;
+            s.ffn.resize(t * 2 * inter, 0.0);
+            self.project(&layer.gate_up, &s.acts, &mut s.ffn, &mut s.mm);
+            // SiLU gating fused with the quantization of the down projection's input.
+            s.acts.reset(t, inter);
+            let round = rounds_sum(layer.down.w.qtype);
+            s.normed.resize(inter, 0.0);
+            for r in 0..t {
+                let row = &s.ffn[r * 2 * inter..(r + 1) * 2 * inter];
+                let (gate, up) = row.split_at(inter);
+                for ((o, g), u) in s.normed.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+                s.acts.quantize_row(r, &s.normed, round);
+            }
+            self.project(&layer.down, &s.acts, &mut s.proj, &mut s.mm);
+            for (x, p) in s.x.iter_mut().zip(&s.proj) {
+                *x += p;
+            }
+        }
+        if logit_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = logit_rows.len();
+        let mut last = Vec::with_capacity(n * h);
+        for &r in &logit_rows {
+            last.extend_from_slice(&s.x[r * h..(r + 1) * h]);
+        }
+        let out_w = self.output.as_ref().unwrap_or(&self.embedding);
+        norm_quantize(
+            &last,
+            &self.norm,
+            n,
+            eps,
+            out_w.qtype,
+            &mut s.acts,
+            &mut s.normed,
+        );
+        let mut logits = vec![0f32; n * out_w.rows];
+        kernels::matmul(&self.pool, self.isa, out_w, &s.acts, &mut logits, &mut s.mm);
+        Ok(logits
+            .chunks_exact(out_w.rows)
+            .map(|row| row[..c.vocab].to_vec())
+            .collect())
+    }
+
+    fn project(&self, p: &Proj, acts: &QActs, out: &mut [f32], scratch: &mut Vec<f32>) {
+        kernels::matmul(&self.pool, self.isa, &p.w, acts, out, scratch);
+        if let Some(b) = &p.bias {
+            for row in out.chunks_exact_mut(p.w.rows) {
+                for (o, v) in row.iter_mut().zip(b) {
+                    *o += v;
+                }
+            }
+        }
+    }
+}
+
+/// RMSNorm of each of `t` rows of `x`, scaled by `w`, quantized straight into `acts` for a
+/// projection of format `target` (the normalised rows are never stored whole).
+fn norm_quantize(
+    x: &[f32],
+    w: &[f32],
+    t: usize,
+    eps: f32,
+    target: QType,
+    acts: &mut QActs,
+    normed: &mut Vec<f32>,
+) {
+    let h = w.len();
+    acts.reset(t, h);
+    normed.resize(h, 0.0);
+    let round = rounds_sum(target);
+    for r in 0..t {
+        let row = &x[r * h..(r + 1) * h];
+        // Sum of squares in f64, as GGML accumulates it.
+        let ss: f64 = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        let scale = 1.0 / ((ss / h as f64) as f32 + eps).sqrt();
+        for ((o, v), g) in normed.iter_mut().zip(row).zip(w) {
+            *o = v * scale * g;
+        }
+        acts.quantize_row(r, normed, round);
+    }
+}
+
+fn quantize_rows(x: &[f32], t: usize, cols: usize, round: bool, acts: &mut QActs) {
+    acts.reset(t, cols);
+    for r in 0..t {
+        acts.quantize_row(r, &x[r * cols..(r + 1) * cols], round);
+    }
+}
+
+/// Whether a GGUF tensor type can be multiplied by these kernels.
+pub(crate) fn qtype_of(dtype: candle_core::quantized::GgmlDType) -> Option<QType> {
+    use candle_core::quantized::GgmlDType as G;
+    match dtype {
+        G::Q4_0 => Some(QType::Q4_0),
+        G::Q4_1 => Some(QType::Q4_1),
+        G::Q8_0 => Some(QType::Q8_0),
+        _ => None,
+    }
+}
+
+pub(crate) use attn::HostKv;
