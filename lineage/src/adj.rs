@@ -103,15 +103,26 @@ impl Adjacency {
         }
     }
 
-    /// Edges stored from `src` to `dst`, as (edge, row).
-    pub(crate) fn edges_connecting(
-        &self,
-        src: u32,
-        dst: u32,
-    ) -> impl Iterator<Item = (u32, &EdgeRow)> + '_ {
-        self.edges_of(src, Dir::Out)
-            .filter(move |&(_, t, _)| t == dst)
-            .map(|(e, _, r)| (e, r))
+    /// Edges stored from `src` to `dst`, newest first. Walks `src`'s outgoing list and
+    /// `dst`'s incoming list in step and stops when either ends: every such edge is on both
+    /// lists, so the shorter one alone holds them all, and a hub's long list costs no more
+    /// than its partner's short one.
+    pub(crate) fn edges_connecting(&self, src: u32, dst: u32) -> Vec<u32> {
+        let mut out = self.edges_of(src, Dir::Out);
+        let mut inc = self.edges_of(dst, Dir::In);
+        let (mut from_out, mut from_in) = (Vec::new(), Vec::new());
+        loop {
+            match out.next() {
+                None => return from_out,
+                Some((e, t, _)) if t == dst => from_out.push(e),
+                Some(_) => {}
+            }
+            match inc.next() {
+                None => return from_in,
+                Some((e, s, _)) if s == src => from_in.push(e),
+                Some(_) => {}
+            }
+        }
     }
 
     pub(crate) fn node_rows(&self) -> impl Iterator<Item = &NodeRow> + '_ {
@@ -152,5 +163,52 @@ impl<'a> Iterator for Edges<'a> {
             Dir::In => x.ends[0],
         };
         Some((e, other, &x.row))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intern::Sym;
+    use crate::schema::{EdgeKind, NodeKind};
+
+    fn node() -> NodeRow {
+        NodeRow {
+            ns: Sym(0),
+            name: Sym(0),
+            owner: Sym::NONE,
+            tags: 0,
+            created: 0,
+            extra: u32::MAX,
+            kind: NodeKind::Dataset,
+            status: 0,
+            flags: 0,
+        }
+    }
+
+    fn edge() -> EdgeRow {
+        EdgeRow {
+            created: 0,
+            kind: EdgeKind::DerivedFrom,
+        }
+    }
+
+    #[test]
+    fn edges_connecting_finds_every_parallel_edge_from_either_side() {
+        let mut a = Adjacency::default();
+        let (hub, leaf, other) = (a.add_node(node()), a.add_node(node()), a.add_node(node()));
+        let first = a.add_edge(hub, leaf, edge());
+        for _ in 0..50 {
+            a.add_edge(hub, other, edge());
+            a.add_edge(other, leaf, edge());
+        }
+        let second = a.add_edge(hub, leaf, edge());
+        a.add_edge(leaf, hub, edge());
+        assert_eq!(a.edges_connecting(hub, leaf), vec![second, first]);
+        assert_eq!(a.edges_connecting(leaf, hub).len(), 1);
+        assert_eq!(a.edges_connecting(other, hub), Vec::<u32>::new());
+        assert_eq!(a.edges_connecting(hub, other).len(), 50);
+        assert_eq!(a.edges_of(hub, Dir::Out).count(), 52);
+        assert_eq!(a.edges_of(leaf, Dir::In).count(), 52);
     }
 }

@@ -753,9 +753,11 @@ impl LineageGraph {
                         let ids: Vec<u32> = self
                             .g
                             .edges_connecting(src, dst)
-                            .filter(|(_, r)| r.kind == *edge)
-                            .map(|(e, _)| e)
-                            .filter(|&e| !self.edge_removed.contains_key(e))
+                            .into_iter()
+                            .filter(|&e| {
+                                self.g.edge(e).is_some_and(|r| r.kind == *edge)
+                                    && !self.edge_removed.contains_key(e)
+                            })
                             .collect();
                         for e in ids {
                             self.edge_removed.insert(e, c);
@@ -828,12 +830,9 @@ impl LineageGraph {
         s: &mut CommitSummary,
     ) {
         let (src, dst) = self.flow_pair(edge, from, to);
-        let existing = self
-            .g
-            .edges_connecting(src, dst)
-            .filter(|(_, r)| r.kind == edge)
-            .map(|(e, _)| e)
-            .find(|&e| !self.edge_removed.contains_key(e));
+        let existing = self.g.edges_connecting(src, dst).into_iter().find(|&e| {
+            self.g.edge(e).is_some_and(|r| r.kind == edge) && !self.edge_removed.contains_key(e)
+        });
         let id = match existing {
             Some(e) => e,
             None => {
