@@ -300,8 +300,8 @@ fn attention_typed<T: CudaDType + WithDType>(
     // sequence reads (the first ceil(len / block_size) of its row of `tables`, which has
     // `width` entries) is inside the cache, that heads is a multiple of kv_heads, that
     // head_dim <= 256 (the kernel's per-lane accumulators), and that the shared memory asked for
-    // (max context scores + 32 + warps * head_dim floats) fits the default 48 KiB. Grid
-    // (heads, seqs) are below the grid limits (heads < 65536 and seqs < 65536 checked there too).
+    // (max context scores + 32 + warps * head_dim floats) fits the default 48 KiB. The grid is
+    // (heads, seqs), with seqs <= 65535 checked there too.
     // `tables` and `lens` outlive the queued launch.
     unsafe { b.launch(cfg) }.w()?;
     let shape = Shape::from((seqs, s.heads() * s.head_dim()));
@@ -346,9 +346,9 @@ fn sample_typed<T: CudaDType + WithDType>(
     b.arg(&logits).arg(&params).arg(&mut out).arg(&vocab);
     // SAFETY: the arguments match `sample_*` in kernels/sampling.cu. ops::sample checked that
     // the logits are rows * vocab elements of T; `params` holds 5 words per row and `out` one
-    // id per row. One block per row (rows < 65536 checked there), 512 threads (a multiple of
-    // 32, as block_reduce requires); thread 0 of each block writes its row's id. `params`
-    // outlives the queued launch.
+    // id per row. One block per row (grid x allows 2^31 - 1), 512 threads (a multiple of 32,
+    // as block_reduce requires); thread 0 of each block writes its row's id. `params` outlives
+    // the queued launch.
     unsafe { b.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }

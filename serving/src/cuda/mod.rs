@@ -201,7 +201,7 @@ mod device {
         ///
         /// # Errors
         /// As the reference; on a GPU also [`Error::KernelInput`] when the longest context
-        /// does not fit the kernel's shared memory (about 11,000 positions at head size 64),
+        /// does not fit the kernel's shared memory (about 12,000 positions at head size 64),
         /// and [`Error::Cuda`] or [`Error::DeviceOutOfMemory`].
         pub fn paged_attention(
             &self,
