@@ -130,6 +130,33 @@ impl Context {
         &self.shared.id
     }
 
+    /// Whether the next operation on this context will be answered from the journal.
+    ///
+    /// After a restart (or a wake-up from a sleep, signal or child) a workflow re-runs from
+    /// the start, and its operations return the outcomes a previous execution journaled
+    /// without doing their work again. This is `true` while the journal holds an outcome for
+    /// the position the next operation takes, and `false` once the execution has caught up
+    /// and operations run for the first time. Checked just before a step, it says whether
+    /// that step will be replayed or will run:
+    ///
+    /// ```no_run
+    /// # async fn f(ctx: keel_durable::Context) -> keel_durable::Result<()> {
+    /// let replayed = ctx.is_replaying();
+    /// let total = ctx.step("charge", || async { Ok(42u64) }).await?;
+    /// if !replayed {
+    ///     println!("charged {total} just now");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A journaled cancellation at that position also counts as replaying. The answer is
+    /// about positions, not names: if the code asks for another operation than the one
+    /// journaled there, the call fails with [`Error::Nondeterminism`] instead.
+    pub fn is_replaying(&self) -> bool {
+        let st = lock(&self.shared.state);
+        st.history.contains_key(&st.next)
+    }
+
     pub(crate) fn poison(&self, message: String) {
         let mut st = lock(&self.shared.state);
         if st.poisoned.is_none() {

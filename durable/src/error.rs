@@ -79,6 +79,12 @@ pub enum Error {
         /// Why it was rejected.
         reason: &'static str,
     },
+    /// A signal name contained a NUL byte, which the journal uses as a key separator.
+    #[error("invalid signal name {name:?}: it contains a NUL byte")]
+    InvalidSignalName {
+        /// The rejected name.
+        name: String,
+    },
     /// A setting passed to a builder or policy was out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -41,7 +41,8 @@
 //! - **Durability.** Once an operation on [`Context`] returns, its outcome is journaled and
 //!   flushed to the level set by [`Durability`]: [`Durability::ProcessCrash`] survives
 //!   `kill -9`, [`Durability::PowerLoss`] also survives a power cut. Flushes use group commit:
-//!   one committer thread flushes for every completion queued since its previous flush.
+//!   a committer thread flushes for every completion queued since its previous flush, and a
+//!   workflow that commits alone flushes on its own thread (see [`Durability`]).
 //! - **Replay.** After a crash, [`RuntimeBuilder::open`] re-runs every unfinished workflow;
 //!   completed operations return their journaled outcomes, and a step whose outcome was
 //!   journaled never runs again. Code that asks for a different operation than the journal
@@ -66,6 +67,6 @@ pub use error::{Error, Result, StorageError};
 pub use journal::JournalStats;
 pub use runtime::{Handle, Issue, Runtime, RuntimeBuilder, Worker};
 pub use types::{
-    Durability, HistoryEntry, ListFilter, QueueConfig, RetryPolicy, StartOptions, StepError,
-    WorkflowId, WorkflowInfo, WorkflowStatus,
+    Durability, HistoryEntry, ListFilter, PendingSignal, QueueConfig, RetryPolicy, StartOptions,
+    StepError, WorkflowId, WorkflowInfo, WorkflowStatus,
 };

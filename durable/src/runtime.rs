@@ -20,8 +20,8 @@ use crate::context::{CatchUnwind, Context, Suspend};
 use crate::error::{Error, Result};
 use crate::journal::{Journal, JournalStats, Record, Writes, to_json};
 use crate::types::{
-    Durability, HistoryEntry, ListFilter, QueueConfig, StartOptions, WorkflowId, WorkflowInfo,
-    WorkflowStatus, ms_to_time, now_ms,
+    Durability, HistoryEntry, ListFilter, PendingSignal, QueueConfig, StartOptions, WorkflowId,
+    WorkflowInfo, WorkflowStatus, ms_to_time, now_ms,
 };
 
 pub(crate) type BoxFut = Pin<Box<dyn Future<Output = std::result::Result<Value, String>> + Send>>;
@@ -997,6 +997,28 @@ impl Runtime {
             .collect())
     }
 
+    /// The signals sent to a workflow that it has not received yet, oldest first.
+    ///
+    /// A signal appears here from the moment [`Runtime::signal`] returns `Ok` until the
+    /// workflow's [`Context::recv`] takes it; taking it and journaling its delivery (which
+    /// then shows in [`Runtime::history`]) are one atomic write, so a signal is always in
+    /// exactly one of the two lists. Signals still buffered when a workflow finishes stay
+    /// here.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`].
+    pub fn pending_signals(&self, id: &WorkflowId) -> Result<Vec<PendingSignal>> {
+        self.status(id)?;
+        let signals = self.inner.journal.signals(id.as_str())?;
+        Ok(signals
+            .into_iter()
+            .map(|(_, name, value)| PendingSignal {
+                name,
+                value: value.to_string(),
+            })
+            .collect())
+    }
+
     /// Sends signal `name` with `value` to a workflow.
     ///
     /// Once this returns `Ok`, the signal is durable: it is buffered until the workflow
@@ -1005,9 +1027,15 @@ impl Runtime {
     /// Signals of one name are delivered in the order they were sent.
     ///
     /// # Errors
-    /// [`Error::NotFound`]; [`Error::Finished`] if the workflow has already finished;
-    /// [`Error::Serialize`] or [`Error::Storage`].
+    /// [`Error::InvalidSignalName`] if `name` contains a NUL byte; [`Error::NotFound`];
+    /// [`Error::Finished`] if the workflow has already finished; [`Error::Serialize`] or
+    /// [`Error::Storage`].
     pub async fn signal<T: Serialize>(&self, id: &WorkflowId, name: &str, value: &T) -> Result<()> {
+        if name.contains('\0') {
+            // The journal separates a signal's name from its sequence number with NUL; a
+            // name with a NUL in it could be taken by a `recv` of a shorter name.
+            return Err(Error::InvalidSignalName { name: name.into() });
+        }
         let rec = self
             .inner
             .journal

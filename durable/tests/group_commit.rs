@@ -60,6 +60,65 @@ async fn concurrent_workflows_share_flushes_power_loss() {
     run_many(Durability::PowerLoss).await;
 }
 
+/// Runs one workflow of 20 steps alone on `rt` and returns the committer's counters.
+async fn lone_workflow(dir: &std::path::Path) -> keel_durable::JournalStats {
+    let rt = start(builder(dir).durability(Durability::PowerLoss).register(
+        "twenty",
+        |ctx: Context, (): ()| async move {
+            let mut acc = 0u64;
+            for i in 0..20u64 {
+                acc = ctx
+                    .step(
+                        &format!("s{i}"),
+                        || async move { Ok::<_, StepError>(acc + i) },
+                    )
+                    .await?;
+            }
+            Ok::<_, Error>(acc)
+        },
+    ))
+    .await;
+    let h = rt.start("twenty", &id("lone"), &()).await.unwrap();
+    assert_eq!(h.result::<u64>().await.unwrap(), 190);
+    assert_eq!(rt.history(&id("lone")).unwrap().len(), 20);
+    let s = rt.stats();
+    drop(h);
+    stop(rt).await;
+    // Reopening finds every step journaled: nothing of the lone workflow's runs again.
+    let rt = start(
+        builder(dir).register("twenty", |_: Context, (): ()| async move {
+            Err::<u64, _>("must not run: the workflow had finished")
+        }),
+    )
+    .await;
+    let again: u64 = rt.handle(&id("lone")).unwrap().result().await.unwrap();
+    assert_eq!(again, 190);
+    stop(rt).await;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_workflow_flushes_on_its_own_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = lone_workflow(dir.path()).await;
+    // The start, 20 steps and the result each waited for a flush. With nothing else
+    // committing, the committing task flushes itself instead of waking the committer thread.
+    assert!(s.commits >= 22, "{s:?}");
+    assert!(s.inline_flushes > 0, "{s:?}");
+    assert!(s.inline_flushes <= s.flushes, "{s:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_current_thread_runtime_leaves_flushes_to_the_committer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = lone_workflow(dir.path()).await;
+    // A current-thread runtime cannot move its other tasks away while a flush blocks, so
+    // every flush runs on the committer thread.
+    assert!(s.commits >= 22, "{s:?}");
+    assert_eq!(s.inline_flushes, 0, "{s:?}");
+    assert!(s.flushes > 0, "{s:?}");
+}
+
 /// Runs an `n`-step workflow, truncates its journal to the first `k` entries (as if the
 /// process died right after step `k - 1` was journaled), reopens, and checks that exactly
 /// the steps at `k..n` run again and the result is unchanged.

@@ -313,3 +313,78 @@ async fn a_panicking_workflow_fails_and_others_continue() {
     assert_eq!(ok, 5);
     stop(rt).await;
 }
+
+/// One observation of the workflow below: which operation, whether `is_replaying` was true
+/// just before it, and (for steps) whether its closure ran.
+type Seen = Arc<std::sync::Mutex<Vec<(&'static str, bool, bool)>>>;
+
+fn observed(b: keel_durable::RuntimeBuilder, seen: &Seen) -> keel_durable::RuntimeBuilder {
+    let seen = Arc::clone(seen);
+    b.register("wf", move |ctx: Context, (): ()| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let note = |what, replaying, ran| seen.lock().unwrap().push((what, replaying, ran));
+            for name in ["a", "b"] {
+                let replaying = ctx.is_replaying();
+                let ran = Arc::new(AtomicU32::new(0));
+                ctx.step(name, || {
+                    let ran = Arc::clone(&ran);
+                    async move {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, StepError>(())
+                    }
+                })
+                .await?;
+                note(name, replaying, ran.load(Ordering::SeqCst) > 0);
+            }
+            let replaying = ctx.is_replaying();
+            ctx.recv::<()>("go").await?;
+            note("recv", replaying, false);
+            let replaying = ctx.is_replaying();
+            ctx.step("c", || async { Ok::<_, StepError>(()) }).await?;
+            note("c", replaying, true);
+            Ok::<_, Error>(())
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn is_replaying_tells_replayed_steps_from_fresh_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen: Seen = Arc::default();
+    let rt = start(observed(builder(dir.path()), &seen)).await;
+    rt.start("wf", &id("r"), &()).await.unwrap();
+    while rt.history(&id("r")).unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(rt).await;
+    // The first execution ran both steps fresh and then suspended in `recv`.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [("a", false, true), ("b", false, true)]
+    );
+    seen.lock().unwrap().clear();
+
+    let rt = start(observed(builder(dir.path()), &seen)).await;
+    rt.signal(&id("r"), "go", &()).await.unwrap();
+    rt.handle(&id("r")).unwrap().result::<()>().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    // Recovery may suspend once more before the signal lands; in every execution a step is
+    // replayed exactly when its closure did not run.
+    for (what, replaying, ran) in &seen {
+        if *what != "recv" {
+            assert_eq!(*replaying, !ran, "{what} in {seen:?}");
+        }
+    }
+    // The last execution replayed "a" and "b" and caught up at the signal.
+    assert_eq!(
+        seen[seen.len() - 4..],
+        [
+            ("a", true, false),
+            ("b", true, false),
+            ("recv", false, false),
+            ("c", false, true)
+        ]
+    );
+    stop(rt).await;
+}

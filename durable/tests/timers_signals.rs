@@ -190,3 +190,71 @@ async fn unit_signal_with_timeout_replays_as_received() {
     assert!(got);
     stop(rt).await;
 }
+
+fn gated(
+    ctx: Context,
+    (): (),
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u32>, Error>> + Send>> {
+    Box::pin(async move {
+        ctx.recv::<()>("gate").await?;
+        let first = ctx.recv::<u32>("a").await?;
+        let second = ctx.recv::<u32>("a").await?;
+        Ok(vec![first, second])
+    })
+}
+
+fn pending(rt: &keel_durable::Runtime, wf: &str) -> Vec<String> {
+    rt.pending_signals(&id(wf))
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_signals_lists_what_is_buffered_in_send_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(builder(dir.path()).register("gated", gated)).await;
+    rt.start("gated", &id("g"), &()).await.unwrap();
+    assert!(pending(&rt, "g").is_empty());
+    rt.signal(&id("g"), "a", &1u32).await.unwrap();
+    rt.signal(&id("g"), "extra", &"kept".to_string())
+        .await
+        .unwrap();
+    rt.signal(&id("g"), "a", &2u32).await.unwrap();
+    // The workflow waits for "gate", so all three stay buffered, listed in the order sent.
+    assert_eq!(
+        pending(&rt, "g"),
+        [r#""a" -> 1"#, r#""extra" -> "kept""#, r#""a" -> 2"#]
+    );
+    // A name with a NUL byte is refused and buffers nothing.
+    let bad = rt.signal(&id("g"), "a\0b", &3u32).await;
+    assert!(
+        matches!(bad, Err(Error::InvalidSignalName { .. })),
+        "{bad:?}"
+    );
+    assert_eq!(pending(&rt, "g").len(), 3);
+    stop(rt).await;
+
+    // Buffered signals survive a restart; once received they leave the list and show in the
+    // history instead, and a signal nobody receives stays listed after the workflow ends.
+    let rt = start(builder(dir.path()).register("gated", gated)).await;
+    assert_eq!(pending(&rt, "g").len(), 3);
+    rt.signal(&id("g"), "gate", &()).await.unwrap();
+    let got: Vec<u32> = rt.handle(&id("g")).unwrap().result().await.unwrap();
+    assert_eq!(got, [1, 2]);
+    assert_eq!(pending(&rt, "g"), [r#""extra" -> "kept""#]);
+    let received = rt
+        .history(&id("g"))
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "signal")
+        .count();
+    assert_eq!(received, 3);
+    let missing = rt.pending_signals(&id("nobody"));
+    assert!(
+        matches!(missing, Err(Error::NotFound { .. })),
+        "{missing:?}"
+    );
+    stop(rt).await;
+}
