@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
 use candle_core::{DType, Device, Tensor};
 
-use crate::cpu::quant::QMatrix;
+use crate::cpu::quant::{PlainQ, QMatrix};
 use crate::cpu::{self, CpuLayer, CpuModel, Proj};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Layer, Linear, Model, ModelConfig, RopeStyle};
@@ -458,7 +458,7 @@ fn load_gguf_cpu(
         }
     }
     let cpu_dev = Device::Cpu;
-    let matrix = |r: &mut BufReader<File>, name: &str| -> Result<QMatrix> {
+    let matrix = |r: &mut BufReader<File>, name: &str| -> Result<PlainQ> {
         let q = qtensor_named(content, r, path, name, &cpu_dev)?;
         let bad = |reason: String| Error::InvalidModel {
             reason: format!("tensor {name}: {reason}"),
@@ -466,7 +466,7 @@ fn load_gguf_cpu(
         let qtype = cpu::qtype_of(q.dtype()).ok_or_else(|| bad("unexpected type".into()))?;
         let (rows, cols) = q.shape().dims2().map_err(|e| bad(e.to_string()))?;
         let raw = q.data().map_err(|e| bad(e.to_string()))?;
-        QMatrix::from_ggml(qtype, rows, cols, &raw).map_err(|e| bad(e.0))
+        PlainQ::from_ggml(qtype, rows, cols, &raw).map_err(|e| bad(e.0))
     };
     let vector = |r: &mut BufReader<File>, name: &str| -> Result<Vec<f32>> {
         let t = dense(qtensor_named(content, r, path, name, &cpu_dev)?, &cpu_dev)?;
@@ -478,15 +478,14 @@ fn load_gguf_cpu(
     let mut layers = Vec::with_capacity(config.layers);
     for i in 0..config.layers {
         let p = format!("blk.{i}");
-        let proj = |r: &mut BufReader<File>, name: &str, with_bias: bool| -> Result<Proj> {
-            Ok(Proj {
-                w: matrix(r, &format!("{p}.{name}.weight"))?,
-                bias: if with_bias {
-                    Some(vector(r, &format!("{p}.{name}.bias"))?)
-                } else {
-                    None
-                },
-            })
+        let proj = |r: &mut BufReader<File>, name: &str, with_bias: bool| {
+            let w = matrix(r, &format!("{p}.{name}.weight"))?;
+            let b = if with_bias {
+                Some(vector(r, &format!("{p}.{name}.bias"))?)
+            } else {
+                None
+            };
+            Ok::<_, Error>((w, b))
         };
         let q = proj(r, "attn_q", bias)?;
         let k = proj(r, "attn_k", bias)?;
@@ -495,10 +494,15 @@ fn load_gguf_cpu(
         let gate = proj(r, "ffn_gate", false)?;
         let up = proj(r, "ffn_up", false)?;
         let down = proj(r, "ffn_down", false)?;
-        let (Ok(qkv), Ok(gate_up)) = (cpu::stack(vec![q, k, v]), cpu::stack(vec![gate, up])) else {
+        let mixed = q.0.qtype != k.0.qtype || q.0.qtype != v.0.qtype || gate.0.qtype != up.0.qtype;
+        if mixed {
             // Mixed formats inside one stack: leave the model to candle.
             return Ok(None);
-        };
+        }
+        let qkv = Proj::stacked(vec![q, k, v])?;
+        let gate_up = Proj::stacked(vec![gate, up])?;
+        let wo = Proj::new(&wo.0, wo.1);
+        let down = Proj::new(&down.0, down.1);
         layers.push(CpuLayer {
             attn_norm: vector(r, &format!("{p}.attn_norm.weight"))?,
             qkv,
@@ -509,9 +513,9 @@ fn load_gguf_cpu(
         });
     }
     let norm = vector(r, "output_norm.weight")?;
-    let embedding = matrix(r, "token_embd.weight")?;
+    let embedding = QMatrix::pack(&matrix(r, "token_embd.weight")?);
     let output = if content.tensor_infos.contains_key("output.weight") {
-        Some(matrix(r, "output.weight")?)
+        Some(QMatrix::pack(&matrix(r, "output.weight")?))
     } else {
         None
     };

@@ -3,13 +3,14 @@
 //! through [`super::kernels`] after run-time detection. Memory accesses are bounds-checked per
 //! row or guarded by the loop bounds next to each `unsafe` load.
 //!
-//! The quantized tile multiplies `R` weight rows by `C` activation rows per pass over the
-//! blocks, so each weight block is unpacked once and used `C` times (prefill and batched
-//! decode), and each activation block is loaded once for `R` rows.
+//! The quantized kernel multiplies a group of eight weight rows (interleaved by
+//! [`QMatrix::pack`]) by up to four activation rows per pass over the blocks, so each weight
+//! block is unpacked once and used for every activation row (prefill and batched decode), and
+//! each scale multiply and accumulation serves eight rows at once.
 
 use std::arch::x86_64::*;
 
-use super::quant::{QActs, QK, QMatrix, QType};
+use super::quant::{QActs, QK, QMatrix, QType, ROWS};
 
 /// Horizontal sum of eight lanes.
 #[inline]
@@ -21,80 +22,103 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Computes `out[(r0 + r - base) * stride + a0 + c]` for `r < R`, `c < C`. Every slice is
-/// bounds-checked once per tile, so bad coordinates panic instead of reading out of bounds;
-/// `super::kernels` checks shapes before calling, so they never do.
+/// One row group (eight output features) times activation rows `a0..a0 + C`: returns the
+/// eight dot products for each of the `C` activation rows. Slices are bounds-checked once per
+/// call; `super::kernels` checks shapes before calling.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)] // The tile's coordinates; one call site.
-fn tile<const R: usize, const C: usize, const NIBBLES: bool>(
+fn group<const C: usize, const NIBBLES: bool>(
     w: &QMatrix,
-    r0: usize,
+    g: usize,
     x: &QActs,
     a0: usize,
-    out: &mut [f32],
-    base: usize,
-    stride: usize,
-) {
+) -> [[f32; ROWS]; C] {
     let nb = w.nb;
-    let qb = if NIBBLES { QK / 2 } else { QK };
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm_set1_epi8(0x0f);
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let wrows: [&[u8]; R] =
-        std::array::from_fn(|r| &w.qs[(r0 + r) * nb * qb..(r0 + r + 1) * nb * qb]);
-    let wd: [&[f32]; R] = std::array::from_fn(|r| &w.d[(r0 + r) * nb..(r0 + r + 1) * nb]);
-    let xrows: [&[i8]; C] =
-        std::array::from_fn(|c| &x.qs[(a0 + c) * nb * QK..(a0 + c + 1) * nb * QK]);
+    let gbb = QMatrix::group_block_bytes(w.qtype);
+    let wq = &w.qs[g * nb * gbb..(g + 1) * nb * gbb];
+    let wd = &w.d[g * nb * ROWS..(g + 1) * nb * ROWS];
+    let wc = if NIBBLES {
+        &w.c[g * nb * ROWS..(g + 1) * nb * ROWS]
+    } else {
+        &[][..]
+    };
+    let xq: [&[[i8; QK]]; C] = std::array::from_fn(|c| {
+        x.qs[(a0 + c) * nb * QK..(a0 + c + 1) * nb * QK]
+            .as_chunks::<QK>()
+            .0
+    });
     let xd: [&[f32]; C] = std::array::from_fn(|c| &x.d[(a0 + c) * nb..(a0 + c + 1) * nb]);
+    let xs: [&[f32]; C] = std::array::from_fn(|c| &x.s[(a0 + c) * nb..(a0 + c + 1) * nb]);
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); C];
+    let bcast = |a: &[i8; QK], k: usize| {
+        _mm256_set1_epi32(i32::from_le_bytes([
+            a[4 * k] as u8,
+            a[4 * k + 1] as u8,
+            a[4 * k + 2] as u8,
+            a[4 * k + 3] as u8,
+        ]))
+    };
     for b in 0..nb {
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut wabs = [_mm256_setzero_si256(); R];
-        for r in 0..R {
-            let p = wrows[r][b * qb..].as_ptr();
-            if NIBBLES {
-                // SAFETY: `wrows[r]` holds `nb * 16` bytes, so 16 bytes at block `b < nb` are
-                // in bounds; unaligned loads are allowed.
-                let bytes = unsafe { _mm_loadu_si128(p.cast()) };
-                let lo = _mm_and_si128(bytes, low);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
-                wv[r] = _mm256_set_m128i(hi, lo);
-            } else {
-                // SAFETY: `wrows[r]` holds `nb * 32` bytes; 32 at block `b < nb` are in bounds.
-                wv[r] = unsafe { _mm256_loadu_si256(p.cast()) };
-                wabs[r] = _mm256_sign_epi8(wv[r], wv[r]);
+        let blk = &wq[b * gbb..(b + 1) * gbb];
+        // SAFETY: `wd` holds `nb * 8` floats, so 8 at `b * 8` are in bounds.
+        let dv = unsafe { _mm256_loadu_ps(wd[b * ROWS..].as_ptr()) };
+        if NIBBLES {
+            let mut wv = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                // SAFETY: `blk` holds 128 bytes; 32 at `32 * j` (j < 4) are in bounds.
+                let raw = unsafe { _mm256_loadu_si256(blk[32 * j..].as_ptr().cast()) };
+                wv[2 * j] = _mm256_and_si256(raw, low);
+                wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
             }
-        }
-        for c in 0..C {
-            // SAFETY: `xrows[c]` holds `nb * 32` bytes; 32 at block `b < nb` are in bounds.
-            let av = unsafe { _mm256_loadu_si256(xrows[c][b * QK..].as_ptr().cast()) };
-            let da = xd[c][b];
-            for r in 0..R {
-                let prod = if NIBBLES {
-                    _mm256_maddubs_epi16(wv[r], av)
-                } else {
-                    _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(av, wv[r]))
-                };
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
-                acc[r][c] = _mm256_fmadd_ps(sum, _mm256_set1_ps(wd[r][b] * da), acc[r][c]);
+            // SAFETY: `wc` holds `nb * 8` floats, so 8 at `b * 8` are in bounds.
+            let cv = unsafe { _mm256_loadu_ps(wc[b * ROWS..].as_ptr()) };
+            for c in 0..C {
+                let a = &xq[c][b];
+                // Eight products of at most 2·15·127 each fit an i16 lane (30480 < 32767).
+                let mut s16 = _mm256_setzero_si256();
+                for (k, wk) in wv.iter().enumerate() {
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*wk, bcast(a, k)));
+                }
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), _mm256_set1_ps(xd[c][b]), acc[c]);
+                acc[c] = _mm256_fmadd_ps(cv, _mm256_set1_ps(xs[c][b]), acc[c]);
+            }
+        } else {
+            let mut wv = [_mm256_setzero_si256(); 8];
+            for (k, v) in wv.iter_mut().enumerate() {
+                // SAFETY: `blk` holds 256 bytes; 32 at `32 * k` (k < 8) are in bounds.
+                *v = unsafe { _mm256_loadu_si256(blk[32 * k..].as_ptr().cast()) };
+            }
+            for c in 0..C {
+                let a = &xq[c][b];
+                let mut s32 = _mm256_setzero_si256();
+                for (k, wk) in wv.iter().enumerate() {
+                    // Signed × signed: |w| × (a with w's sign); one product pair is at most
+                    // 2·128·127 = 32512, so it fits before widening.
+                    let p = _mm256_maddubs_epi16(
+                        _mm256_sign_epi8(*wk, *wk),
+                        _mm256_sign_epi8(bcast(a, k), *wk),
+                    );
+                    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+                }
+                let f = _mm256_cvtepi32_ps(s32);
+                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), _mm256_set1_ps(xd[c][b]), acc[c]);
             }
         }
     }
-    for r in 0..R {
-        for c in 0..C {
-            let mut v = hsum(acc[r][c]);
-            if NIBBLES {
-                let wc = &w.c[(r0 + r) * nb..(r0 + r + 1) * nb];
-                let xs = &x.s[(a0 + c) * nb..(a0 + c + 1) * nb];
-                v += wc.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
-            }
-            out[(r0 + r - base) * stride + a0 + c] = v;
-        }
+    let mut out = [[0f32; ROWS]; C];
+    for c in 0..C {
+        // SAFETY: `out[c]` is an array of 8 floats.
+        unsafe { _mm256_storeu_ps(out[c].as_mut_ptr(), acc[c]) };
     }
+    out
 }
 
-/// Rows `r0..r1` of `w` times every activation row, written feature-major into `out`
-/// (`out[(r - r0) * x.rows + a]`). Callable only where AVX2 and FMA are known to exist.
+/// Rows `r0..r1` of `w` (`r0` a multiple of 8) times every activation row, written
+/// feature-major into `out` (`out[(r - r0) * x.rows + a]`). Callable only where AVX2 and FMA
+/// are known to exist.
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     match w.qtype {
@@ -104,41 +128,30 @@ pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mu
 }
 
 #[target_feature(enable = "avx2,fma")]
-fn rows_for<const NIBBLES: bool>(
-    w: &QMatrix,
-    x: &QActs,
-    r0: usize,
-    r1: usize,
-    out: &mut [f32],
-) {
+fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     let t = x.rows;
-    let mut r = r0;
-    // The loop bounds keep `r + R <= r1` and `a + C <= t`; the caller checked the rest.
-    while r + 4 <= r1 {
+    let mut put = |g: usize, a0: usize, res: &[[f32; ROWS]]| {
+        for (c, col) in res.iter().enumerate() {
+            for (lane, v) in col.iter().enumerate() {
+                let r = g * ROWS + lane;
+                if r < r1 {
+                    out[(r - r0) * t + a0 + c] = *v;
+                }
+            }
+        }
+    };
+    for g in r0 / ROWS..r1.div_ceil(ROWS) {
         let mut a = 0;
         while a + 4 <= t {
-            tile::<4, 4, NIBBLES>(w, r, x, a, out, r0, t);
+            put(g, a, &group::<4, NIBBLES>(w, g, x, a));
             a += 4;
         }
         match t - a {
             0 => {}
-            1 => tile::<4, 1, NIBBLES>(w, r, x, a, out, r0, t),
-            2 => tile::<4, 2, NIBBLES>(w, r, x, a, out, r0, t),
-            _ => tile::<4, 3, NIBBLES>(w, r, x, a, out, r0, t),
+            1 => put(g, a, &group::<1, NIBBLES>(w, g, x, a)),
+            2 => put(g, a, &group::<2, NIBBLES>(w, g, x, a)),
+            _ => put(g, a, &group::<3, NIBBLES>(w, g, x, a)),
         }
-        r += 4;
-    }
-    while r < r1 {
-        let mut a = 0;
-        while a + 4 <= t {
-            tile::<1, 4, NIBBLES>(w, r, x, a, out, r0, t);
-            a += 4;
-        }
-        while a < t {
-            tile::<1, 1, NIBBLES>(w, r, x, a, out, r0, t);
-            a += 1;
-        }
-        r += 1;
     }
 }
 

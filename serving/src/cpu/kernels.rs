@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use super::pool::Pool;
-use super::quant::{QActs, QK, QMatrix, QType};
+use super::quant::{QActs, QK, QMatrix, QType, ROWS};
 
 /// The instruction set the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,8 @@ pub(crate) fn detected() -> Isa {
 }
 
 /// Rows `r0..r1` of `w` times every row of `x`, feature-major: `out[(r - r0) * x.rows + a]`.
-/// Shapes that do not fit leave `out` untouched and return `false`.
+/// `r0` must start a row group (a multiple of 8). Shapes that do not fit leave `out`
+/// untouched and return `false`.
 pub(crate) fn matmul_rows(
     isa: Isa,
     w: &QMatrix,
@@ -56,13 +57,21 @@ pub(crate) fn matmul_rows(
     r1: usize,
     out: &mut [f32],
 ) -> bool {
-    if x.nb != w.nb || r0 > r1 || r1 > w.rows || out.len() < (r1 - r0) * x.rows {
+    if x.nb != w.nb
+        || r0 > r1
+        || r1 > w.rows
+        || !r0.is_multiple_of(ROWS)
+        || out.len() < (r1 - r0) * x.rows
+        || x.qs.len() < x.rows * x.nb * QK
+        || x.d.len() < x.rows * x.nb
+        || x.s.len() < x.rows * x.nb
+    {
         return false;
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced by `detected` after checking AVX2, FMA and
-        // F16C (or by tests that check the same), and the shapes were checked above.
+        // F16C (tests use it only when `detected` returns it), and the shapes were checked.
         Isa::Avx2 => unsafe { super::avx2::matmul_rows(w, x, r0, r1, out) },
         _ => portable_rows(w, x, r0, r1, out),
     }
@@ -71,35 +80,44 @@ pub(crate) fn matmul_rows(
 
 fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     let nb = w.nb;
-    let qb = w.qtype.quant_bytes();
-    for r in r0..r1 {
-        let wq = &w.qs[r * nb * qb..(r + 1) * nb * qb];
-        for a in 0..x.rows {
-            let xq = &x.qs[a * nb * QK..(a + 1) * nb * QK];
-            let mut total = 0f32;
+    let t = x.rows;
+    let gbb = QMatrix::group_block_bytes(w.qtype);
+    let four_bit = w.qtype != QType::Q8_0;
+    for g in r0 / ROWS..r1.div_ceil(ROWS) {
+        for a in 0..t {
+            let mut acc = [0f32; ROWS];
             for b in 0..nb {
-                let q = &wq[b * qb..(b + 1) * qb];
-                let y = &xq[b * QK..(b + 1) * QK];
-                let mut s = 0i32;
-                match w.qtype {
-                    QType::Q4_0 | QType::Q4_1 => {
-                        for k in 0..QK / 2 {
-                            s += i32::from(q[k] & 15) * i32::from(y[k]);
-                            s += i32::from(q[k] >> 4) * i32::from(y[k + QK / 2]);
-                        }
-                    }
-                    QType::Q8_0 => {
-                        for k in 0..QK {
-                            s += i32::from(q[k] as i8) * i32::from(y[k]);
+                let blk = &w.qs[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
+                let y = &x.qs[(a * nb + b) * QK..(a * nb + b + 1) * QK];
+                let mut isum = [0i32; ROWS];
+                for k in 0..QK / 4 {
+                    for (lane, s) in isum.iter_mut().enumerate() {
+                        for e in 0..4 {
+                            let v = if four_bit {
+                                let byte = blk[32 * (k / 2) + 4 * lane + e];
+                                i32::from(if k % 2 == 0 { byte & 15 } else { byte >> 4 })
+                            } else {
+                                i32::from(blk[32 * k + 4 * lane + e] as i8)
+                            };
+                            *s += v * i32::from(y[4 * k + e]);
                         }
                     }
                 }
-                total += w.d[r * nb + b] * x.d[a * nb + b] * s as f32;
-                if w.qtype != QType::Q8_0 {
-                    total += w.c[r * nb + b] * x.s[a * nb + b];
+                let gb = (g * nb + b) * ROWS;
+                let (da, sa) = (x.d[a * nb + b], x.s[a * nb + b]);
+                for (lane, v) in acc.iter_mut().enumerate() {
+                    *v += isum[lane] as f32 * w.d[gb + lane] * da;
+                    if four_bit {
+                        *v += w.c[gb + lane] * sa;
+                    }
                 }
             }
-            out[(r - r0) * x.rows + a] = total;
+            for (lane, v) in acc.iter().enumerate() {
+                let r = g * ROWS + lane;
+                if r < r1 {
+                    out[(r - r0) * t + a] = *v;
+                }
+            }
         }
     }
 }
@@ -111,7 +129,7 @@ fn rows_per_task(rows: usize, t: usize, threads: usize) -> usize {
     let by_balance = rows.div_ceil(target_tasks);
     // At least ~16k block products per task.
     let by_work = (16_384 / t.max(1)).max(4);
-    by_balance.max(by_work.min(rows)).div_ceil(4) * 4
+    by_balance.max(by_work.min(rows)).div_ceil(ROWS) * ROWS
 }
 
 /// `y = x · wᵀ` for all rows of `x`: `out[a * w.rows + r]` (token-major), using the pool.
@@ -193,7 +211,7 @@ pub(crate) fn to_f16(isa: Isa, src: &[f32], dst: &mut [u16]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quant::{QActs, QMatrix, QType, dot_ref, rounds_sum};
+    use super::super::quant::{PlainQ, QActs, QMatrix, QType, dot_ref, rounds_sum};
     use super::*;
 
     /// A small deterministic generator (xorshift), so failures replay.
@@ -223,7 +241,7 @@ mod tests {
 
     fn check(qtype: QType, rows: usize, cols: usize, t: usize, seed: u64) {
         let mut rng = Rng::new(seed);
-        let w = QMatrix::quantize(qtype, rows, cols, &rng.vec(rows * cols));
+        let w = QMatrix::pack(&PlainQ::quantize(qtype, rows, cols, &rng.vec(rows * cols)));
         let xs: Vec<f32> = rng.vec(t * cols).iter().map(|v| v * 3.0).collect();
         let x = QActs::quantize(&xs, t, cols, rounds_sum(qtype));
         let pool = Pool::new(2).unwrap();
@@ -268,7 +286,7 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_refused_without_writing() {
-        let w = QMatrix::quantize(QType::Q4_1, 4, 64, &[0.5; 256]);
+        let w = QMatrix::pack(&PlainQ::quantize(QType::Q4_1, 4, 64, &[0.5; 256]));
         let x = QActs::quantize(&[0.25; 32], 1, 32, true);
         let mut out = vec![7.0; 4];
         for isa in isas() {
@@ -278,32 +296,54 @@ mod tests {
         let x = QActs::quantize(&[0.25; 64], 1, 64, true);
         assert!(!matmul_rows(Isa::Portable, &w, &x, 0, 5, &mut out));
         assert!(!matmul_rows(Isa::Portable, &w, &x, 0, 4, &mut out[..3]));
+        assert!(!matmul_rows(Isa::Portable, &w, &x, 1, 4, &mut out));
         assert!(matmul_rows(Isa::Portable, &w, &x, 0, 4, &mut out));
     }
 
     #[test]
     fn ggml_layout_round_trips_and_rejects_wrong_sizes() {
         let mut rng = Rng::new(7);
-        let vals = rng.vec(2 * 64);
-        let m = QMatrix::quantize(QType::Q4_1, 2, 64, &vals);
-        // Re-encode as GGML blocks and read back.
-        let mut raw = Vec::new();
-        for i in 0..m.d.len() {
-            raw.extend_from_slice(&half::f16::from_f32(m.d[i]).to_le_bytes());
-            raw.extend_from_slice(&half::f16::from_f32(m.c[i]).to_le_bytes());
-            raw.extend_from_slice(&m.qs[i * 16..(i + 1) * 16]);
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let rows = 11;
+            let vals = rng.vec(rows * 64);
+            let m = PlainQ::quantize(qtype, rows, 64, &vals);
+            // Re-encode as GGML blocks and read back.
+            let mut raw = Vec::new();
+            for i in 0..m.d.len() {
+                let q = &m.q[i * 32..(i + 1) * 32];
+                match qtype {
+                    QType::Q8_0 => {
+                        raw.extend_from_slice(&half::f16::from_f32(m.d[i]).to_le_bytes());
+                        raw.extend_from_slice(q);
+                    }
+                    QType::Q4_0 | QType::Q4_1 => {
+                        raw.extend_from_slice(&half::f16::from_f32(m.d[i]).to_le_bytes());
+                        if qtype == QType::Q4_1 {
+                            raw.extend_from_slice(&half::f16::from_f32(m.c[i]).to_le_bytes());
+                        }
+                        raw.extend((0..16).map(|j| q[j] | (q[j + 16] << 4)));
+                    }
+                }
+            }
+            let back = PlainQ::from_ggml(qtype, rows, 64, &raw).unwrap();
+            assert_eq!(back.q, m.q, "{qtype:?}");
+            assert_eq!(back.d, m.d);
+            let packed = QMatrix::pack(&back);
+            let mut row = vec![0f32; 64];
+            for r in 0..rows {
+                packed.dequantize_row(r, &mut row);
+                for (k, (a, b)) in row.iter().zip(&vals[r * 64..]).enumerate() {
+                    let tol = if qtype == QType::Q8_0 { 0.01 } else { 0.15 };
+                    assert!(
+                        (a - b).abs() < tol,
+                        "{qtype:?} row {r} value {k}: {a} vs {b}"
+                    );
+                }
+            }
+            assert!(PlainQ::from_ggml(qtype, rows, 64, &raw[1..]).is_err());
+            assert!(PlainQ::from_ggml(qtype, rows, 60, &raw).is_err());
+            assert!(PlainQ::from_ggml(qtype, 0, 64, &[]).is_err());
         }
-        let back = QMatrix::from_ggml(QType::Q4_1, 2, 64, &raw).unwrap();
-        assert_eq!(back.qs, m.qs);
-        assert_eq!(back.d, m.d);
-        let mut row = vec![0f32; 64];
-        back.dequantize_row(1, &mut row);
-        for (a, b) in row.iter().zip(&vals[64..]) {
-            assert!((a - b).abs() < 0.1, "{a} vs {b}");
-        }
-        assert!(QMatrix::from_ggml(QType::Q4_1, 2, 64, &raw[1..]).is_err());
-        assert!(QMatrix::from_ggml(QType::Q4_1, 2, 60, &raw).is_err());
-        assert!(QMatrix::from_ggml(QType::Q8_0, 0, 64, &[]).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::{Mutex, PoisonError};
 
 use kernels::Isa;
 use pool::Pool;
-use quant::{QActs, QMatrix, QType, rounds_sum};
+use quant::{PlainQ, QActs, QMatrix, QType, rounds_sum};
 
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, SeqStep, rope_table};
@@ -45,43 +45,30 @@ pub(crate) struct CpuLayer {
     pub(crate) down: Proj,
 }
 
-/// Stacks the rows of projections with the same weight format into one (biases follow, with
-/// zeros for parts that have none).
-pub(crate) fn stack(parts: Vec<Proj>) -> std::result::Result<Proj, String> {
-    let any_bias = parts.iter().any(|p| p.bias.is_some());
-    let mut it = parts.into_iter();
-    let Some(first) = it.next() else {
-        return Err("nothing to stack".into());
-    };
-    let mut w = first.w;
-    let mut bias = Vec::new();
-    if any_bias {
-        bias.extend(first.bias.unwrap_or_else(|| vec![0.0; w.rows]));
-    }
-    for p in it {
-        if p.w.qtype != w.qtype || p.w.cols != w.cols {
-            return Err(format!(
-                "cannot stack a {}x{} {} matrix under a {}x{} {} one",
-                p.w.rows,
-                p.w.cols,
-                p.w.qtype.name(),
-                w.rows,
-                w.cols,
-                w.qtype.name()
-            ));
+impl Proj {
+    /// Packs one weight matrix with its optional bias.
+    pub(crate) fn new(w: &PlainQ, bias: Option<Vec<f32>>) -> Self {
+        Self {
+            w: QMatrix::pack(w),
+            bias,
         }
-        if any_bias {
-            bias.extend(p.bias.unwrap_or_else(|| vec![0.0; p.w.rows]));
-        }
-        w.rows += p.w.rows;
-        w.d.extend(p.w.d);
-        w.c.extend(p.w.c);
-        w.qs.extend(p.w.qs);
     }
-    Ok(Proj {
-        w,
-        bias: any_bias.then_some(bias),
-    })
+
+    /// Stacks the rows of projections with the same weight format into one and packs it
+    /// (biases follow, with zeros for parts that have none).
+    pub(crate) fn stacked(parts: Vec<(PlainQ, Option<Vec<f32>>)>) -> Result<Self> {
+        let any_bias = parts.iter().any(|p| p.1.is_some());
+        let mut bias = Vec::new();
+        let mut mats = Vec::with_capacity(parts.len());
+        for (w, b) in parts {
+            if any_bias {
+                bias.extend(b.unwrap_or_else(|| vec![0.0; w.rows]));
+            }
+            mats.push(w);
+        }
+        let w = PlainQ::stack(mats).map_err(|e| Error::InvalidModel { reason: e.0 })?;
+        Ok(Self::new(&w, any_bias.then_some(bias)))
+    }
 }
 
 /// Scratch buffers reused across steps (the forward pass runs on the model thread only).

@@ -62,25 +62,27 @@ impl QType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LayoutError(pub(crate) String);
 
-/// A `rows × cols` weight matrix (one row per output feature) in our split layout.
+/// Rows packed together: the kernels produce this many output features at once.
+pub(crate) const ROWS: usize = 8;
+
+/// A quantized matrix as plain per-row arrays, one byte per value (the unsigned 4-bit quant,
+/// or the signed 8-bit one). Loading and stacking work on this form; [`QMatrix::pack`] turns it
+/// into the kernels' layout.
 #[derive(Debug, Clone)]
-pub(crate) struct QMatrix {
+pub(crate) struct PlainQ {
     pub(crate) qtype: QType,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
-    /// Blocks per row (`cols / 32`).
-    pub(crate) nb: usize,
-    /// Scale of every block, row-major.
+    /// Scale per block, row-major.
     pub(crate) d: Vec<f32>,
-    /// Per-block offset term (see the module docs); empty for Q8_0.
+    /// Offset term per block (see the module docs); empty for Q8_0.
     pub(crate) c: Vec<f32>,
-    /// Packed quants, `quant_bytes()` per block, row-major. For the 4-bit formats byte `j` of a
-    /// block holds value `j` in its low nibble and value `j + 16` in its high nibble.
-    pub(crate) qs: Vec<u8>,
+    /// One byte per value, row-major.
+    pub(crate) q: Vec<u8>,
 }
 
-impl QMatrix {
-    /// Splits GGML blocks (`rows × cols / 32` of them, row-major) into our layout.
+impl PlainQ {
+    /// Reads GGML blocks (`rows × cols / 32` of them, row-major).
     pub(crate) fn from_ggml(
         qtype: QType,
         rows: usize,
@@ -107,51 +109,50 @@ impl QMatrix {
             )));
         }
         let blocks = rows * nb;
-        let qb = qtype.quant_bytes();
-        let mut d = Vec::with_capacity(blocks);
-        let mut c = Vec::with_capacity(if qtype == QType::Q8_0 { 0 } else { blocks });
-        let mut qs = Vec::with_capacity(blocks * qb);
-        for block in raw.chunks_exact(bb) {
-            let scale = f16_at(block, 0);
-            d.push(scale);
-            match qtype {
-                QType::Q4_0 => {
-                    c.push(-8.0 * scale);
-                    qs.extend_from_slice(&block[2..]);
-                }
-                QType::Q4_1 => {
-                    c.push(f16_at(block, 2));
-                    qs.extend_from_slice(&block[4..]);
-                }
-                QType::Q8_0 => qs.extend_from_slice(&block[2..]),
-            }
-        }
-        Ok(Self {
-            qtype,
-            rows,
-            cols,
-            nb,
-            d,
-            c,
-            qs,
-        })
-    }
-
-    /// Builds a matrix by quantizing f32 rows (tests).
-    #[cfg(test)]
-    pub(crate) fn quantize(qtype: QType, rows: usize, cols: usize, values: &[f32]) -> Self {
-        let nb = cols / QK;
-        let qb = qtype.quant_bytes();
         let mut m = Self {
             qtype,
             rows,
             cols,
-            nb,
-            d: Vec::with_capacity(rows * nb),
-            c: Vec::new(),
-            qs: Vec::with_capacity(rows * nb * qb),
+            d: Vec::with_capacity(blocks),
+            c: Vec::with_capacity(if qtype == QType::Q8_0 { 0 } else { blocks }),
+            q: Vec::with_capacity(rows * cols),
         };
-        for block in values.chunks_exact(QK).take(rows * nb) {
+        for block in raw.chunks_exact(bb) {
+            let scale = f16_at(block, 0);
+            m.d.push(scale);
+            let packed = match qtype {
+                QType::Q4_0 => {
+                    m.c.push(-8.0 * scale);
+                    &block[2..]
+                }
+                QType::Q4_1 => {
+                    m.c.push(f16_at(block, 2));
+                    &block[4..]
+                }
+                QType::Q8_0 => {
+                    m.q.extend_from_slice(&block[2..]);
+                    continue;
+                }
+            };
+            // GGML: byte j holds value j (low nibble) and value j + 16 (high nibble).
+            m.q.extend(packed.iter().map(|b| b & 15));
+            m.q.extend(packed.iter().map(|b| b >> 4));
+        }
+        Ok(m)
+    }
+
+    /// Quantizes f32 rows the way GGML's reference quantizers do (tests).
+    #[cfg(test)]
+    pub(crate) fn quantize(qtype: QType, rows: usize, cols: usize, values: &[f32]) -> Self {
+        let mut m = Self {
+            qtype,
+            rows,
+            cols,
+            d: Vec::new(),
+            c: Vec::new(),
+            q: Vec::with_capacity(rows * cols),
+        };
+        for block in values.chunks_exact(QK).take(rows * cols / QK) {
             match qtype {
                 QType::Q4_0 => {
                     let amax = block
@@ -162,10 +163,11 @@ impl QMatrix {
                     let id = if dd == 0.0 { 0.0 } else { 1.0 / dd };
                     m.d.push(dd);
                     m.c.push(-8.0 * dd);
-                    let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
-                    for j in 0..QK / 2 {
-                        m.qs.push(q(block[j]) | (q(block[j + QK / 2]) << 4));
-                    }
+                    m.q.extend(
+                        block
+                            .iter()
+                            .map(|v| ((v * id + 8.5) as i32).clamp(0, 15) as u8),
+                    );
                 }
                 QType::Q4_1 => {
                     let lo = block.iter().copied().fold(f32::INFINITY, f32::min);
@@ -174,18 +176,122 @@ impl QMatrix {
                     let id = if dd == 0.0 { 0.0 } else { 1.0 / dd };
                     m.d.push(dd);
                     m.c.push(round_f16(lo));
-                    let q = |v: f32| (((v - lo) * id + 0.5) as i32).clamp(0, 15) as u8;
-                    for j in 0..QK / 2 {
-                        m.qs.push(q(block[j]) | (q(block[j + QK / 2]) << 4));
-                    }
+                    m.q.extend(
+                        block
+                            .iter()
+                            .map(|v| (((v - lo) * id + 0.5) as i32).clamp(0, 15) as u8),
+                    );
                 }
                 QType::Q8_0 => {
                     let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
                     let dd = round_f16(amax / 127.0);
                     let id = if dd == 0.0 { 0.0 } else { 1.0 / dd };
                     m.d.push(dd);
-                    for &v in block {
-                        m.qs.push((v * id).round().clamp(-127.0, 127.0) as i8 as u8);
+                    m.q.extend(
+                        block
+                            .iter()
+                            .map(|v| (v * id).round().clamp(-127.0, 127.0) as i8 as u8),
+                    );
+                }
+            }
+        }
+        m
+    }
+
+    /// Stacks the rows of matrices of the same format and width.
+    pub(crate) fn stack(parts: Vec<Self>) -> Result<Self, LayoutError> {
+        let mut it = parts.into_iter();
+        let Some(mut m) = it.next() else {
+            return Err(LayoutError("nothing to stack".into()));
+        };
+        for p in it {
+            if p.qtype != m.qtype || p.cols != m.cols {
+                return Err(LayoutError(format!(
+                    "cannot stack a {}x{} {} matrix under a {}x{} {} one",
+                    p.rows,
+                    p.cols,
+                    p.qtype.name(),
+                    m.rows,
+                    m.cols,
+                    m.qtype.name()
+                )));
+            }
+            m.rows += p.rows;
+            m.d.extend(p.d);
+            m.c.extend(p.c);
+            m.q.extend(p.q);
+        }
+        Ok(m)
+    }
+}
+
+/// A `rows × cols` weight matrix (one row per output feature) in the kernels' layout: rows in
+/// groups of [`ROWS`] (the last group padded with zero rows), and within a group and a block,
+/// the values interleaved so one 32-byte vector holds four consecutive values of each of the
+/// eight rows. A kernel multiplies that vector by four activation bytes broadcast to every
+/// lane, and the eight lanes of its integer result are the eight rows' partial dot products:
+/// no horizontal sums, and one scale multiply serves eight rows.
+///
+/// Per group `g` and block `b` (index `gb = g·nb + b`):
+/// - `d[gb·8 + r]`, `c[gb·8 + r]`: scale and offset term of row `8g + r`;
+/// - 4-bit: `qs[gb·128 ..][32·j + 4·r + e]` holds value `8j + e` of row `8g + r` in its low
+///   nibble and value `8j + 4 + e` in its high nibble (`j < 4`, `e < 4`);
+/// - 8-bit: `qs[gb·256 ..][32·k + 4·r + e]` holds value `4k + e` (`k < 8`).
+#[derive(Debug, Clone)]
+pub(crate) struct QMatrix {
+    pub(crate) qtype: QType,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// Blocks per row (`cols / 32`).
+    pub(crate) nb: usize,
+    pub(crate) d: Vec<f32>,
+    /// Empty for Q8_0.
+    pub(crate) c: Vec<f32>,
+    pub(crate) qs: Vec<u8>,
+}
+
+impl QMatrix {
+    /// Bytes of quants per (group, block).
+    pub(crate) fn group_block_bytes(qtype: QType) -> usize {
+        ROWS * qtype.quant_bytes()
+    }
+
+    /// Interleaves a plain matrix into the kernels' layout.
+    pub(crate) fn pack(p: &PlainQ) -> Self {
+        let nb = p.cols / QK;
+        let groups = p.rows.div_ceil(ROWS);
+        let gbb = Self::group_block_bytes(p.qtype);
+        let four_bit = p.qtype != QType::Q8_0;
+        let mut m = Self {
+            qtype: p.qtype,
+            rows: p.rows,
+            cols: p.cols,
+            nb,
+            d: vec![0.0; groups * nb * ROWS],
+            c: if four_bit {
+                vec![0.0; groups * nb * ROWS]
+            } else {
+                Vec::new()
+            },
+            qs: vec![0; groups * nb * gbb],
+        };
+        for r in 0..p.rows {
+            let (g, lane) = (r / ROWS, r % ROWS);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                m.d[gb * ROWS + lane] = p.d[r * nb + b];
+                if four_bit {
+                    m.c[gb * ROWS + lane] = p.c[r * nb + b];
+                }
+                let src = &p.q[r * p.cols + b * QK..r * p.cols + (b + 1) * QK];
+                let dst = &mut m.qs[gb * gbb..(gb + 1) * gbb];
+                for (k, &v) in src.iter().enumerate() {
+                    let (grp, e) = (k / 4, k % 4);
+                    if four_bit {
+                        let at = 32 * (grp / 2) + 4 * lane + e;
+                        dst[at] |= if grp % 2 == 0 { v & 15 } else { (v & 15) << 4 };
+                    } else {
+                        dst[32 * grp + 4 * lane + e] = v;
                     }
                 }
             }
@@ -193,27 +299,35 @@ impl QMatrix {
         m
     }
 
+    /// Value `k` of row `r` as stored: the unsigned 4-bit quant, or the signed 8-bit one.
+    pub(crate) fn value(&self, r: usize, k: usize) -> i32 {
+        let (g, lane) = (r / ROWS, r % ROWS);
+        let (b, kk) = (k / QK, k % QK);
+        let gb = g * self.nb + b;
+        let gbb = Self::group_block_bytes(self.qtype);
+        let block = &self.qs[gb * gbb..(gb + 1) * gbb];
+        let (grp, e) = (kk / 4, kk % 4);
+        match self.qtype {
+            QType::Q4_0 | QType::Q4_1 => {
+                let byte = block[32 * (grp / 2) + 4 * lane + e];
+                i32::from(if grp % 2 == 0 { byte & 15 } else { byte >> 4 })
+            }
+            QType::Q8_0 => i32::from(block[32 * grp + 4 * lane + e] as i8),
+        }
+    }
+
+    /// Scale and offset term of block `b` of row `r`.
+    pub(crate) fn scales(&self, r: usize, b: usize) -> (f32, f32) {
+        let i = ((r / ROWS) * self.nb + b) * ROWS + r % ROWS;
+        (self.d[i], self.c.get(i).copied().unwrap_or(0.0))
+    }
+
     /// Writes row `r` as f32 into `out` (length `cols`); used for embedding lookups.
     pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let qb = self.qtype.quant_bytes();
         for b in 0..self.nb {
-            let i = r * self.nb + b;
-            let q = &self.qs[i * qb..(i + 1) * qb];
-            let o = &mut out[b * QK..(b + 1) * QK];
-            let d = self.d[i];
-            match self.qtype {
-                QType::Q4_0 | QType::Q4_1 => {
-                    let c = self.c[i];
-                    for j in 0..QK / 2 {
-                        o[j] = d * f32::from(q[j] & 15) + c;
-                        o[j + QK / 2] = d * f32::from(q[j] >> 4) + c;
-                    }
-                }
-                QType::Q8_0 => {
-                    for j in 0..QK {
-                        o[j] = d * f32::from(q[j] as i8);
-                    }
-                }
+            let (d, c) = self.scales(r, b);
+            for k in 0..QK {
+                out[b * QK + k] = d * self.value(r, b * QK + k) as f32 + c;
             }
         }
     }
@@ -308,39 +422,21 @@ pub(crate) fn rounds_sum(qtype: QType) -> bool {
 /// The reference dot product of weight row `r` with activation row `a`: plain scalar code in
 /// GGML's order of operations, the oracle for every kernel.
 pub(crate) fn dot_ref(w: &QMatrix, r: usize, x: &QActs, a: usize) -> f32 {
-    let qb = w.qtype.quant_bytes();
     let mut total = 0f32;
     for b in 0..w.nb {
-        let i = r * w.nb + b;
         let j = a * x.nb + b;
-        let q = &w.qs[i * qb..(i + 1) * qb];
         let y = &x.qs[j * QK..(j + 1) * QK];
-        let part = match w.qtype {
-            QType::Q4_0 => {
-                let mut s = 0i32;
-                for k in 0..QK / 2 {
-                    s += (i32::from(q[k] & 15) - 8) * i32::from(y[k]);
-                    s += (i32::from(q[k] >> 4) - 8) * i32::from(y[k + QK / 2]);
-                }
-                w.d[i] * x.d[j] * s as f32
-            }
-            QType::Q4_1 => {
-                let mut s = 0i32;
-                for k in 0..QK / 2 {
-                    s += i32::from(q[k] & 15) * i32::from(y[k]);
-                    s += i32::from(q[k] >> 4) * i32::from(y[k + QK / 2]);
-                }
-                w.d[i] * x.d[j] * s as f32 + w.c[i] * x.s[j]
-            }
-            QType::Q8_0 => {
-                let mut s = 0i32;
-                for k in 0..QK {
-                    s += i32::from(q[k] as i8) * i32::from(y[k]);
-                }
-                w.d[i] * x.d[j] * s as f32
-            }
-        };
-        total += part;
+        let (d, c) = w.scales(r, b);
+        let mut s = 0i32;
+        for k in 0..QK {
+            let v = w.value(r, b * QK + k);
+            let v = if w.qtype == QType::Q4_0 { v - 8 } else { v };
+            s += v * i32::from(y[k]);
+        }
+        total += d * x.d[j] * s as f32;
+        if w.qtype == QType::Q4_1 {
+            total += c * x.s[j];
+        }
     }
     total
 }
