@@ -428,10 +428,10 @@ pub(crate) fn dot_ref(w: &QMatrix, r: usize, x: &QActs, a: usize) -> f32 {
         let y = &x.qs[j * QK..(j + 1) * QK];
         let (d, c) = w.scales(r, b);
         let mut s = 0i32;
-        for k in 0..QK {
+        for (k, yk) in y.iter().enumerate() {
             let v = w.value(r, b * QK + k);
             let v = if w.qtype == QType::Q4_0 { v - 8 } else { v };
-            s += v * i32::from(y[k]);
+            s += v * i32::from(*yk);
         }
         total += d * x.d[j] * s as f32;
         if w.qtype == QType::Q4_1 {
