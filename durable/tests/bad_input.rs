@@ -1,5 +1,6 @@
-//! Bad inputs and faults: a second opener, a journal from a newer format, corrupt records
-//! and files, payloads that no longer deserialise, unregistered names, replay divergence.
+//! Bad inputs and faults: a second opener, a journal from a newer format, corrupt records,
+//! signals and files, payloads that no longer deserialise (inputs, step outputs, signals),
+//! unregistered names, replay divergence.
 //! Each yields a typed error, and the other workflows keep running.
 
 #![allow(clippy::unwrap_used)] // helpers in tests: a failed unwrap is a failed test
@@ -326,4 +327,61 @@ async fn unusable_directory_is_a_storage_error() {
         }
         other => panic!("expected Storage, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_retyped_signals_fail_only_their_workflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = start(waiting(builder(dir.path()))).await;
+    for w in ["retyped", "damaged", "fine"] {
+        rt.start("wait", &id(w), &1u32).await.unwrap();
+    }
+    for w in ["retyped", "damaged", "fine"] {
+        while rt.history(&id(w)).unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    stop(rt).await;
+    // A buffered signal whose bytes are not JSON (its key as `Runtime::signal` lays it out).
+    poke(
+        dir.path(),
+        &[(b"s/damaged\0go\0\0\0\0\0\0\0\0\x01", b"{nope")],
+    );
+
+    let rt = start(waiting(builder(dir.path()))).await;
+    let listed = rt.pending_signals(&id("damaged"));
+    assert!(matches!(listed, Err(Error::Corrupt { .. })), "{listed:?}");
+    // A value of another type than the workflow asks for (a changed signal type).
+    rt.signal(&id("retyped"), "go", &"five".to_string())
+        .await
+        .unwrap();
+    rt.signal(&id("fine"), "go", &5u32).await.unwrap();
+    assert_eq!(
+        rt.handle(&id("fine"))
+            .unwrap()
+            .result::<u32>()
+            .await
+            .unwrap(),
+        6
+    );
+    let retyped = rt.handle(&id("retyped")).unwrap().result::<u32>().await;
+    match retyped {
+        Err(Error::WorkflowFailed { message, .. }) => {
+            assert!(message.contains("does not deserialise"), "{message}");
+        }
+        other => panic!("expected the retyped signal to fail the workflow, got {other:?}"),
+    }
+    let damaged = rt.handle(&id("damaged")).unwrap().result::<u32>().await;
+    match damaged {
+        Err(Error::WorkflowFailed { message, .. }) => {
+            assert!(message.contains("corrupt"), "{message}");
+        }
+        other => panic!("expected the damaged signal to fail the workflow, got {other:?}"),
+    }
+    // Nothing was silently dropped: the damaged signal is still in the journal.
+    assert!(matches!(
+        rt.pending_signals(&id("damaged")),
+        Err(Error::Corrupt { .. })
+    ));
+    stop(rt).await;
 }

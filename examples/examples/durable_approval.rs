@@ -123,6 +123,10 @@ async fn status(dir: &Path, id: &str) -> anyhow::Result<()> {
     for entry in rt.history(&id)? {
         println!("  {entry}");
     }
+    // Signals sent but not received yet: a decision shows here until the workflow takes it.
+    for pending in rt.pending_signals(&id)? {
+        println!("  pending signal {pending}");
+    }
     Ok(())
 }
 

@@ -13,8 +13,6 @@
 #![allow(clippy::print_stdout)] // a CLI program reports on stdout
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, bail};
 use keel_durable::{Context, Runtime, StepError, WorkflowId, WorkflowStatus};
@@ -59,28 +57,26 @@ fn parse_args() -> anyhow::Result<Args> {
 async fn pipeline(ctx: Context, crash_after: Option<usize>) -> anyhow::Result<String> {
     let mut acc = String::from("model");
     for (i, name) in STEPS.iter().enumerate() {
-        let ran = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&ran);
+        // Asked just before the step: will its outcome come from the journal?
+        let replayed = ctx.is_replaying();
         let prev = acc.clone();
         acc = ctx
             .step(name, || {
-                let flag = Arc::clone(&flag);
                 let prev = prev.clone();
                 async move {
-                    flag.store(true, Ordering::SeqCst);
                     // A stand-in for real work: a slow, side-effecting call.
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     Ok::<_, StepError>(format!("{prev}+{name}"))
                 }
             })
             .await?;
-        let how = if ran.load(Ordering::SeqCst) {
-            "ran"
-        } else {
+        let how = if replayed {
             "replayed from the journal"
+        } else {
+            "ran"
         };
         println!("step {} {name:<10} {how}", i + 1);
-        if crash_after == Some(i + 1) && ran.load(Ordering::SeqCst) {
+        if crash_after == Some(i + 1) && !replayed {
             println!(
                 "crashing now (abort) with step {} journaled; run again to resume",
                 i + 1
