@@ -9,7 +9,8 @@
 //! - One-shot figures printed before the criterion groups: in-memory ingest, heap and RSS for
 //!   the graph, CSR snapshot build and full report resolution; after them: the cost of a
 //!   copy-on-write commit (what `LineageStore` pays to publish a snapshot) against the same
-//!   commit applied in place, durable ingest of the whole graph, and reopen of that store.
+//!   commit applied in place, durable ingest of the whole graph, and reopen of that store by
+//!   replaying its log and again from a checkpoint.
 //!
 //! Scale with `KEEL_BENCH_NODES` (default 1,000,000; edges are 5x nodes).
 //! Run: `cargo bench -p keel-benches --bench lineage_impact`.
@@ -462,6 +463,31 @@ fn durable(n: usize, edge_list: &[(u32, u32)]) {
         g.edge_count(),
         reopen.as_secs_f64(),
         bytes as f64 / MIB,
+        floor.as_secs_f64(),
+        reopen.as_secs_f64() / floor.as_secs_f64()
+    );
+    drop(g);
+    let t = Instant::now();
+    store.checkpoint().unwrap();
+    let t_ckpt = t.elapsed();
+    drop(store);
+    // Floor: reading the checkpoint file into memory.
+    let t = Instant::now();
+    let size = std::fs::read(dir.path().join("checkpoint.bin"))
+        .unwrap()
+        .len();
+    let floor = t.elapsed();
+    let t = Instant::now();
+    let store = LineageStore::open(dir.path()).unwrap();
+    let reopen = t.elapsed();
+    let g = store.read();
+    println!(
+        "reopen from a checkpoint: {} nodes, {} edges in {:.2} s (checkpoint of {:.0} MiB written in {:.2} s); floor (reading the file) {:.2} s; ratio {:.1}x",
+        g.node_count(),
+        g.edge_count(),
+        reopen.as_secs_f64(),
+        size as f64 / MIB,
+        t_ckpt.as_secs_f64(),
         floor.as_secs_f64(),
         reopen.as_secs_f64() / floor.as_secs_f64()
     );

@@ -4,8 +4,11 @@
 //! edge links to the next edge of both lists), but the tables are [`ChunkVec`]s, so a
 //! snapshot and the writer's next version share every chunk a commit did not write.
 
+use crate::codec::{R, Reader, put_len};
 use crate::cow::ChunkVec;
 use crate::graph::{EdgeRow, NodeRow};
+use crate::intern::Sym;
+use crate::schema::{EdgeKind, NodeKind};
 
 /// End of an adjacency list.
 const END: u32 = u32::MAX;
@@ -142,6 +145,88 @@ impl Adjacency {
     pub(crate) fn heap_bytes(&self) -> usize {
         self.nodes.heap_bytes() + self.edges.heap_bytes()
     }
+
+    /// Appends both tables, links included, to a checkpoint.
+    pub(crate) fn encode(&self, w: &mut Vec<u8>) {
+        put_len(w, self.nodes.len());
+        for n in self.nodes.iter() {
+            let r = &n.row;
+            for x in [r.ns.0, r.name.0, r.owner.0, r.tags, r.created, r.extra] {
+                w.extend_from_slice(&x.to_le_bytes());
+            }
+            w.extend_from_slice(&[r.kind.code(), r.status, r.flags]);
+            for x in n.first {
+                w.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        put_len(w, self.edges.len());
+        for x in self.edges.iter() {
+            w.extend_from_slice(&x.row.created.to_le_bytes());
+            w.push(x.row.kind.code());
+            for v in x.ends.iter().chain(&x.next) {
+                w.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+
+    /// Reads tables written by [`Self::encode`]. Every link must point inside the tables,
+    /// and an edge's next links at an older edge, so no list can loop.
+    pub(crate) fn decode(r: &mut Reader<'_>) -> R<Adjacency> {
+        let mut a = Adjacency::default();
+        let n = r.len()?;
+        if n > r.b.len() / 35 {
+            return Err("node table longer than the checkpoint".to_owned());
+        }
+        for _ in 0..n {
+            let mut v = [0u32; 6];
+            for x in &mut v {
+                *x = r.u32()?;
+            }
+            let (kc, status, flags) = (r.u8()?, r.u8()?, r.u8()?);
+            let kind = NodeKind::from_code(kc).ok_or_else(|| format!("bad node kind {kc}"))?;
+            let first = [r.u32()?, r.u32()?];
+            a.nodes.push(NodeSlot {
+                row: NodeRow {
+                    ns: Sym(v[0]),
+                    name: Sym(v[1]),
+                    owner: Sym(v[2]),
+                    tags: v[3],
+                    created: v[4],
+                    extra: v[5],
+                    kind,
+                    status,
+                    flags,
+                },
+                first,
+            });
+        }
+        let m = r.len()?;
+        if m > r.b.len() / 21 {
+            return Err("edge table longer than the checkpoint".to_owned());
+        }
+        for e in 0..m as u32 {
+            let created = r.u32()?;
+            let kc = r.u8()?;
+            let kind = EdgeKind::from_code(kc).ok_or_else(|| format!("bad edge kind {kc}"))?;
+            let ends = [r.u32()?, r.u32()?];
+            let next = [r.u32()?, r.u32()?];
+            if ends.iter().any(|&x| x as usize >= n) || next.iter().any(|&x| x != END && x >= e) {
+                return Err(format!("edge {e} links outside the tables"));
+            }
+            a.edges.push(EdgeSlot {
+                row: EdgeRow { created, kind },
+                ends,
+                next,
+            });
+        }
+        if a.nodes
+            .iter()
+            .any(|s| s.first.iter().any(|&x| x != END && x as usize >= m))
+        {
+            return Err("a node links outside the edge table".to_owned());
+        }
+        Ok(a)
+    }
 }
 
 /// An adjacency list walk, from [`Adjacency::edges_of`].
@@ -169,8 +254,6 @@ impl<'a> Iterator for Edges<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intern::Sym;
-    use crate::schema::{EdgeKind, NodeKind};
 
     fn node() -> NodeRow {
         NodeRow {

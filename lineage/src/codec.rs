@@ -82,16 +82,16 @@ pub(crate) fn encode(time: Timestamp, changes: &[Change]) -> Vec<u8> {
     w
 }
 
-fn put_len(w: &mut Vec<u8>, n: usize) {
+pub(crate) fn put_len(w: &mut Vec<u8>, n: usize) {
     w.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
 }
 
-fn put_str(w: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(w: &mut Vec<u8>, s: &str) {
     put_len(w, s.len());
     w.extend_from_slice(s.as_bytes());
 }
 
-fn put_opt(w: &mut Vec<u8>, s: Option<&str>) {
+pub(crate) fn put_opt(w: &mut Vec<u8>, s: Option<&str>) {
     match s {
         None => w.push(0),
         Some(s) => {
@@ -113,14 +113,14 @@ fn put_key(w: &mut Vec<u8>, k: &NodeKey) {
     put_str(w, k.name());
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) b: &'a [u8],
 }
 
-type R<T> = Result<T, String>;
+pub(crate) type R<T> = Result<T, String>;
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> R<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> R<&'a [u8]> {
         if n > self.b.len() {
             return Err(format!(
                 "truncated: wanted {n} bytes, {} left",
@@ -132,22 +132,34 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
-    fn u8(&mut self) -> R<u8> {
+    pub(crate) fn u8(&mut self) -> R<u8> {
         Ok(self.take(1)?[0])
     }
 
-    fn len(&mut self) -> R<usize> {
+    pub(crate) fn u32(&mut self) -> R<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub(crate) fn u64(&mut self) -> R<u64> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+
+    pub(crate) fn len(&mut self) -> R<usize> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
     }
 
-    fn str(&mut self) -> R<String> {
+    pub(crate) fn str(&mut self) -> R<String> {
         let n = self.len()?;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| "string is not UTF-8".to_owned())
     }
 
-    fn opt(&mut self) -> R<Option<String>> {
+    pub(crate) fn opt(&mut self) -> R<Option<String>> {
         match self.u8()? {
             0 => Ok(None),
             1 => self.str().map(Some),

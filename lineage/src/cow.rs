@@ -177,6 +177,13 @@ impl<V: Clone> ChunkMap<V> {
         old
     }
 
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &V)> + '_ {
+        self.shards
+            .iter()
+            .flatten()
+            .flat_map(|m| m.iter().map(|(&k, v)| (k, v)))
+    }
+
     pub(crate) fn heap_bytes(&self) -> usize {
         self.shards.capacity() * 8
             + self

@@ -38,7 +38,7 @@ pub(crate) struct EdgeRow {
     pub(crate) kind: EdgeKind,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub(crate) struct NodeExtra {
     description: Option<String>,
     data_type: Option<String>,
@@ -272,34 +272,34 @@ pub struct LineageGraph {
     pub(crate) schema: Arc<Schema>,
     pub(crate) g: Adjacency,
     pub(crate) names: Interner,
-    keys: KeyIndex,
-    tagsets: Arc<TagSets>,
-    extras: ChunkVec<NodeExtra>,
-    transforms: ChunkMap<Transformation>,
-    node_removed: ChunkMap<u32>,
-    edge_removed: ChunkMap<u32>,
-    commit_times: ChunkVec<Timestamp>,
+    pub(crate) keys: KeyIndex,
+    pub(crate) tagsets: Arc<TagSets>,
+    pub(crate) extras: ChunkVec<NodeExtra>,
+    pub(crate) transforms: ChunkMap<Transformation>,
+    pub(crate) node_removed: ChunkMap<u32>,
+    pub(crate) edge_removed: ChunkMap<u32>,
+    pub(crate) commit_times: ChunkVec<Timestamp>,
     /// Every metadata change, oldest first, with the metadata it replaced.
-    updates: ChunkVec<MetaUpdate>,
-    log: Option<Vec<Commit>>,
-    csr: OnceLock<Arc<Csr>>,
+    pub(crate) updates: ChunkVec<MetaUpdate>,
+    pub(crate) log: Option<Vec<Commit>>,
+    pub(crate) csr: OnceLock<Arc<Csr>>,
 }
 
 /// The distinct tag sets in use; rows point at one by index.
 #[derive(Debug, Clone)]
-struct TagSets {
-    sets: Vec<Box<[Sym]>>,
-    index: HashMap<Box<[Sym]>, u32>,
+pub(crate) struct TagSets {
+    pub(crate) sets: Vec<Box<[Sym]>>,
+    pub(crate) index: HashMap<Box<[Sym]>, u32>,
 }
 
 /// The metadata of a node row that can change after creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Meta {
-    owner: Sym,
-    tags: u32,
-    extra: u32,
-    status: u8,
-    flags: u8,
+pub(crate) struct Meta {
+    pub(crate) owner: Sym,
+    pub(crate) tags: u32,
+    pub(crate) extra: u32,
+    pub(crate) status: u8,
+    pub(crate) flags: u8,
 }
 
 impl Meta {
@@ -316,10 +316,10 @@ impl Meta {
 
 /// Commit `commit` changed node `node`'s metadata; `before` is what it replaced.
 #[derive(Debug, Clone, Copy)]
-struct MetaUpdate {
-    commit: u32,
-    node: u32,
-    before: Meta,
+pub(crate) struct MetaUpdate {
+    pub(crate) commit: u32,
+    pub(crate) node: u32,
+    pub(crate) before: Meta,
 }
 
 impl Default for LineageGraph {

@@ -65,12 +65,14 @@
 //! - A commit applies entirely or not at all; an OpenLineage event or a dbt manifest is one
 //!   commit, so a bad event leaves the graph unchanged.
 //! - [`LineageStore::commit`] returns only after the commit is flushed to disk; reopening
-//!   replays every committed change.
+//!   replays every committed change (after loading the last [`LineageStore::checkpoint`],
+//!   when one matches the log).
 //! - Library code does not panic on bad input; cycles and self-loops are visited once.
 #![forbid(unsafe_code)]
 
 mod adj;
 mod change;
+mod checkpoint;
 mod codec;
 mod cow;
 mod csr;

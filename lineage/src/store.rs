@@ -2,7 +2,7 @@
 //! in-memory [`LineageGraph`] on open.
 
 use std::ops::Deref;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,8 @@ const META_TREE: &str = "meta";
 /// The file in the store's directory that [`LineageStore`] holds an OS lock on.
 const LOCK_FILE: &str = "keel-lineage.lock";
 const SCHEMA_KEY: &[u8] = b"schema";
+/// The file in the store's directory that holds the last checkpoint.
+const CHECKPOINT_FILE: &str = "checkpoint.bin";
 
 #[derive(Deserialize)]
 struct Stored {
@@ -47,6 +49,9 @@ pub struct LineageStore {
     log: sled::Tree,
     current: ArcSwap<LineageGraph>,
     writer: Mutex<()>,
+    /// Serialises [`LineageStore::checkpoint`] calls (they do not hold up commits).
+    checkpointing: Mutex<()>,
+    dir: PathBuf,
     /// An OS lock on the store's `keel-lineage.lock`, held for the store's life so a second
     /// opener gets [`Error::Locked`]. Declared last so it is released after the database.
     _lock: std::fs::File,
@@ -138,15 +143,21 @@ impl LineageStore {
                     .map_err(|e| Error::storage("flushing the schema", e))?;
             }
         }
-        let mut graph = LineageGraph::with_schema(schema).without_log();
+        let (mut graph, start) = match load_checkpoint(path, &schema, &log) {
+            Some(g) => {
+                let n = g.commit_count();
+                (g, n)
+            }
+            None => (LineageGraph::with_schema(schema).without_log(), 0),
+        };
         // Decoding and applying overlap: a second thread reads and decodes entries while
         // this one applies the previous ones, in log order.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Stored>>(4);
         let replayed = std::thread::scope(|scope| {
             let log = &log;
             scope.spawn(move || {
-                for (expected, item) in log.iter().enumerate() {
-                    let decoded = decode_entry(item, expected as u64);
+                for (expected, item) in (start..).zip(log.range(start.to_be_bytes()..)) {
+                    let decoded = decode_entry(item, expected);
                     let failed = decoded.is_err();
                     if tx.send(decoded).is_err() || failed {
                         return;
@@ -170,6 +181,8 @@ impl LineageStore {
             log,
             current: ArcSwap::from_pointee(graph),
             writer: Mutex::new(()),
+            checkpointing: Mutex::new(()),
+            dir: path.to_path_buf(),
         })
     }
 
@@ -243,6 +256,58 @@ impl LineageStore {
         Ok((summary, next))
     }
 
+    /// Writes a checkpoint of the graph as of the last commit, so the next
+    /// [`Self::open`] loads it and replays only the commits made after it. Returns the number
+    /// of commits it covers.
+    ///
+    /// The checkpoint is written from a snapshot: commits and readers go on meanwhile. It
+    /// replaces the previous one atomically (written to a temporary file, synced, renamed),
+    /// so a crash leaves the old or the new checkpoint, never a torn one. The log stays the
+    /// source of truth: a checkpoint that is missing, damaged or does not match the log is
+    /// ignored on open, which then replays the whole log.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be written, [`Error::Storage`] if the log cannot be
+    /// read.
+    pub fn checkpoint(&self) -> Result<u64> {
+        let _c = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = self.read();
+        let n = snap.commit_count();
+        let fingerprint = match n.checked_sub(1) {
+            None => 0,
+            Some(last) => {
+                let v = self
+                    .log
+                    .get(last.to_be_bytes())
+                    .map_err(|e| Error::storage("reading the log", e))?
+                    .ok_or_else(|| Error::CorruptStore {
+                        entry: last.to_string(),
+                        reason: "committed entry missing from the log".to_owned(),
+                    })?;
+                crate::checkpoint::checksum(&v)
+            }
+        };
+        let bytes = crate::checkpoint::encode(&snap, fingerprint);
+        drop(snap);
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let tmp = self.dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| Error::Io { path: p, source }
+        };
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&bytes).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        Ok(n)
+    }
+
     /// Commits each batch atomically and durably, in order.
     ///
     /// # Errors
@@ -301,6 +366,19 @@ fn decode_value(v: &[u8]) -> std::result::Result<Stored, String> {
         return serde_json::from_slice(v).map_err(|e| e.to_string());
     }
     crate::codec::decode(v).map(|(time, changes)| Stored { time, changes })
+}
+
+/// The graph from the store's checkpoint, if there is one that is intact, was taken with
+/// `schema`, and matches the log (its last commit's entry is logged, byte for byte).
+fn load_checkpoint(dir: &Path, schema: &Schema, log: &sled::Tree) -> Option<LineageGraph> {
+    let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).ok()?;
+    let (commits, fingerprint, body) = crate::checkpoint::header(&bytes).ok()?;
+    let last = commits.checked_sub(1)?;
+    let entry = log.get(last.to_be_bytes()).ok()??;
+    if crate::checkpoint::checksum(&entry) != fingerprint {
+        return None;
+    }
+    crate::checkpoint::decode(body, schema).ok()
 }
 
 /// Creates the store's directory and takes an exclusive OS lock on a file inside it.
