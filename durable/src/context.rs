@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::journal::{Event, Record, Writes, rec_key, to_json};
+use crate::journal::{Event, Record, Writes, ev_key, rec_key, step_ok_json, to_json};
 use crate::runtime::Inner;
 use crate::types::{
     RetryPolicy, StepError, WorkflowId, WorkflowStatus, ms_to_time, now_ms, time_to_ms,
@@ -31,6 +31,9 @@ pub(crate) struct Suspend {
 }
 
 struct State {
+    /// Outcomes journaled by earlier executions that this execution has not reached yet, by
+    /// position. Each is removed when its position is taken, and fresh outcomes are never
+    /// added: no position is taken twice, so neither would be read again.
     history: HashMap<u64, Event>,
     next: u64,
     poisoned: Option<String>,
@@ -196,7 +199,7 @@ impl Context {
         }
         let index = st.next;
         st.next += 1;
-        let Some(ev) = st.history.get(&index).cloned() else {
+        let Some(ev) = st.history.remove(&index) else {
             return Ok((index, None));
         };
         if ev == Event::Cancelled {
@@ -220,13 +223,16 @@ impl Context {
 
     /// Journals `ev` at `index` together with `extra`, and waits for the flush.
     async fn record(&self, index: u64, ev: Event, mut extra: Writes) -> Result<()> {
-        let id = self.shared.id.as_str();
-        extra.event(id, index, &ev)?;
-        if let Err(e) = self.shared.rt.journal.commit(extra).await {
-            return self.fail(e);
+        extra.event(self.shared.id.as_str(), index, &ev)?;
+        self.commit(extra).await
+    }
+
+    /// Commits `writes` and waits for the flush; a failure fails the workflow.
+    async fn commit(&self, writes: Writes) -> Result<()> {
+        match self.shared.rt.journal.commit(writes).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.fail(e),
         }
-        lock(&self.shared.state).history.insert(index, ev);
-        Ok(())
     }
 
     /// Delivers a pending cancellation at `index` instead of the requested operation.
@@ -341,22 +347,12 @@ impl Context {
             };
             match outcome {
                 Ok(value) => {
-                    let v = match serde_json::to_value(&value) {
-                        Ok(v) => v,
-                        Err(source) => {
-                            return Err(Error::Serialize {
-                                what: format!("the output of step {name:?}"),
-                                source,
-                            });
-                        }
-                    };
-                    let ev = Event::Step {
-                        name: name.into(),
-                        ok: Some(v),
-                        err: None,
-                        attempts: attempt,
-                    };
-                    self.record(index, ev, Writes::default()).await?;
+                    // Serialised straight from `value`: the hot path of every workflow, so
+                    // no intermediate `Value` tree is built.
+                    let bytes = step_ok_json(name, &value, attempt)?;
+                    let mut w = Writes::default();
+                    w.put(ev_key(self.shared.id.as_str(), index), bytes);
+                    self.commit(w).await?;
                     return Ok(value);
                 }
                 Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
@@ -611,14 +607,16 @@ impl Context {
     /// [`Error::Nondeterminism`] if the recorded version is outside `min..=max` (the code
     /// dropped support for it); [`Error::Cancelled`] (once) or [`Error::Storage`].
     pub async fn version(&self, change_id: &str, min: u32, max: u32) -> Result<u32> {
-        let peeked = {
+        let old_path = {
             let st = lock(&self.shared.state);
-            st.history.get(&st.next).cloned()
+            // A recorded cancellation answers whatever asks at its position, this included.
+            !matches!(
+                st.history.get(&st.next),
+                Some(Event::Version { .. } | Event::Cancelled) | None
+            )
         };
-        match peeked {
-            // A recorded cancellation answers whatever asked at its position, this included.
-            Some(Event::Version { .. } | Event::Cancelled) | None => {}
-            Some(_) => return Ok(min),
+        if old_path {
+            return Ok(min);
         }
         let (index, recorded) = self.position(&Ask {
             kind: "version",

@@ -175,6 +175,29 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<Vec<u8
     })
 }
 
+/// The JSON of a successful step's [`Event::Step`], serialised straight from the output.
+///
+/// It reads back as `Event::Step { ok: Some(..), err: None, .. }` (a `null` output reads back
+/// as `ok: None`, which replay also decodes as `null`), without first building a
+/// `serde_json::Value` of the output.
+pub(crate) fn step_ok_json<T: Serialize + ?Sized>(
+    name: &str,
+    ok: &T,
+    attempts: u32,
+) -> Result<Vec<u8>> {
+    #[derive(Serialize)]
+    #[serde(tag = "kind", rename = "step")]
+    struct StepOk<'a, T: ?Sized> {
+        name: &'a str,
+        ok: &'a T,
+        attempts: u32,
+    }
+    serde_json::to_vec(&StepOk { name, ok, attempts }).map_err(|source| Error::Serialize {
+        what: format!("the output of step {name:?}"),
+        source,
+    })
+}
+
 /// A set of writes applied atomically by [`Journal::commit`].
 #[derive(Default)]
 pub(crate) struct Writes {
@@ -740,6 +763,33 @@ mod tests {
         assert!(ev_key("a", 255) < ev_key("a", 256));
         assert!(ev_key("a", u64::MAX).starts_with(&ev_prefix("a")));
         assert!(!ev_key("ab", 0).starts_with(&ev_prefix("a")));
+    }
+
+    #[test]
+    fn step_json_reads_back_as_the_step_event() {
+        #[derive(Serialize)]
+        struct Out {
+            a: u32,
+            b: Vec<&'static str>,
+        }
+        let check = |json: Vec<u8>, ok: Option<Value>| {
+            let back: Event = serde_json::from_slice(&json).unwrap();
+            let expected = Event::Step {
+                name: "s\"1".into(),
+                ok,
+                err: None,
+                attempts: 3,
+            };
+            assert_eq!(back, expected);
+        };
+        let out = Out { a: 1, b: vec!["x"] };
+        check(
+            step_ok_json("s\"1", &out, 3).unwrap(),
+            Some(serde_json::json!({"a": 1, "b": ["x"]})),
+        );
+        check(step_ok_json("s\"1", &7u64, 3).unwrap(), Some(7.into()));
+        check(step_ok_json("s\"1", &(), 3).unwrap(), None);
+        check(step_ok_json("s\"1", &None::<u8>, 3).unwrap(), None);
     }
 
     #[test]
