@@ -266,10 +266,137 @@ fn check_rows(g: &LineageGraph, names: usize) -> R<()> {
             return Err(format!("node {i} was created by a missing commit"));
         }
     }
+    let (nodes, edges) = (g.g.node_count(), g.g.edge_count());
+    let removal_ok = |m: &ChunkMap<u32>, n: usize| {
+        m.iter()
+            .all(|(k, &c)| (k as usize) < n && (c as usize) < commits)
+    };
+    if !removal_ok(&g.node_removed, nodes)
+        || !removal_ok(&g.edge_removed, edges)
+        || g.transforms.iter().any(|(e, _)| e as usize >= edges)
+    {
+        return Err("a removal or transformation names a missing node, edge or commit".to_owned());
+    }
     if g.updates.iter().any(|u| {
         !meta_ok(&u.before) || u.commit as usize >= commits || u.node as usize >= g.g.node_count()
     }) {
         return Err("a metadata update names a missing node, commit or value".to_owned());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::change::{Change, NodeKey, NodeSpec};
+    use crate::graph::At;
+    use crate::schema::{EdgeKind, NodeKind, TransformKind};
+
+    fn key(n: u8) -> NodeKey {
+        NodeKey::new(format!("ns{}", n % 3), format!("n{n}"))
+    }
+
+    fn change(op: (u8, u8, u8)) -> Change {
+        let (what, a, b) = op;
+        let field = |n: u8| NodeKey::field(key(n).namespace(), key(n).name(), "f");
+        match what % 7 {
+            0 => Change::Upsert(
+                NodeSpec::with_key(NodeKind::Dataset, key(a))
+                    .owner(format!("o{b}"))
+                    .property("p", serde_json::json!(b))
+                    .field(crate::change::FieldSpec::new("f", None)),
+            ),
+            1 => Change::link(key(a), EdgeKind::DerivedFrom, key(b)),
+            6 => Change::Link {
+                from: field(a),
+                edge: EdgeKind::DerivedFrom,
+                to: field(b),
+                transformation: Some(Transformation::new(TransformKind::Direct, Some("IDENTITY"))),
+            },
+            2 => Change::Unlink {
+                from: key(a),
+                edge: EdgeKind::DerivedFrom,
+                to: key(b),
+            },
+            3 => Change::Remove { key: key(a) },
+            4 => Change::Upsert(NodeSpec::with_key(NodeKind::Dataset, key(a)).tag(format!("t{b}"))),
+            _ => Change::RemoveTag {
+                key: key(a),
+                tag: format!("t{b}"),
+            },
+        }
+    }
+
+    fn state(g: &LineageGraph) -> String {
+        let mut s = serde_json::to_string(&g.to_subgraph(At::Cumulative)).unwrap_or_default();
+        s += &serde_json::to_string(&g.diff(Timestamp::EPOCH, Timestamp::from_millis(1 << 40)))
+            .unwrap_or_default();
+        for t in 0..6 {
+            s += &serde_json::to_string(&g.to_subgraph(At::Time(Timestamp::from_millis(t))))
+                .unwrap_or_default();
+        }
+        s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A decoded checkpoint answers every query as the graph it was taken from, and
+        /// keeps accepting commits the same way.
+        #[test]
+        fn round_trips(
+            commits in proptest::collection::vec(
+                proptest::collection::vec((0u8..7, 0u8..10, 0u8..10), 1..3), 1..16),
+            more in proptest::collection::vec((0u8..7, 0u8..10, 0u8..10), 1..5),
+        ) {
+            let mut g = LineageGraph::new().without_log();
+            // Every key exists at first, so most random commits apply.
+            g.commit_at(Timestamp::EPOCH, (0..10).map(|n| change((0, n, n))).collect())
+                .unwrap();
+            for (t, ops) in commits.iter().enumerate() {
+                let _ = g.commit_at(
+                    Timestamp::from_millis(t as i64),
+                    ops.iter().copied().map(change).collect(),
+                );
+            }
+            let bytes = encode(&g, 7);
+            let (n, fp, body) = header(&bytes).unwrap();
+            prop_assert_eq!((n, fp), (g.commit_count(), 7));
+            let mut back = decode(body, g.schema()).unwrap();
+            prop_assert_eq!(state(&back), state(&g));
+            let more: Vec<Change> = more.into_iter().map(change).collect();
+            let t = Timestamp::from_millis(5);
+            prop_assert_eq!(
+                back.commit_at(t, more.clone()).ok(),
+                g.commit_at(t, more).ok()
+            );
+            prop_assert_eq!(state(&back), state(&g));
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let mut g = LineageGraph::new();
+        g.commit(vec![
+            change((0, 1, 2)),
+            change((0, 2, 3)),
+            change((1, 1, 2)),
+            change((6, 1, 2)),
+            change((3, 2, 0)),
+        ])
+        .unwrap();
+        let bytes = encode(&g, 0);
+        for n in 0..bytes.len() {
+            assert!(header(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let (_, _, body) = header(&bytes).unwrap();
+        for n in 0..body.len() {
+            assert!(
+                decode(&body[..n], g.schema()).is_err(),
+                "body prefix of {n} bytes"
+            );
+        }
+    }
 }
