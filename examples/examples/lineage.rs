@@ -9,6 +9,7 @@
 //!   impact <node-key> [--drop-field F | --deprecate]
 //!   search <text>
 //!   dot <node-key>
+//!   checkpoint
 //! ```
 //!
 //! Node keys are `namespace:name`; fields are `namespace:name#field`. A file may hold one
@@ -345,6 +346,14 @@ fn main() -> anyhow::Result<()> {
                 "all_nodes_ever": g.nodes(At::Cumulative).len(),
             });
             print_json(&v)?;
+        }
+        "checkpoint" => {
+            let n = store.checkpoint()?;
+            if a.json {
+                print_json(&serde_json::json!({ "commits": n }))?;
+            } else {
+                println!("checkpoint of {n} commits; the next open replays only later ones");
+            }
         }
         other => bail!("unknown command {other:?}"),
     }
