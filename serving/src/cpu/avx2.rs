@@ -26,7 +26,7 @@ fn hsum(v: __m256) -> f32 {
 /// eight dot products for each of the `C` activation rows. Slices are bounds-checked once per
 /// call; `super::kernels` checks shapes before calling.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn group<const C: usize, const NIBBLES: bool>(
     w: &QMatrix,
     g: usize,
@@ -37,11 +37,13 @@ fn group<const C: usize, const NIBBLES: bool>(
     let gbb = QMatrix::group_block_bytes(w.qtype);
     let wq = &w.qs[g * nb * gbb..(g + 1) * nb * gbb];
     let wd = &w.d[g * nb * ROWS..(g + 1) * nb * ROWS];
-    let wc = if NIBBLES {
+    let mins = w.qtype == QType::Q4_1;
+    let wc = if mins {
         &w.c[g * nb * ROWS..(g + 1) * nb * ROWS]
     } else {
         &[][..]
     };
+    let minus8 = _mm256_set1_ps(-8.0);
     let xq: [&[[i8; QK]]; C] = std::array::from_fn(|c| {
         x.qs[(a0 + c) * nb * QK..(a0 + c + 1) * nb * QK]
             .as_chunks::<QK>()
@@ -62,8 +64,8 @@ fn group<const C: usize, const NIBBLES: bool>(
     };
     for b in 0..nb {
         let blk = &wq[b * gbb..(b + 1) * gbb];
-        // SAFETY: `wd` holds `nb * 8` floats, so 8 at `b * 8` are in bounds.
-        let dv = unsafe { _mm256_loadu_ps(wd[b * ROWS..].as_ptr()) };
+        // SAFETY: `wd` holds `nb * 8` f16 values, so 8 at `b * 8` are in bounds.
+        let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd[b * ROWS..].as_ptr().cast())) };
         if NIBBLES {
             let mut wv = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
@@ -72,15 +74,23 @@ fn group<const C: usize, const NIBBLES: bool>(
                 wv[2 * j] = _mm256_and_si256(raw, low);
                 wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
             }
-            // SAFETY: `wc` holds `nb * 8` floats, so 8 at `b * 8` are in bounds.
-            let cv = unsafe { _mm256_loadu_ps(wc[b * ROWS..].as_ptr()) };
+            let cv = if mins {
+                // SAFETY: `wc` holds `nb * 8` f16 values, so 8 at `b * 8` are in bounds.
+                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wc[b * ROWS..].as_ptr().cast())) }
+            } else {
+                _mm256_mul_ps(dv, minus8)
+            };
             for c in 0..C {
                 let a = &xq[c][b];
                 // Eight products of at most 2·15·127 each fit an i16 lane (30480 < 32767).
-                let mut s16 = _mm256_setzero_si256();
-                for (k, wk) in wv.iter().enumerate() {
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*wk, bcast(a, k)));
+                // Two chains of four, so the additions overlap.
+                let mut lo = _mm256_maddubs_epi16(wv[0], bcast(a, 0));
+                let mut hi = _mm256_maddubs_epi16(wv[1], bcast(a, 1));
+                for k in (2..8).step_by(2) {
+                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(wv[k], bcast(a, k)));
+                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(wv[k + 1], bcast(a, k + 1)));
                 }
+                let s16 = _mm256_add_epi16(lo, hi);
                 let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
                 acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), _mm256_set1_ps(xd[c][b]), acc[c]);
                 acc[c] = _mm256_fmadd_ps(cv, _mm256_set1_ps(xs[c][b]), acc[c]);
@@ -93,17 +103,23 @@ fn group<const C: usize, const NIBBLES: bool>(
             }
             for c in 0..C {
                 let a = &xq[c][b];
-                let mut s32 = _mm256_setzero_si256();
-                for (k, wk) in wv.iter().enumerate() {
-                    // Signed × signed: |w| × (a with w's sign); one product pair is at most
-                    // 2·128·127 = 32512, so it fits before widening.
+                // Signed × signed: |w| × (a with w's sign); one product pair is at most
+                // 2·128·127 = 32512, so it fits before widening. Two chains of four.
+                let prod = |k: usize| {
+                    let wk = wv[k];
                     let p = _mm256_maddubs_epi16(
-                        _mm256_sign_epi8(*wk, *wk),
-                        _mm256_sign_epi8(bcast(a, k), *wk),
+                        _mm256_sign_epi8(wk, wk),
+                        _mm256_sign_epi8(bcast(a, k), wk),
                     );
-                    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+                    _mm256_madd_epi16(p, ones)
+                };
+                let mut lo = prod(0);
+                let mut hi = prod(1);
+                for k in (2..8).step_by(2) {
+                    lo = _mm256_add_epi32(lo, prod(k));
+                    hi = _mm256_add_epi32(hi, prod(k + 1));
                 }
-                let f = _mm256_cvtepi32_ps(s32);
+                let f = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
                 acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), _mm256_set1_ps(xd[c][b]), acc[c]);
             }
         }
@@ -117,9 +133,9 @@ fn group<const C: usize, const NIBBLES: bool>(
 }
 
 /// Rows `r0..r1` of `w` (`r0` a multiple of 8) times every activation row, written
-/// feature-major into `out` (`out[(r - r0) * x.rows + a]`). Callable only where AVX2 and FMA
-/// are known to exist.
-#[target_feature(enable = "avx2,fma")]
+/// feature-major into `out` (`out[(r - r0) * x.rows + a]`). Callable only where AVX2, FMA and
+/// F16C are known to exist.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     match w.qtype {
         QType::Q4_0 | QType::Q4_1 => rows_for::<true>(w, x, r0, r1, out),
@@ -127,7 +143,7 @@ pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mu
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     let t = x.rows;
     let mut put = |g: usize, a0: usize, res: &[[f32; ROWS]]| {

@@ -103,12 +103,12 @@ fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) 
                         }
                     }
                 }
-                let gb = (g * nb + b) * ROWS;
                 let (da, sa) = (x.d[a * nb + b], x.s[a * nb + b]);
                 for (lane, v) in acc.iter_mut().enumerate() {
-                    *v += isum[lane] as f32 * w.d[gb + lane] * da;
+                    let (d, c) = w.scales(g * ROWS + lane, b);
+                    *v += isum[lane] as f32 * d * da;
                     if four_bit {
-                        *v += w.c[gb + lane] * sa;
+                        *v += c * sa;
                     }
                 }
             }

@@ -4,11 +4,17 @@
 //! A decode step has about 150 parallel sections, so handing work over must cost far less than
 //! a microsecond: workers spin on an epoch counter between sections of a step, and park on a
 //! condition variable once nothing has arrived for a while, so an idle engine burns no CPU.
-//! A section is a borrowed closure; [`Pool::run`] returns only after every worker has left it,
-//! which is what makes lending it to the workers sound.
+//!
+//! Tasks are claimed from a shared counter, so the caller alone finishes a section if no worker
+//! shows up. A worker *joins* a section before touching it, and the caller *closes* the
+//! section once its tasks are all claimed: it then waits only for the workers that joined. A
+//! worker that the OS has descheduled (other processes on the same cores) therefore never
+//! holds a section up unless it is in the middle of a task. The section is a borrowed closure;
+//! [`Pool::run`] returns only after every joined worker has left it, and no worker can join a
+//! closed section, which is what makes lending it to the workers sound.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -24,13 +30,22 @@ struct JobRef(*const Task);
 // SAFETY: the pointee is `Sync`, and `Pool::run` keeps it alive until no worker uses it.
 unsafe impl Send for JobRef {}
 
+/// `state` layout: the section's epoch in the high 32 bits, [`CLOSED`], and the number of
+/// workers that joined in the low bits.
+const CLOSED: u64 = 1 << 31;
+const JOINED: u64 = CLOSED - 1;
+
+fn epoch_of(state: u64) -> u64 {
+    state >> 32
+}
+
 struct Shared {
-    epoch: AtomicUsize,
+    state: AtomicU64,
     job: Mutex<Option<JobRef>>,
     next: AtomicUsize,
     tasks: AtomicUsize,
-    /// Workers that have not yet finished the current section.
-    active: AtomicUsize,
+    /// Joined workers that have finished the current section.
+    done: AtomicUsize,
     sleepers: AtomicUsize,
     parked: Mutex<()>,
     wake: Condvar,
@@ -58,11 +73,11 @@ impl Pool {
     pub(crate) fn new(threads: usize) -> std::io::Result<Self> {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            epoch: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
             job: Mutex::new(None),
             next: AtomicUsize::new(0),
             tasks: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             parked: Mutex::new(()),
             wake: Condvar::new(),
@@ -108,15 +123,17 @@ impl Pool {
         }
         let s = &*self.shared;
         let erased: *const (dyn Fn(usize) + Sync + '_) = f;
-        // SAFETY: only the lifetime is erased. Every worker reads the pointer after seeing the
-        // new epoch and decrements `active` after its last use; we wait for `active == 0`
-        // below before returning (also when a task panics), so `f` outlives every use.
+        // SAFETY: only the lifetime is erased. A worker uses the pointer only after joining
+        // this section (which requires it to be open) and counts itself in `done` after its
+        // last use; below we close the section and wait until `done` equals the number that
+        // joined before returning (also when a task panics), so `f` outlives every use.
         let job = JobRef(unsafe { std::mem::transmute::<*const _, *const Task>(erased) });
         *s.job.lock().unwrap_or_else(PoisonError::into_inner) = Some(job);
         s.next.store(0, Ordering::SeqCst);
         s.tasks.store(tasks, Ordering::SeqCst);
-        s.active.store(self.workers.len(), Ordering::SeqCst);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.done.store(0, Ordering::SeqCst);
+        let epoch = epoch_of(s.state.load(Ordering::SeqCst)) + 1;
+        s.state.store((epoch & 0xFFFF_FFFF) << 32, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = s.parked.lock().unwrap_or_else(PoisonError::into_inner);
             s.wake.notify_all();
@@ -130,8 +147,9 @@ impl Pool {
                 f(i);
             }
         }));
+        let joined = (s.state.fetch_or(CLOSED, Ordering::SeqCst) & JOINED) as usize;
         let mut spins = 0u32;
-        while s.active.load(Ordering::Acquire) != 0 {
+        while s.done.load(Ordering::Acquire) != joined {
             spins += 1;
             if spins < SPINS {
                 std::hint::spin_loop();
@@ -165,14 +183,14 @@ impl Pool {
 }
 
 fn worker(s: &Shared) {
-    let mut seen = 0usize;
+    let mut seen = 0u64;
     loop {
         let mut spins = 0u32;
         loop {
             if s.stop.load(Ordering::Acquire) {
                 return;
             }
-            let e = s.epoch.load(Ordering::SeqCst);
+            let e = epoch_of(s.state.load(Ordering::SeqCst));
             if e != seen {
                 seen = e;
                 break;
@@ -184,11 +202,29 @@ fn worker(s: &Shared) {
             }
             let mut guard = s.parked.lock().unwrap_or_else(PoisonError::into_inner);
             s.sleepers.fetch_add(1, Ordering::SeqCst);
-            while s.epoch.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst) {
+            while epoch_of(s.state.load(Ordering::SeqCst)) == seen && !s.stop.load(Ordering::SeqCst)
+            {
                 guard = s.wake.wait(guard).unwrap_or_else(PoisonError::into_inner);
             }
             s.sleepers.fetch_sub(1, Ordering::SeqCst);
             spins = 0;
+        }
+        // Join the section unless it has moved on or been closed meanwhile.
+        let mut cur = s.state.load(Ordering::SeqCst);
+        let joined = loop {
+            if epoch_of(cur) != seen || cur & CLOSED != 0 {
+                break false;
+            }
+            match s
+                .state
+                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break true,
+                Err(now) => cur = now,
+            }
+        };
+        if !joined {
+            continue;
         }
         let job = *s.job.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(JobRef(f)) = job {
@@ -199,8 +235,8 @@ fn worker(s: &Shared) {
                     if i >= tasks {
                         break;
                     }
-                    // SAFETY: `Pool::run` keeps the closure alive until `active` reaches zero,
-                    // which happens only after this call returns.
+                    // SAFETY: we joined the section, so `Pool::run` keeps the closure alive
+                    // until we count ourselves in `done`, after this call returns.
                     unsafe { (*f)(i) };
                 }
             }));
@@ -208,7 +244,7 @@ fn worker(s: &Shared) {
                 s.panicked.store(true, Ordering::SeqCst);
             }
         }
-        s.active.fetch_sub(1, Ordering::Release);
+        s.done.fetch_add(1, Ordering::Release);
     }
 }
 

@@ -233,7 +233,9 @@ impl PlainQ {
 /// no horizontal sums, and one scale multiply serves eight rows.
 ///
 /// Per group `g` and block `b` (index `gb = g·nb + b`):
-/// - `d[gb·8 + r]`, `c[gb·8 + r]`: scale and offset term of row `8g + r`;
+/// - `d[gb·8 + r]`: scale of row `8g + r` as f16 bits (GGML's own precision, so scales cost
+///   the same memory traffic as in the file); `c[gb·8 + r]`: Q4_1's minimum, likewise (Q4_0's
+///   offset `−8·d` is computed, Q8_0 has none);
 /// - 4-bit: `qs[gb·128 ..][32·j + 4·r + e]` holds value `8j + e` of row `8g + r` in its low
 ///   nibble and value `8j + 4 + e` in its high nibble (`j < 4`, `e < 4`);
 /// - 8-bit: `qs[gb·256 ..][32·k + 4·r + e]` holds value `4k + e` (`k < 8`).
@@ -244,9 +246,9 @@ pub(crate) struct QMatrix {
     pub(crate) cols: usize,
     /// Blocks per row (`cols / 32`).
     pub(crate) nb: usize,
-    pub(crate) d: Vec<f32>,
-    /// Empty for Q8_0.
-    pub(crate) c: Vec<f32>,
+    pub(crate) d: Vec<u16>,
+    /// Q4_1 only.
+    pub(crate) c: Vec<u16>,
     pub(crate) qs: Vec<u8>,
 }
 
@@ -262,14 +264,15 @@ impl QMatrix {
         let groups = p.rows.div_ceil(ROWS);
         let gbb = Self::group_block_bytes(p.qtype);
         let four_bit = p.qtype != QType::Q8_0;
+        let mins = p.qtype == QType::Q4_1;
         let mut m = Self {
             qtype: p.qtype,
             rows: p.rows,
             cols: p.cols,
             nb,
-            d: vec![0.0; groups * nb * ROWS],
-            c: if four_bit {
-                vec![0.0; groups * nb * ROWS]
+            d: vec![0; groups * nb * ROWS],
+            c: if mins {
+                vec![0; groups * nb * ROWS]
             } else {
                 Vec::new()
             },
@@ -279,9 +282,9 @@ impl QMatrix {
             let (g, lane) = (r / ROWS, r % ROWS);
             for b in 0..nb {
                 let gb = g * nb + b;
-                m.d[gb * ROWS + lane] = p.d[r * nb + b];
-                if four_bit {
-                    m.c[gb * ROWS + lane] = p.c[r * nb + b];
+                m.d[gb * ROWS + lane] = f16::from_f32(p.d[r * nb + b]).to_bits();
+                if mins {
+                    m.c[gb * ROWS + lane] = f16::from_f32(p.c[r * nb + b]).to_bits();
                 }
                 let src = &p.q[r * p.cols + b * QK..r * p.cols + (b + 1) * QK];
                 let dst = &mut m.qs[gb * gbb..(gb + 1) * gbb];
@@ -319,7 +322,13 @@ impl QMatrix {
     /// Scale and offset term of block `b` of row `r`.
     pub(crate) fn scales(&self, r: usize, b: usize) -> (f32, f32) {
         let i = ((r / ROWS) * self.nb + b) * ROWS + r % ROWS;
-        (self.d[i], self.c.get(i).copied().unwrap_or(0.0))
+        let d = f16::from_bits(self.d[i]).to_f32();
+        let c = match self.qtype {
+            QType::Q4_0 => -8.0 * d,
+            QType::Q4_1 => f16::from_bits(self.c[i]).to_f32(),
+            QType::Q8_0 => 0.0,
+        };
+        (d, c)
     }
 
     /// Writes row `r` as f32 into `out` (length `cols`); used for embedding lookups.
