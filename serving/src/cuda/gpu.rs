@@ -3,7 +3,9 @@
 //! in the crate's CUDA code is here, one block per launch or uninitialised allocation.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Shape, WithDType, bail};
 
@@ -45,7 +47,7 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result
 
 /// A fresh output of `n` elements, filled with `poison` first when asked so that elements a
 /// kernel fails to write are visible.
-fn output<T: CudaDType + WithDType>(
+fn output<T: CudaDType + WithDType + DeviceRepr>(
     dev: &CudaDevice,
     n: usize,
     poison: Option<T>,
@@ -83,7 +85,7 @@ pub(crate) fn rms_norm_residual(
     }
 }
 
-fn rms_typed<T: CudaDType + WithDType>(
+fn rms_typed<T: CudaDType + WithDType + DeviceRepr>(
     op: &RmsNormResidual,
     x: (&CudaStorage, &Layout),
     delta: (&CudaStorage, &Layout),
@@ -140,7 +142,7 @@ pub(crate) fn rope(
     }
 }
 
-fn rope_typed<T: CudaDType + WithDType>(
+fn rope_typed<T: CudaDType + WithDType + DeviceRepr>(
     op: &Rope,
     dst: &mut CudaStorage,
     dst_l: &Layout,
@@ -193,7 +195,7 @@ pub(crate) fn kv_write(
     }
 }
 
-fn kv_typed<T: CudaDType + WithDType>(
+fn kv_typed<T: CudaDType + WithDType + DeviceRepr>(
     op: &KvWrite,
     dst: &mut CudaStorage,
     dst_l: &Layout,
@@ -241,7 +243,7 @@ pub(crate) fn paged_attention(
     }
 }
 
-fn attention_typed<T: CudaDType + WithDType>(
+fn attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     op: &PagedAttention,
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
@@ -320,7 +322,7 @@ pub(crate) fn sample(
     }
 }
 
-fn sample_typed<T: CudaDType + WithDType>(
+fn sample_typed<T: CudaDType + WithDType + DeviceRepr>(
     op: &Sample,
     s: &CudaStorage,
     l: &Layout,
