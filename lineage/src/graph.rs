@@ -355,7 +355,16 @@ impl Clone for LineageGraph {
 struct Pending {
     kind: NodeKind,
     live: bool,
+    /// The node's index when the key was resolved in the graph as it stood before the
+    /// commit, [`OPEN`] when an earlier change of the commit touched the key.
+    id: u32,
 }
+
+/// The node indices [`LineageGraph::validate`] resolved for each link's two ends, when
+/// neither end was touched by an earlier change of the same commit (else [`OPEN`]); applying
+/// the commit to the same graph reuses them instead of looking the keys up again.
+#[derive(Debug, Default)]
+pub(crate) struct Resolved(Vec<(u32, u32)>);
 
 impl LineageGraph {
     /// An empty graph with the default schema that keeps its log in memory.
@@ -478,12 +487,12 @@ impl LineageGraph {
     /// [`Error::InvalidKey`], [`Error::UnknownKind`], [`Error::InvalidChange`] for malformed
     /// changes, [`Error::CapacityExceeded`] past `u32::MAX` items. On error nothing is applied.
     pub fn commit_at(&mut self, time: Timestamp, changes: Vec<Change>) -> Result<CommitSummary> {
-        self.validate(&changes)?;
+        let resolved = self.validate(&changes)?;
         let time = self
             .commit_times
             .last()
             .map_or(time, |&last| time.max(last));
-        Ok(self.apply_validated(time, changes))
+        Ok(self.apply_resolved(time, changes, &resolved))
     }
 
     /// Commits each batch atomically, in order (each batch with its own time, or now).
@@ -501,7 +510,8 @@ impl LineageGraph {
             .map_or(time, |&last| time.max(last))
     }
 
-    pub(crate) fn validate(&self, changes: &[Change]) -> Result<()> {
+    pub(crate) fn validate(&self, changes: &[Change]) -> Result<Resolved> {
+        let mut resolved = Resolved(Vec::with_capacity(changes.len()));
         let mut pending: HashMap<&NodeKey, Pending> = HashMap::new();
         let mut owned: HashMap<NodeKey, Pending> = HashMap::new();
         let mut new_nodes = 0usize;
@@ -517,9 +527,11 @@ impl LineageGraph {
             Some(Pending {
                 kind: self.g.node(i)?.kind,
                 live: !self.node_removed.contains_key(i),
+                id: i,
             })
         };
         for ch in changes {
+            resolved.0.push((OPEN, OPEN));
             match ch {
                 Change::Upsert(spec) | Change::Insert(spec) => {
                     spec.key.validate()?;
@@ -581,6 +593,7 @@ impl LineageGraph {
                             Pending {
                                 kind: NodeKind::Field,
                                 live: true,
+                                id: OPEN,
                             },
                         );
                     }
@@ -594,6 +607,7 @@ impl LineageGraph {
                         Pending {
                             kind: spec.kind,
                             live: true,
+                            id: OPEN,
                         },
                     );
                 }
@@ -611,6 +625,7 @@ impl LineageGraph {
                         Pending {
                             kind: p.kind,
                             live: false,
+                            id: OPEN,
                         },
                     );
                 }
@@ -650,6 +665,9 @@ impl LineageGraph {
                             ),
                         });
                     }
+                    if let Some(r) = resolved.0.last_mut() {
+                        *r = (a.id, b.id);
+                    }
                 }
                 Change::Unlink { from, to, .. } => {
                     look(&pending, &owned, from).ok_or_else(|| unknown(from))?;
@@ -678,7 +696,7 @@ impl LineageGraph {
         {
             return Err(Error::CapacityExceeded { what: "names" });
         }
-        Ok(())
+        Ok(resolved)
     }
 
     /// Applies changes already checked by [`Self::validate`]; cannot fail.
@@ -687,6 +705,17 @@ impl LineageGraph {
         time: Timestamp,
         changes: Vec<Change>,
     ) -> CommitSummary {
+        self.apply_resolved(time, changes, &Resolved::default())
+    }
+
+    /// Applies changes that [`Self::validate`] checked against this graph's current state
+    /// (or a clone of it), reusing the link ends it resolved.
+    pub(crate) fn apply_resolved(
+        &mut self,
+        time: Timestamp,
+        changes: Vec<Change>,
+        resolved: &Resolved,
+    ) -> CommitSummary {
         let c = self.commit_times.len() as u32;
         self.commit_times.push(time);
         self.csr = OnceLock::new();
@@ -694,7 +723,7 @@ impl LineageGraph {
             seq: u64::from(c),
             ..CommitSummary::default()
         };
-        for ch in &changes {
+        for (k, ch) in changes.iter().enumerate() {
             match ch {
                 Change::Upsert(spec) => self.upsert_with_fields(c, spec, &mut s),
                 Change::Insert(spec) => {
@@ -743,7 +772,11 @@ impl LineageGraph {
                     to,
                     transformation,
                 } => {
-                    if let (Some(a), Some(b)) = (self.find_live(from), self.find_live(to)) {
+                    let ends = match resolved.0.get(k) {
+                        Some(&(a, b)) if a != OPEN && b != OPEN => (Some(a), Some(b)),
+                        _ => (self.find_live(from), self.find_live(to)),
+                    };
+                    if let (Some(a), Some(b)) = ends {
                         self.link_ids(c, a, *edge, b, transformation.as_ref(), &mut s);
                     }
                 }

@@ -239,7 +239,7 @@ impl LineageStore {
         time: Timestamp,
         changes: Vec<Change>,
     ) -> Result<(CommitSummary, Arc<LineageGraph>)> {
-        cur.validate(&changes)?;
+        let resolved = cur.validate(&changes)?;
         let (seq, time) = (cur.commit_count(), cur.recorded_time(time));
         let bytes = crate::codec::encode(time, &changes);
         self.log
@@ -250,7 +250,8 @@ impl LineageStore {
             .map_err(|e| Error::storage("flushing a commit", e))?;
         let mut next = LineageGraph::clone(&cur);
         drop(cur);
-        let summary = next.apply_validated(time, changes);
+        // `next` is a clone of `cur`, which `resolved` was computed against.
+        let summary = next.apply_resolved(time, changes, &resolved);
         let next = Arc::new(next);
         self.current.store(next.clone());
         Ok((summary, next))
