@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError, mpsc};
 use std::time::{Duration, Instant};
 
@@ -283,8 +283,6 @@ struct Group {
     applied: AtomicU64,
     /// Every ticket up to this one is covered by a completed flush.
     flushed: AtomicU64,
-    /// Waiters sent to the committer thread and not yet answered.
-    queued: AtomicUsize,
     /// Whether the committer thread's last batch held more than one waiter.
     concurrent: AtomicBool,
     commits: AtomicU64,
@@ -321,13 +319,16 @@ impl Group {
     ///
     /// This is the path of a workflow that commits alone: handing its flush to the committer
     /// thread and being woken again costs two thread switches per step, a third of sled's own
-    /// flush time. It is taken only while the committer has nothing queued and its last
-    /// batch was a single commit, so concurrent workflows keep sharing the committer's
-    /// flushes. The flush runs inside `block_in_place`, so the executor moves its other tasks
-    /// to another thread meanwhile; on a current-thread runtime, which cannot do that, the
-    /// committer thread flushes instead.
+    /// flush time. It is taken only when this commit is the only one not yet covered by a
+    /// flush and the committer's last batch was a single commit, so concurrent workflows keep
+    /// sharing the committer's flushes (and its wait for stragglers) instead of splitting
+    /// into a flush of one plus a flush of the rest. The flush runs inside `block_in_place`,
+    /// so the executor moves its other tasks to another thread meanwhile; on a current-thread
+    /// runtime, which cannot do that, the committer thread flushes instead.
     fn try_inline(&self, ticket: u64) -> Option<std::result::Result<(), String>> {
-        if self.queued.load(Ordering::SeqCst) != 0 || self.concurrent.load(Ordering::Relaxed) {
+        let alone = self.applied.load(Ordering::SeqCst) == ticket
+            && self.flushed.load(Ordering::SeqCst) + 1 == ticket;
+        if !alone || self.concurrent.load(Ordering::Relaxed) {
             return None;
         }
         let flavor = tokio::runtime::Handle::try_current().ok()?.runtime_flavor();
@@ -435,7 +436,6 @@ impl Journal {
             flusher: Mutex::new(FileSyncer::new(db_dir)),
             applied: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
-            queued: AtomicUsize::new(0),
             concurrent: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -490,11 +490,7 @@ impl Journal {
     async fn queue(&self, ticket: u64) -> Result<std::result::Result<(), String>> {
         let (tx, rx) = oneshot::channel();
         let committer = self.committer.as_ref().ok_or(Error::ShutDown)?;
-        self.group.queued.fetch_add(1, Ordering::SeqCst);
-        if committer.send((ticket, tx)).is_err() {
-            self.group.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::ShutDown);
-        }
+        committer.send((ticket, tx)).map_err(|_| Error::ShutDown)?;
         rx.await.map_err(|_| Error::ShutDown)
     }
 
@@ -677,7 +673,6 @@ fn committer(group: &Group, rx: &mpsc::Receiver<Waiter>) {
         };
         last_batch = waiters.len();
         group.concurrent.store(last_batch > 1, Ordering::Relaxed);
-        group.queued.fetch_sub(waiters.len(), Ordering::SeqCst);
         for (_, w) in waiters {
             // A waiter whose future was dropped no longer cares about the outcome.
             let _ = w.send(result.clone());
