@@ -776,11 +776,13 @@ mod tests {
         assert_eq!(RopeStyle::Halves.code(), 1);
     }
 
+    use crate::sampling::Rng;
+
     /// The kernel's sampling rule is the engine's CPU sampler's: with the sampler's own
     /// uniform draw, both pick the same token.
     #[test]
     fn sample_agrees_with_the_engine_sampler() {
-        use crate::sampling::{Rng, Sampler, SamplingParams as Engine};
+        use crate::sampling::{Sampler, SamplingParams as Engine};
         let mut rng = Rng::new(99);
         let mut mismatches = 0;
         for case in 0..400u64 {
@@ -813,6 +815,128 @@ mod tests {
         // The engine sums normalised f32 probabilities, the reference f64 weights, so a draw
         // that lands within rounding of a boundary may differ; none should at this size.
         assert_eq!(mismatches, 0);
+    }
+
+    /// A line-by-line port of kernels/sampling.cu's algorithm (thresholds found by bisection
+    /// over 64-bit order keys, f32 masses), to show it picks what the sort-based reference
+    /// picks. The GPU differs only in the order its block reductions add the masses.
+    fn bisection_sample(row: &[f32], p: &SampleParams) -> u32 {
+        fn key_of(z: f32, i: usize) -> u64 {
+            let b = z.to_bits();
+            let ordered = if b & 0x8000_0000 != 0 {
+                !b
+            } else {
+                b | 0x8000_0000
+            };
+            (u64::from(ordered) << 32) | u64::from(u32::MAX - i as u32)
+        }
+        let argmax = || {
+            let best = row
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, l)| key_of(*l, i))
+                .max()
+                .unwrap_or(0);
+            if best == 0 { 0 } else { u32::MAX - best as u32 }
+        };
+        if p.temperature == 0.0 {
+            return argmax();
+        }
+        let inv_t = 1.0 / p.temperature;
+        let cands: Vec<(u64, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, l)| (key_of(l * inv_t, i), l * inv_t))
+            .collect();
+        if cands.is_empty() {
+            return argmax();
+        }
+        let m = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let count = |t: u64| cands.iter().filter(|c| c.0 >= t).count() as u64;
+        let mass = |t: u64| -> f32 {
+            cands
+                .iter()
+                .filter(|c| c.0 >= t)
+                .map(|c| (c.1 - m).exp())
+                .sum()
+        };
+        let largest = |mut lo: u64, target: f32| {
+            let mut hi = u64::MAX;
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2 + 1;
+                let w = mass(mid);
+                if w >= target && w > 0.0 {
+                    lo = mid
+                } else {
+                    hi = mid - 1
+                }
+            }
+            lo
+        };
+        let mut lo = 0u64;
+        if p.top_k > 0 && u64::from(p.top_k) < cands.len() as u64 {
+            let mut hi = u64::MAX;
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2 + 1;
+                if count(mid) >= u64::from(p.top_k) {
+                    lo = mid
+                } else {
+                    hi = mid - 1
+                }
+            }
+        }
+        let kept = mass(lo);
+        if p.top_p < 1.0 {
+            lo = largest(lo, p.top_p * kept);
+        }
+        if p.min_p > 0.0 {
+            let smallest = cands
+                .iter()
+                .filter(|c| c.0 >= lo && (c.1 - m).exp() >= p.min_p)
+                .map(|c| c.0)
+                .min()
+                .unwrap_or(u64::MAX);
+            if smallest != u64::MAX && smallest > lo {
+                lo = smallest;
+            }
+        }
+        let total = mass(lo);
+        let pick = largest(lo, p.u * total);
+        u32::MAX - pick as u32
+    }
+
+    #[test]
+    fn the_kernels_bisection_picks_what_the_sorted_reference_picks() {
+        let mut rng = Rng::new(5);
+        let mut mismatches = 0;
+        for case in 0..300u32 {
+            let vocab = 20 + (case as usize % 5) * 61;
+            let mut logits: Vec<f32> = (0..vocab)
+                .map(|_| (rng.next_f64() as f32 - 0.5) * 10.0)
+                .collect();
+            // Ties, and logits that are not candidates.
+            logits[3] = logits[7];
+            if case % 3 == 0 {
+                logits[1] = f32::NEG_INFINITY;
+                logits[2] = f32::NAN;
+            }
+            let (t, k, tp, mp) = match case % 5 {
+                0 => (0.0, 0, 1.0, 0.0),
+                1 => (1.0, 0, 1.0, 0.0),
+                2 => (0.6, 7, 1.0, 0.0),
+                3 => (1.4, 0, 0.7, 0.0),
+                _ => (1.0, 30, 0.9, 0.1),
+            };
+            let u = rng.next_f64() as f32 * 0.999;
+            let p = SampleParams::new(t, k, tp, mp, u).unwrap();
+            if bisection_sample(&logits, &p) != sample_row(&logits, &p) {
+                mismatches += 1;
+            }
+        }
+        // f32 against f64 sums can only disagree for a draw within rounding of a boundary.
+        assert!(mismatches <= 1, "{mismatches} of 300 differ");
     }
 
     #[test]
