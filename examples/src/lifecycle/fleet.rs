@@ -165,9 +165,13 @@ impl Fleet {
         }
         let progress = Progress::new(format!("loading v{version}"), self.replicas);
         let mut out = Vec::new();
+        // Replicas share this machine's cores: give each its share of kernel threads.
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let threads = (cores / self.replicas).max(1);
         for i in 0..self.replicas {
             let builder = Engine::builder()
                 .model_path(&self.model)
+                .threads(threads)
                 .kv_blocks(cfg.kv_blocks)
                 .max_seqs(cfg.max_seqs)
                 .max_batch_tokens(cfg.max_batch_tokens)

@@ -219,16 +219,16 @@ pub struct ServingConfig {
     pub max_seqs: usize,
     /// Token budget of one scheduler step.
     pub max_batch_tokens: usize,
-    /// Whether the engine expands the 4-bit weights to f32 at load: about 8x the weight
-    /// memory, but a batched step becomes one dense matrix product instead of one quantized
-    /// dot product per sequence, so throughput grows with the batch on CPU.
+    /// Whether the engine expands the 4-bit weights to f32 at load (about 8x the weight
+    /// memory, multiplied by candle's dense kernels). Off for every version: Keel's own
+    /// quantized CPU kernels batch well on the weights as stored.
     #[serde(default)]
     pub dense_weights: bool,
 }
 
 impl ServingConfig {
-    /// v1: a small KV cache and batch with the weights as stored; v2 and later: twice the
-    /// batch, 1.5 times the cache, and the weights expanded to f32 for batched throughput.
+    /// v1: a small KV cache and batch; v2 and later: twice the batch and 1.5 times the cache.
+    /// Both keep the weights as stored.
     pub fn for_version(version: u32) -> Self {
         if version <= 1 {
             Self {
@@ -242,7 +242,7 @@ impl ServingConfig {
                 kv_blocks: 96,
                 max_seqs: 16,
                 max_batch_tokens: 384,
-                dense_weights: true,
+                dense_weights: false,
             }
         }
     }
