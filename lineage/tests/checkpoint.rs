@@ -197,3 +197,41 @@ fn a_checkpoint_from_another_log_is_ignored() {
     assert!(g.find(&k("ns:other2")).is_ok());
     assert!(g.find(&k("ns:a")).is_err());
 }
+
+#[test]
+fn a_checkpoint_taken_while_writers_commit_reopens_to_every_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = std::sync::Arc::new(LineageStore::open(dir.path()).unwrap());
+        store.commit(vec![Change::Upsert(ds("root"))]).unwrap();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..30 {
+                    store
+                        .commit(vec![
+                            Change::Upsert(ds(&format!("d{i}"))),
+                            Change::link(
+                                k(&format!("ns:d{i}")),
+                                EdgeKind::DerivedFrom,
+                                k("ns:root"),
+                            ),
+                        ])
+                        .unwrap();
+                }
+            })
+        };
+        let mut covered = Vec::new();
+        for _ in 0..5 {
+            covered.push(store.checkpoint().unwrap());
+        }
+        writer.join().unwrap();
+        assert!(covered.windows(2).all(|w| w[0] <= w[1]));
+    }
+    let store = LineageStore::open(dir.path()).unwrap();
+    let g = store.read();
+    assert_eq!(
+        (g.commit_count(), g.node_count(), g.edge_count()),
+        (31, 31, 30)
+    );
+}

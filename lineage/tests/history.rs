@@ -297,3 +297,22 @@ fn metadata_history_survives_a_reopen() {
     check_meta(&g, At::Latest, "bob", &["tier-1"], Status::Deprecated, 20);
     assert_eq!(g.diff(t(10), t(30)).metadata_changes.len(), 1);
 }
+
+#[test]
+fn info_at_refuses_a_foreign_handle() {
+    let g = meta_history();
+    let mut big = LineageGraph::new();
+    for i in 0..5 {
+        big.commit(vec![Change::Upsert(NodeSpec::new(
+            NodeKind::Dataset,
+            "ns",
+            format!("x{i}"),
+        ))])
+        .unwrap();
+    }
+    let foreign = big.find(&k("ns:x4")).unwrap();
+    assert!(matches!(
+        g.info_at(foreign, At::Time(t(15))),
+        Err(Error::UnknownNode { .. })
+    ));
+}

@@ -133,3 +133,17 @@ fn store_insert_is_durable_and_atomic_across_threads() {
     assert_eq!(store.read().commit_count(), 2);
     assert!(g.info(id).unwrap().owner.unwrap().starts_with("thread"));
 }
+
+#[test]
+fn insert_refuses_bad_keys_and_unknown_kinds() {
+    let mut g = LineageGraph::new();
+    assert!(matches!(
+        g.insert_dyn(NodeSpec::new(NodeKind::Dataset, "", "a")),
+        Err(Error::InvalidKey { .. })
+    ));
+    assert!(matches!(
+        g.insert_dyn(NodeSpec::new(NodeKind::Custom(9), "ns", "a")),
+        Err(Error::UnknownKind { .. })
+    ));
+    assert_eq!(g.commit_count(), 0);
+}
