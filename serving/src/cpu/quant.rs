@@ -280,21 +280,25 @@ impl QMatrix {
         };
         for r in 0..p.rows {
             let (g, lane) = (r / ROWS, r % ROWS);
-            for b in 0..nb {
+            let row = &p.q[r * p.cols..(r + 1) * p.cols];
+            for (b, src) in row.chunks_exact(QK).enumerate() {
                 let gb = g * nb + b;
                 m.d[gb * ROWS + lane] = f16::from_f32(p.d[r * nb + b]).to_bits();
                 if mins {
                     m.c[gb * ROWS + lane] = f16::from_f32(p.c[r * nb + b]).to_bits();
                 }
-                let src = &p.q[r * p.cols + b * QK..r * p.cols + (b + 1) * QK];
                 let dst = &mut m.qs[gb * gbb..(gb + 1) * gbb];
-                for (k, &v) in src.iter().enumerate() {
-                    let (grp, e) = (k / 4, k % 4);
-                    if four_bit {
-                        let at = 32 * (grp / 2) + 4 * lane + e;
-                        dst[at] |= if grp % 2 == 0 { v & 15 } else { (v & 15) << 4 };
-                    } else {
-                        dst[32 * grp + 4 * lane + e] = v;
+                if four_bit {
+                    for j in 0..4 {
+                        let at = 32 * j + 4 * lane;
+                        for e in 0..4 {
+                            dst[at + e] = (src[8 * j + e] & 15) | ((src[8 * j + 4 + e] & 15) << 4);
+                        }
+                    }
+                } else {
+                    for k in 0..8 {
+                        dst[32 * k + 4 * lane..32 * k + 4 * lane + 4]
+                            .copy_from_slice(&src[4 * k..4 * k + 4]);
                     }
                 }
             }
