@@ -233,3 +233,39 @@ pub(super) fn to_f16(src: &[f32], dst: &mut [u16]) {
         dst[j] = half::f16::from_f32(src[j]).to_bits();
     }
 }
+
+/// Quantizes 32 values to bytes, `round_half_even(v · 127 / amax)`, returning `(amax, Σ q)`.
+/// Callable only where AVX2 and FMA exist; `src` and `dst` hold at least 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    let src = &src[..QK];
+    let dst = &mut dst[..QK];
+    let sign = _mm256_set1_ps(-0.0);
+    // SAFETY: `src` holds 32 floats; the four loads cover them exactly.
+    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src[8 * i..].as_ptr()) });
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for x in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    // `cvtps` rounds with the default MXCSR mode, nearest-even, like `round_ties_even`.
+    let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)));
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let s4 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b10_11_00_01>(s4));
+    let sum = _mm_cvtsi128_si32(s4);
+    // Pack to bytes: i32 -> i16 -> i8 (saturating, values are within ±127), then undo the
+    // lane interleaving the 256-bit packs introduce.
+    let w01 = _mm256_packs_epi32(q[0], q[1]);
+    let w23 = _mm256_packs_epi32(q[2], q[3]);
+    let b = _mm256_packs_epi16(w01, w23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `dst` holds 32 bytes.
+    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), b) };
+    (amax, sum)
+}

@@ -167,6 +167,31 @@ pub(crate) fn matmul(
     }
 }
 
+/// Quantizes one block of 32 values to bytes: `q = round_half_even(v · 127 / amax)`, on the
+/// detected instruction set. Returns `(amax, Σ q)`; both paths give identical bytes.
+pub(crate) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    match detected() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2 and FMA were detected.
+        Isa::Avx2 if src.len() == QK && dst.len() == QK => unsafe {
+            super::avx2::quantize_ints(src, dst)
+        },
+        _ => portable_quantize_ints(src, dst),
+    }
+}
+
+fn portable_quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in dst.iter_mut().zip(src) {
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (amax, sum)
+}
+
 /// `Σ q[i] · k[i]` with `k` in f16 bits.
 pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     match isa {
@@ -343,6 +368,28 @@ mod tests {
             assert!(PlainQ::from_ggml(qtype, rows, 64, &raw[1..]).is_err());
             assert!(PlainQ::from_ggml(qtype, rows, 60, &raw).is_err());
             assert!(PlainQ::from_ggml(qtype, 0, 64, &[]).is_err());
+        }
+    }
+
+    #[test]
+    fn block_quantization_is_identical_on_every_path() {
+        let mut rng = Rng::new(11);
+        for scale in [0.0f32, 1e-3, 1.0, 40.0] {
+            let src: Vec<f32> = rng.vec(QK).iter().map(|v| v * scale).collect();
+            let (mut a, mut b) = (vec![0i8; QK], vec![0i8; QK]);
+            let pa = portable_quantize_ints(&src, &mut a);
+            let pb = quantize_ints(&src, &mut b);
+            assert_eq!(pa, pb);
+            assert_eq!(a, b);
+            // Halfway cases round to even.
+            let mut src = vec![0f32; QK];
+            src[0] = 127.0;
+            src[1] = 2.5;
+            src[2] = -3.5;
+            let mut q = vec![0i8; QK];
+            let (amax, sum) = quantize_ints(&src, &mut q);
+            assert_eq!((amax, q[0], q[1], q[2]), (127.0, 127, 2, -4));
+            assert_eq!(sum, 127 + 2 - 4);
         }
     }
 

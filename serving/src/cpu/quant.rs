@@ -404,16 +404,10 @@ impl QActs {
 
 /// Quantizes one block: scale `amax/127` (stored f16-rounded), values rounded half to even
 /// after scaling by `127/amax`, as GGML's vectorised quantizer does. Returns `(d, d·Σq)`.
+/// The integer part runs on the detected instruction set ([`super::kernels::quantize_ints`]).
 pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32) {
-    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let (amax, sum) = super::kernels::quantize_ints(src, dst);
     let d = amax / 127.0;
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in dst.iter_mut().zip(src) {
-        let r = (v * id).round_ties_even() as i32;
-        *q = r as i8;
-        sum += r;
-    }
     let dr = round_f16(d);
     // Q8_1 keeps GGML's f16 `d·Σq` (unrounded `d`); otherwise the sum serves the Q4_0 offset
     // term, which must use the same rounded scale as the main product to stay exact.
