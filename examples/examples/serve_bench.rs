@@ -5,6 +5,7 @@
 //! cargo run --release -p keel-examples --example serve_bench -- \
 //!     [--model PATH] [--requests 16] [--concurrency 16] [--input-tokens 50] [--output-tokens 50]
 //!     [--max-seqs 32] [--max-batch-tokens 256] [--dequantize] [--kernels auto|candle] [--threads N]
+//!     [--floor]   (also measure the machine's memory read bandwidth: the decode ceiling)
 //! ```
 #![allow(clippy::print_stdout)] // a CLI program reports on stdout
 
@@ -27,6 +28,7 @@ struct Args {
     dequantize: bool,
     candle: bool,
     threads: Option<usize>,
+    floor: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -41,6 +43,7 @@ fn parse() -> anyhow::Result<Args> {
         dequantize: false,
         candle: false,
         threads: None,
+        floor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,6 +65,7 @@ fn parse() -> anyhow::Result<Args> {
                 }
             }
             "--threads" => a.threads = Some(val()?.parse()?),
+            "--floor" => a.floor = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -237,5 +241,57 @@ fn main() -> anyhow::Result<()> {
         println!("  peak RSS             {:>9.0} MiB", rss);
     }
     rt.block_on(engine.shutdown());
+    if a.floor {
+        let threads = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let gbs = read_bandwidth(threads);
+        let path = keel_serving::resolve_model_path(a.model.as_deref().map(std::path::Path::new))?;
+        let bytes = std::fs::metadata(&path)?.len() as f64;
+        let single = 1e3 / ms(m.mean_inter_token_latency);
+        println!(
+            "  memory read          {:>9.1} GB/s with {threads} threads (best of 5, 512 MiB)",
+            gbs
+        );
+        println!(
+            "  decode ceiling       {:>9.0} tokens/s (every weight byte read once per step: {:.1} MB)",
+            gbs * 1e9 / bytes,
+            bytes / 1e6
+        );
+        println!(
+            "  engine decode        {:>9.0} tokens/s per stream = {:.0}% of the ceiling",
+            single,
+            100.0 * single * bytes / (gbs * 1e9)
+        );
+    }
     Ok(())
+}
+
+/// A STREAM-style read: `threads` threads each sum their share of a 512 MiB buffer; the best
+/// of five passes, in GB/s. The physical floor a memory-bound decode step cannot beat.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads.max(1));
+    let mut best = f64::MAX;
+    let mut sink = 0u64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|part| {
+                    // A plain wrapping sum: the compiler vectorises it with several accumulators.
+                    s.spawn(move || part.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+        sink = sink.wrapping_add(total);
+    }
+    std::hint::black_box(sink);
+    (words * 8) as f64 / best / 1e9
 }
