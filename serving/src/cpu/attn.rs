@@ -126,11 +126,7 @@ pub(super) fn attention(
                 *s = kernels::dot_f16(isa, q, &kc[at..at + hd]) * scale;
                 max = max.max(*s);
             }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            let sum = kernels::exp_sub_sum(isa, &mut scores, max);
             o.fill(0.0);
             for (s, &slot) in scores.iter().zip(slots) {
                 let p = round_f16(*s / sum);

@@ -269,3 +269,87 @@ pub(super) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), b) };
     (amax, sum)
 }
+
+/// `e^x` for eight lanes: Cody–Waite range reduction `x = n·ln2 + r` and a degree-6 polynomial
+/// for `e^r` (within 2 ulp of `f32::exp` over the clamped range), scaled by `2^n` through the
+/// exponent bits. Inputs are clamped to [−87.3, 88.7], where results stay normal.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.7),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // ln 2 split in two so `n · ln2` is exact in the first part.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_2e-3f32,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let r2 = _mm256_mul_ps(r, r);
+    let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+}
+
+/// `out[i] = silu(gate[i]) · up[i]`, `silu(g) = g / (1 + e^−g)`. Callable only where AVX2 and
+/// FMA exist.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let n = out.len().min(gate.len()).min(up.len());
+    let one = _mm256_set1_ps(1.0);
+    let sign = _mm256_set1_ps(-0.0);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` elements of all three slices are in bounds.
+        unsafe {
+            let g = _mm256_loadu_ps(gate[i..].as_ptr());
+            let u = _mm256_loadu_ps(up[i..].as_ptr());
+            let e = exp8(_mm256_xor_ps(g, sign));
+            let v = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+            _mm256_storeu_ps(out[i..].as_mut_ptr(), v);
+        }
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = gate[j] / (1.0 + (-gate[j]).exp()) * up[j];
+    }
+}
+
+/// `x[i] = e^(x[i] − max)` in place, returning the sum. Callable only where AVX2 and FMA exist.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+    let n = x.len();
+    let m = _mm256_set1_ps(max);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` elements are in bounds.
+        unsafe {
+            let v = exp8(_mm256_sub_ps(_mm256_loadu_ps(x[i..].as_ptr()), m));
+            acc = _mm256_add_ps(acc, v);
+            _mm256_storeu_ps(x[i..].as_mut_ptr(), v);
+        }
+        i += 8;
+    }
+    let mut sum = hsum(acc);
+    for v in &mut x[i..] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}

@@ -192,6 +192,37 @@ fn portable_quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     (amax, sum)
 }
 
+/// `out[i] = silu(gate[i]) · up[i]` (SwiGLU's gating).
+pub(crate) fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2 and FMA were detected.
+        Isa::Avx2 => unsafe { super::avx2::silu_mul(gate, up, out) },
+        _ => {
+            for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+    }
+}
+
+/// `x[i] = e^(x[i] − max)` in place; returns the sum (softmax's numerator and denominator).
+pub(crate) fn exp_sub_sum(isa: Isa, x: &mut [f32], max: f32) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2 and FMA were detected.
+        Isa::Avx2 => unsafe { super::avx2::exp_sub_sum(x, max) },
+        _ => {
+            let mut sum = 0f32;
+            for v in x.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            sum
+        }
+    }
+}
+
 /// `Σ q[i] · k[i]` with `k` in f16 bits.
 pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     match isa {
@@ -390,6 +421,39 @@ mod tests {
             let (amax, sum) = quantize_ints(&src, &mut q);
             assert_eq!((amax, q[0], q[1], q[2]), (127.0, 127, 2, -4));
             assert_eq!(sum, 127 + 2 - 4);
+        }
+    }
+
+    #[test]
+    fn vector_exp_and_silu_stay_within_a_few_ulp_of_libm() {
+        let mut rng = Rng::new(5);
+        for isa in isas() {
+            for scale in [0.1f32, 3.0, 20.0, 90.0] {
+                let gate: Vec<f32> = rng.vec(203).iter().map(|v| v * scale).collect();
+                let up = rng.vec(203);
+                let mut got = vec![0f32; 203];
+                silu_mul(isa, &gate, &up, &mut got);
+                for ((g, u), o) in gate.iter().zip(&up).zip(&got) {
+                    let want = g / (1.0 + (-g).exp()) * u;
+                    assert!(
+                        (o - want).abs() <= 4e-7 * want.abs() + 1e-30,
+                        "{g}: {o} vs {want}"
+                    );
+                }
+                let mut x = gate.clone();
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum = exp_sub_sum(isa, &mut x, max);
+                let mut want_sum = 0f32;
+                for (v, g) in x.iter().zip(&gate) {
+                    let want = (g - max).exp();
+                    want_sum += want;
+                    // Below e^-87.3 the vector path clamps; both are negligible there.
+                    if g - max > -87.0 {
+                        assert!((v - want).abs() <= 4e-7 * want, "{g}: {v} vs {want}");
+                    }
+                }
+                assert!((sum - want_sum).abs() <= 1e-5 * want_sum);
+            }
         }
     }
 

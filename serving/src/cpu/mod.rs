@@ -294,9 +294,7 @@ impl CpuModel {
             for r in 0..t {
                 let row = &s.ffn[r * 2 * inter..(r + 1) * 2 * inter];
                 let (gate, up) = row.split_at(inter);
-                for ((o, g), u) in s.normed.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                kernels::silu_mul(self.isa, gate, up, &mut s.normed);
                 s.acts.quantize_row(r, &s.normed, round);
             }
             self.project(&layer.down, &s.acts, &mut s.proj, &mut s.mm);
