@@ -230,6 +230,7 @@ impl Adjacency {
 }
 
 /// An adjacency list walk, from [`Adjacency::edges_of`].
+#[derive(Clone)]
 pub(crate) struct Edges<'a> {
     adj: &'a Adjacency,
     next: u32,

@@ -12,6 +12,13 @@
 //! [`LineageStore`] makes the graph durable in an embedded database and hands readers an
 //! immutable [`Snapshot`] of it.
 //!
+//! The graph is built on petgraph: its node and edge tables are laid out like petgraph's
+//! `Graph` (in copy-on-write chunks that snapshots share), and [`GraphView`], from
+//! [`LineageGraph::petgraph_view`], implements petgraph's visit traits, so petgraph's
+//! algorithms (`Dfs`, `Bfs`, `tarjan_scc`, `has_path_connecting`, `toposort`,
+//! `all_simple_paths`, ...) run on a graph or a snapshot directly. Path enumeration and cycle
+//! reporting use them; budgeted walks and impact analysis run on a compact CSR snapshot.
+//!
 //! Typed handles ([`NodeId`]) make wrong edges fail to compile: `graph.connect(service,
 //! edges::Serves, dataset)` does not build, because a service serves model versions.
 //!
@@ -90,6 +97,7 @@ mod store;
 mod time;
 mod traverse;
 mod typed;
+mod view;
 
 pub use change::{Batch, Change, Commit, FieldSpec, NodeKey, NodeSpec};
 pub use dbt::parse_dbt_manifest;
@@ -113,3 +121,7 @@ pub use store::{LineageStore, Snapshot};
 pub use time::Timestamp;
 pub use traverse::{Direction, Paths, Reached, Subgraph, Walk, WalkResult};
 pub use typed::{Allows, AnyNodeId, EdgeMarker, Kind, NodeId, edges, nodes};
+pub use view::{
+    EdgeId, EdgeReferences, Edges, GraphView, Neighbors, NodeIdentifiers, NodeReferences, ViewEdge,
+    VisitSet,
+};

@@ -1,7 +1,7 @@
 //! Upstream and downstream walks with depth, kind and budget limits; bounded path
 //! enumeration; subgraph extraction; cycle reporting.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -268,8 +268,11 @@ impl LineageGraph {
         })
     }
 
-    /// Simple paths from `from` to `to` along the data flow, at most `max_depth` hops long,
-    /// stopping after `max_paths` paths.
+    /// Simple paths from `from` to `to` along the data flow in the latest graph, at most
+    /// `max_depth` hops long, stopping after `max_paths` paths (then flagged `partial`).
+    ///
+    /// This is petgraph's `all_simple_paths` run on [`LineageGraph::petgraph_view`]; parallel
+    /// edges give repeated paths, as they do there.
     ///
     /// # Errors
     /// [`crate::Error::UnknownNode`] for handles from another graph.
@@ -283,39 +286,30 @@ impl LineageGraph {
         let (from, to) = (from.into(), to.into());
         self.row(from)?;
         self.row(to)?;
-        let csr = self.snapshot();
-        let mut paths = Vec::new();
-        let mut partial = false;
-        let mut on_path = vec![false; csr.len()];
-        // Iterative DFS: a stack of (node, next-edge cursor).
-        let mut stack: Vec<(u32, usize)> = vec![(from.0, 0)];
-        on_path[from.index()] = true;
-        while let Some(&(node, cursor)) = stack.last() {
-            let (ts, _) = csr.out(node);
-            if node == to.0 && stack.len() > 1 {
-                paths.push(stack.iter().map(|&(n, _)| AnyNodeId(n)).collect());
-                if paths.len() >= max_paths {
-                    partial = true;
-                    break;
-                }
-                on_path[node as usize] = false;
-                stack.pop();
-                continue;
-            }
-            if cursor >= ts.len() || stack.len() > max_depth as usize {
-                on_path[node as usize] = false;
-                stack.pop();
-                continue;
-            }
-            let next = ts[cursor];
-            if let Some(top) = stack.last_mut() {
-                top.1 += 1;
-            }
-            if !on_path[next as usize] {
-                on_path[next as usize] = true;
-                stack.push((next, 0));
-            }
-        }
+        // petgraph's enumeration, on the latest view: its iterator stops at `max_depth` hops
+        // and is lazy, so asking for one path more than allowed tells whether the limit cut
+        // the enumeration short without enumerating the rest.
+        let Some(intermediate) = max_depth.checked_sub(1) else {
+            return Ok(Paths {
+                paths: Vec::new(),
+                partial: false,
+            });
+        };
+        let mut paths: Vec<Vec<AnyNodeId>> = petgraph::algo::all_simple_paths::<
+            Vec<AnyNodeId>,
+            _,
+            std::collections::hash_map::RandomState,
+        >(
+            self.petgraph_view(),
+            from,
+            to,
+            0,
+            Some(intermediate as usize),
+        )
+        .take(max_paths.saturating_add(1))
+        .collect();
+        let partial = paths.len() > max_paths;
+        paths.truncate(max_paths);
         Ok(Paths { paths, partial })
     }
 
@@ -365,7 +359,10 @@ impl LineageGraph {
     }
 }
 
-/// Tarjan's strongly connected components, iteratively, restricted to `members`.
+/// Cycles among `members` (the nodes a walk reached, `member` marking them by index):
+/// petgraph's `tarjan_scc` on the subgraph they induce through edges of allowed kinds, in the
+/// walk's direction. The subgraph is copied into a small petgraph `Graph` first, so the cost
+/// follows the walk's size rather than the whole graph's, as a walk's budget promises.
 fn cycles_among(
     csr: &Csr,
     members: &[u32],
@@ -373,78 +370,46 @@ fn cycles_among(
     edge_ok: &[bool; 256],
     dir: Direction,
 ) -> Vec<Vec<AnyNodeId>> {
+    use petgraph::graph::NodeIndex;
     let adj = |v: u32| match dir {
         Direction::Downstream => csr.out(v),
         Direction::Upstream => csr.inc(v),
     };
-    let mut index = std::collections::HashMap::<u32, (u32, u32)>::with_capacity(members.len());
-    let mut on_stack = HashSet::new();
-    let mut stack: Vec<u32> = Vec::new();
-    let mut next = 0u32;
-    let mut out = Vec::new();
-    for &root in members {
-        if index.contains_key(&root) {
-            continue;
-        }
-        let mut call: Vec<(u32, usize)> = vec![(root, 0)];
-        index.insert(root, (next, next));
-        next += 1;
-        stack.push(root);
-        on_stack.insert(root);
-        while let Some(&(v, cur)) = call.last() {
-            let (ts, ks) = adj(v);
-            if cur < ts.len() {
-                let (w, k) = (ts[cur], ks[cur]);
-                if let Some(top) = call.last_mut() {
-                    top.1 += 1;
-                }
-                if !edge_ok[k as usize] || !member[w as usize] {
-                    continue;
-                }
-                if let Some(&(wi, _)) = index.get(&w) {
-                    if on_stack.contains(&w)
-                        && let Some(e) = index.get_mut(&v)
-                    {
-                        e.1 = e.1.min(wi);
-                    }
-                } else {
-                    index.insert(w, (next, next));
-                    next += 1;
-                    stack.push(w);
-                    on_stack.insert(w);
-                    call.push((w, 0));
-                }
+    let local: HashMap<u32, u32> = members
+        .iter()
+        .enumerate()
+        .map(|(k, &v)| (v, k as u32))
+        .collect();
+    let mut sub = petgraph::Graph::<u32, (), petgraph::Directed, u32>::with_capacity(
+        members.len(),
+        members.len(),
+    );
+    for &v in members {
+        sub.add_node(v);
+    }
+    let mut self_loop = vec![false; members.len()];
+    for (k, &v) in members.iter().enumerate() {
+        let (ts, ks) = adj(v);
+        for (&t, &kind) in ts.iter().zip(ks) {
+            if !edge_ok[kind as usize] || !member.get(t as usize).is_some_and(|&m| m) {
                 continue;
             }
-            call.pop();
-            let (vi, vl) = index[&v];
-            if let Some(&(p, _)) = call.last()
-                && let Some(e) = index.get_mut(&p)
-            {
-                e.1 = e.1.min(vl);
+            let Some(&j) = local.get(&t) else { continue };
+            if j as usize == k {
+                self_loop[k] = true;
             }
-            if vi == vl {
-                let mut comp = Vec::new();
-                while let Some(w) = stack.pop() {
-                    on_stack.remove(&w);
-                    comp.push(AnyNodeId(w));
-                    if w == v {
-                        break;
-                    }
-                }
-                let self_loop = comp.len() == 1 && {
-                    let (ts, ks) = adj(v);
-                    ts.iter()
-                        .zip(ks)
-                        .any(|(&t, &k)| t == v && edge_ok[k as usize])
-                };
-                if comp.len() > 1 || self_loop {
-                    comp.sort_unstable();
-                    out.push(comp);
-                }
-            }
+            sub.add_edge(NodeIndex::new(k), NodeIndex::new(j as usize), ());
         }
     }
+    let mut out: Vec<Vec<AnyNodeId>> = petgraph::algo::tarjan_scc(&sub)
+        .into_iter()
+        .filter(|c| c.len() > 1 || c.first().is_some_and(|x| self_loop[x.index()]))
+        .map(|c| {
+            let mut c: Vec<AnyNodeId> = c.into_iter().map(|x| AnyNodeId(sub[x])).collect();
+            c.sort_unstable();
+            c
+        })
+        .collect();
     out.sort();
     out
 }

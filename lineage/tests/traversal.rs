@@ -159,6 +159,16 @@ fn all_paths_are_bounded() {
     let few = g.paths(s, e, 100, 3).unwrap();
     assert_eq!(few.paths.len(), 3);
     assert!(few.partial);
+    // Exactly as many paths as allowed is complete; none allowed is cut short.
+    let exact = g.paths(s, e, 100, 32).unwrap();
+    assert_eq!((exact.paths.len(), exact.partial), (32, false));
+    let none = g.paths(s, e, 100, 0).unwrap();
+    assert_eq!((none.paths.len(), none.partial), (0, true));
+    assert!(
+        all.paths
+            .iter()
+            .all(|p| p.first() == Some(&s) && p.last() == Some(&e))
+    );
     assert!(g.paths(s, e, 4, 1000).unwrap().paths.is_empty());
 }
 
