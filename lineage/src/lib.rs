@@ -15,7 +15,7 @@
 //! The graph is built on petgraph: its node and edge tables are laid out like petgraph's
 //! `Graph` (in copy-on-write chunks that snapshots share), and [`GraphView`], from
 //! [`LineageGraph::petgraph_view`], implements petgraph's visit traits, so petgraph's
-//! algorithms (`Dfs`, `Bfs`, `tarjan_scc`, `has_path_connecting`, `toposort`,
+//! algorithms (`Dfs`, `Bfs`, `kosaraju_scc`, `has_path_connecting`, `toposort`,
 //! `all_simple_paths`, ...) run on a graph or a snapshot directly. Path enumeration and cycle
 //! reporting use them; budgeted walks and impact analysis run on a compact CSR snapshot.
 //!

@@ -59,9 +59,10 @@ pub struct LineageStore {
 
 /// An immutable view of a store's graph as of one commit, from [`LineageStore::read`].
 ///
-/// It dereferences to [`LineageGraph`], so every query works on it. Commits made after it was
-/// taken are not visible through it; holding it never delays a writer (it only keeps the
-/// storage of that version alive), so take a fresh one to see newer commits.
+/// It dereferences to [`LineageGraph`], so every query works on it, petgraph's algorithms
+/// included (through [`LineageGraph::petgraph_view`]). Commits made after it was taken are
+/// not visible through it; holding it never delays a writer (it only keeps the storage of
+/// that version alive), so take a fresh one to see newer commits.
 #[derive(Debug, Clone)]
 pub struct Snapshot(Arc<LineageGraph>);
 

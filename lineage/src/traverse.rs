@@ -1,7 +1,9 @@
 //! Upstream and downstream walks with depth, kind and budget limits; bounded path
 //! enumeration; subgraph extraction; cycle reporting.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use petgraph::visit::IntoNeighbors;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -360,9 +362,11 @@ impl LineageGraph {
 }
 
 /// Cycles among `members` (the nodes a walk reached, `member` marking them by index):
-/// petgraph's `tarjan_scc` on the subgraph they induce through edges of allowed kinds, in the
-/// walk's direction. The subgraph is copied into a small petgraph `Graph` first, so the cost
-/// follows the walk's size rather than the whole graph's, as a walk's budget promises.
+/// petgraph's `kosaraju_scc` on the subgraph they induce through edges of allowed kinds, in
+/// the walk's direction. [`Reach`] presents that subgraph to petgraph straight from the CSR
+/// snapshot, so nothing is copied and the node order follows the walk.
+/// Not `tarjan_scc`: petgraph's is recursive, and a long lineage chain overflows the stack,
+/// while `kosaraju_scc` runs on petgraph's iterative depth-first walks.
 fn cycles_among(
     csr: &Csr,
     members: &[u32],
@@ -370,46 +374,127 @@ fn cycles_among(
     edge_ok: &[bool; 256],
     dir: Direction,
 ) -> Vec<Vec<AnyNodeId>> {
-    use petgraph::graph::NodeIndex;
-    let adj = |v: u32| match dir {
-        Direction::Downstream => csr.out(v),
-        Direction::Upstream => csr.inc(v),
+    let reach = Reach {
+        csr,
+        members,
+        member,
+        edge_ok,
+        dir,
     };
-    let local: HashMap<u32, u32> = members
-        .iter()
-        .enumerate()
-        .map(|(k, &v)| (v, k as u32))
-        .collect();
-    let mut sub = petgraph::Graph::<u32, (), petgraph::Directed, u32>::with_capacity(
-        members.len(),
-        members.len(),
-    );
-    for &v in members {
-        sub.add_node(v);
-    }
-    let mut self_loop = vec![false; members.len()];
-    for (k, &v) in members.iter().enumerate() {
-        let (ts, ks) = adj(v);
-        for (&t, &kind) in ts.iter().zip(ks) {
-            if !edge_ok[kind as usize] || !member.get(t as usize).is_some_and(|&m| m) {
-                continue;
-            }
-            let Some(&j) = local.get(&t) else { continue };
-            if j as usize == k {
-                self_loop[k] = true;
-            }
-            sub.add_edge(NodeIndex::new(k), NodeIndex::new(j as usize), ());
-        }
-    }
-    let mut out: Vec<Vec<AnyNodeId>> = petgraph::algo::tarjan_scc(&sub)
+    let mut out: Vec<Vec<AnyNodeId>> = petgraph::algo::kosaraju_scc(reach)
         .into_iter()
-        .filter(|c| c.len() > 1 || c.first().is_some_and(|x| self_loop[x.index()]))
-        .map(|c| {
-            let mut c: Vec<AnyNodeId> = c.into_iter().map(|x| AnyNodeId(sub[x])).collect();
+        .filter(|c| match c[..] {
+            [v] => reach.neighbors(v).any(|t| t == v),
+            _ => true,
+        })
+        .map(|mut c| {
             c.sort_unstable();
             c
         })
         .collect();
     out.sort();
     out
+}
+
+/// The subgraph a walk reached, as petgraph sees it: the `members`, and the CSR edges of
+/// allowed kinds between them, oriented along the walk (`Outgoing` is the walk's direction).
+#[derive(Clone, Copy)]
+struct Reach<'a> {
+    csr: &'a Csr,
+    members: &'a [u32],
+    member: &'a [bool],
+    edge_ok: &'a [bool; 256],
+    dir: Direction,
+}
+
+impl<'a> Reach<'a> {
+    fn list(self, v: AnyNodeId, d: petgraph::Direction) -> ReachNeighbors<'a> {
+        let forward = matches!(
+            (self.dir, d),
+            (Direction::Downstream, petgraph::Direction::Outgoing)
+                | (Direction::Upstream, petgraph::Direction::Incoming)
+        );
+        let (ts, ks) = if self.member.get(v.index()).is_some_and(|&m| m) {
+            if forward {
+                self.csr.out(v.0)
+            } else {
+                self.csr.inc(v.0)
+            }
+        } else {
+            (&[][..], &[][..])
+        };
+        ReachNeighbors {
+            reach: self,
+            ts: ts.iter(),
+            ks: ks.iter(),
+        }
+    }
+}
+
+struct ReachNeighbors<'a> {
+    reach: Reach<'a>,
+    ts: std::slice::Iter<'a, u32>,
+    ks: std::slice::Iter<'a, u8>,
+}
+
+impl Iterator for ReachNeighbors<'_> {
+    type Item = AnyNodeId;
+
+    fn next(&mut self) -> Option<AnyNodeId> {
+        loop {
+            let (&t, &k) = (self.ts.next()?, self.ks.next()?);
+            if self.reach.edge_ok[k as usize]
+                && self.reach.member.get(t as usize).is_some_and(|&m| m)
+            {
+                return Some(AnyNodeId(t));
+            }
+        }
+    }
+}
+
+impl petgraph::visit::GraphBase for Reach<'_> {
+    type NodeId = AnyNodeId;
+    type EdgeId = ();
+}
+
+impl petgraph::visit::GraphRef for Reach<'_> {}
+
+impl petgraph::visit::Visitable for Reach<'_> {
+    type Map = crate::view::VisitSet;
+
+    fn visit_map(&self) -> crate::view::VisitSet {
+        crate::view::VisitSet::with_bound(self.csr.len())
+    }
+
+    fn reset_map(&self, map: &mut crate::view::VisitSet) {
+        map.reset(self.csr.len());
+    }
+}
+
+impl<'a> petgraph::visit::IntoNeighbors for Reach<'a> {
+    type Neighbors = ReachNeighbors<'a>;
+
+    fn neighbors(self, v: AnyNodeId) -> ReachNeighbors<'a> {
+        self.list(v, petgraph::Direction::Outgoing)
+    }
+}
+
+impl<'a> petgraph::visit::IntoNeighborsDirected for Reach<'a> {
+    type NeighborsDirected = ReachNeighbors<'a>;
+
+    fn neighbors_directed(self, v: AnyNodeId, d: petgraph::Direction) -> ReachNeighbors<'a> {
+        self.list(v, d)
+    }
+}
+
+impl<'a> petgraph::visit::IntoNodeIdentifiers for Reach<'a> {
+    type NodeIdentifiers =
+        std::iter::Map<std::iter::Copied<std::slice::Iter<'a, u32>>, fn(u32) -> AnyNodeId>;
+
+    fn node_identifiers(self) -> Self::NodeIdentifiers {
+        self.members
+            .iter()
+            .copied()
+            .map(AnyNodeId as fn(u32) -> AnyNodeId)
+    }
 }

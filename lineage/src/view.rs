@@ -50,13 +50,17 @@ impl EdgeId {
 ///   ids are not compact: algorithms that need `NodeCompactIndexable` do not apply.
 /// - Neighbours are listed newest edge first, as in petgraph's `Graph`; parallel edges give
 ///   repeated neighbours.
+/// - petgraph 0.8's `tarjan_scc` and `depth_first_search` (so `is_cyclic_directed` too)
+///   recurse once per node along a path, so on a lineage chain tens of thousands of nodes
+///   deep they can overflow a thread's stack; prefer `kosaraju_scc` and `toposort`, which,
+///   like `Dfs`, `Bfs`, `has_path_connecting` and `all_simple_paths`, are iterative.
 ///
 /// The view borrows the graph, so it is as immutable as the graph it reads; take it from a
 /// [`crate::Snapshot`] to run an algorithm while a [`crate::LineageStore`] keeps committing.
 ///
 /// ```
 /// use keel_lineage::{edges, nodes, At, Change, LineageGraph, NodeKind, NodeSpec, Timestamp};
-/// use petgraph::algo::{has_path_connecting, tarjan_scc, toposort};
+/// use petgraph::algo::{has_path_connecting, kosaraju_scc, toposort};
 /// use petgraph::visit::Dfs;
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let mut g = LineageGraph::new();
@@ -70,7 +74,7 @@ impl EdgeId {
 /// // Data flows raw -> clean -> m@1.
 /// assert!(has_path_connecting(view, raw.erase(), mv.erase(), None));
 /// assert_eq!(toposort(view, None).ok(), Some(vec![raw.erase(), clean.erase(), mv.erase()]));
-/// assert!(tarjan_scc(view).iter().all(|scc| scc.len() == 1));
+/// assert!(kosaraju_scc(view).iter().all(|scc| scc.len() == 1));
 ///
 /// let mut dfs = Dfs::new(view, raw.erase());
 /// let mut reached = 0;
@@ -339,13 +343,13 @@ pub struct VisitSet {
 }
 
 impl VisitSet {
-    fn with_bound(n: usize) -> Self {
+    pub(crate) fn with_bound(n: usize) -> Self {
         Self {
             words: vec![0; n.div_ceil(64)],
         }
     }
 
-    fn reset(&mut self, n: usize) {
+    pub(crate) fn reset(&mut self, n: usize) {
         self.words.clear();
         self.words.resize(n.div_ceil(64), 0);
     }

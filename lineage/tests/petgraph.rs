@@ -318,3 +318,64 @@ fn foreign_handles_do_not_panic() {
     assert_eq!(dfs.next(view), Some(foreign));
     assert_eq!(dfs.next(view), None);
 }
+
+#[test]
+fn a_snapshots_view_keeps_its_version_while_the_store_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LineageStore::open(dir.path()).unwrap();
+    let ds = |i: usize| Change::Upsert(NodeSpec::with_key(NodeKind::Dataset, k(i)));
+    let link = |a: usize, b: usize| Change::link(k(a), EdgeKind::DerivedFrom, k(b));
+    store
+        .commit(vec![ds(0), ds(1), ds(2), link(1, 0), link(2, 1)])
+        .unwrap();
+    let snap = store.read();
+    let [d0, d1, d2] = [0, 1, 2].map(|i| snap.find(&k(i)).unwrap());
+    // After the snapshot, d2 feeds d0 and d0 stops feeding d1: the order turns around.
+    store.commit(vec![link(0, 2)]).unwrap();
+    store
+        .commit(vec![Change::Unlink {
+            from: k(1),
+            edge: EdgeKind::DerivedFrom,
+            to: k(0),
+        }])
+        .unwrap();
+    let old = snap.petgraph_view();
+    assert_eq!(edge_pairs(old), vec![(d0, d1), (d1, d2)]);
+    assert_eq!(toposort(old, None).unwrap(), vec![d0, d1, d2]);
+    assert!(has_path_connecting(old, d0, d2, None));
+    let now = store.read();
+    let new = now.petgraph_view();
+    assert_eq!(edge_pairs(new), vec![(d1, d2), (d2, d0)]);
+    assert_eq!(toposort(new, None).unwrap(), vec![d1, d2, d0]);
+    assert!(!has_path_connecting(new, d0, d2, None));
+    // Closing the loop shows up in a fresh snapshot only.
+    store.commit(vec![link(1, 0)]).unwrap();
+    assert!(toposort(now.petgraph_view(), None).is_ok());
+    let cyclic = store.read();
+    assert_eq!(tarjan_scc(cyclic.petgraph_view()).len(), 1);
+}
+
+#[test]
+fn a_deep_cycle_is_reported_without_recursing() {
+    // A ring of 20 000 datasets: petgraph's recursive tarjan_scc would overflow a test
+    // thread's stack on it, so the crate's cycle report must not use it.
+    let n = 20_000;
+    let mut ch: Vec<Change> = (0..n)
+        .map(|i| Change::Upsert(NodeSpec::with_key(NodeKind::Dataset, k(i))))
+        .collect();
+    ch.extend((0..n).map(|i| Change::link(k((i + 1) % n), EdgeKind::DerivedFrom, k(i))));
+    let mut g = LineageGraph::new();
+    g.commit(ch).unwrap();
+    let s = g.find(&k(0)).unwrap();
+    for dir in [Walk::downstream(), Walk::upstream()] {
+        let r = g.walk(s, &dir).unwrap();
+        assert_eq!(r.nodes.len(), n - 1);
+        assert_eq!(r.cycles.len(), 1);
+        assert_eq!(r.cycles[0].len(), n);
+    }
+    let view = g.petgraph_view();
+    assert_eq!(kosaraju_scc(view).len(), 1);
+    assert!(toposort(view, None).is_err());
+    let last = g.find(&k(n - 1)).unwrap();
+    assert!(has_path_connecting(view, s, last, None));
+}

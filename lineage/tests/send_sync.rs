@@ -34,4 +34,13 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<MetadataChange>();
     assert_send_sync::<OpenLineageOptions>();
     assert_send_sync::<Box<dyn Policy>>();
+    assert_send_sync::<GraphView<'static>>();
+    assert_send_sync::<EdgeId>();
+    assert_send_sync::<ViewEdge<'static>>();
+    assert_send_sync::<VisitSet>();
+    assert_send_sync::<Edges<'static>>();
+    assert_send_sync::<Neighbors<'static>>();
+    assert_send_sync::<EdgeReferences<'static>>();
+    assert_send_sync::<NodeReferences<'static>>();
+    assert_send_sync::<NodeIdentifiers<'static>>();
 }
