@@ -152,6 +152,67 @@ proptest! {
     }
 }
 
+/// Every simple path from `at` to `to` of at most `left` more hops, by brute force over the
+/// `(derived, source)` pairs.
+fn brute_paths(
+    edges: &[(usize, usize)],
+    path: &mut Vec<usize>,
+    to: usize,
+    left: u32,
+    out: &mut Vec<Vec<usize>>,
+) {
+    let Some(&at) = path.last() else { return };
+    if left == 0 {
+        return;
+    }
+    for &(derived, source) in edges {
+        if source != at || path.contains(&derived) && derived != to {
+            continue;
+        }
+        if derived == to {
+            if !path.contains(&to) {
+                out.push(path.iter().copied().chain([to]).collect());
+            }
+            continue;
+        }
+        path.push(derived);
+        brute_paths(edges, path, to, left - 1, out);
+        path.pop();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn paths_are_every_simple_path_up_to_the_depth(
+        (n, edges) in (2usize..8).prop_flat_map(|n| (Just(n), prop::collection::vec((0..n, 0..n), 0..16))),
+        from in 0usize..8,
+        to in 0usize..8,
+        depth in 0u32..5,
+    ) {
+        let (from, to) = (from % n, to % n);
+        let (g, ids) = build(n, &edges, &[], &[]);
+        // Linking a pair again is a no-op, so the graph has one edge per distinct pair.
+        let distinct: Vec<(usize, usize)> =
+            edges.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        let mut want = Vec::new();
+        if from != to {
+            brute_paths(&distinct, &mut vec![from], to, depth, &mut want);
+        }
+        want.sort();
+        let p = g.paths(ids[from], ids[to], depth, usize::MAX - 1).unwrap();
+        prop_assert!(!p.partial);
+        let mut got: Vec<Vec<usize>> = p
+            .paths
+            .iter()
+            .map(|path| path.iter().map(|id| ids.iter().position(|x| x == id).unwrap()).collect())
+            .collect();
+        got.sort();
+        prop_assert_eq!(got, want);
+    }
+}
+
 /// raw -> clean -> model, with one extra edge raw -> model; the model and the extra edge are
 /// removed later, and a second model is added after that.
 fn removal_fixture() -> (LineageGraph, [AnyNodeId; 4]) {
