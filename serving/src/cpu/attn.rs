@@ -127,9 +127,9 @@ pub(super) fn attention(
                 max = max.max(*s);
             }
             let sum = kernels::exp_sub_sum(isa, &mut scores, max);
+            kernels::div_round_f16(isa, &mut scores, sum);
             o.fill(0.0);
-            for (s, &slot) in scores.iter().zip(slots) {
-                let p = round_f16(*s / sum);
+            for (&p, &slot) in scores.iter().zip(slots) {
                 let at = slot as usize * kvd + g * hd;
                 kernels::axpy_f16(isa, o, p, &vc[at..at + hd]);
             }

@@ -353,3 +353,24 @@ pub(super) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
     }
     sum
 }
+
+/// `x[i] = f16_round(x[i] / d)` (softmax normalisation with llama.cpp's f16 probabilities).
+/// Callable only where AVX2 and F16C exist.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn div_round_f16(x: &mut [f32], d: f32) {
+    let n = x.len();
+    let dv = _mm256_set1_ps(d);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` elements are in bounds.
+        unsafe {
+            let v = _mm256_div_ps(_mm256_loadu_ps(x[i..].as_ptr()), dv);
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm256_storeu_ps(x[i..].as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for v in &mut x[i..] {
+        *v = half::f16::from_f32(*v / d).to_f32();
+    }
+}

@@ -223,6 +223,20 @@ pub(crate) fn exp_sub_sum(isa: Isa, x: &mut [f32], max: f32) -> f32 {
     }
 }
 
+/// `x[i] = f16_round(x[i] / d)`.
+pub(crate) fn div_round_f16(isa: Isa, x: &mut [f32], d: f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2 and F16C were detected.
+        Isa::Avx2 => unsafe { super::avx2::div_round_f16(x, d) },
+        _ => {
+            for v in x.iter_mut() {
+                *v = half::f16::from_f32(*v / d).to_f32();
+            }
+        }
+    }
+}
+
 /// `Σ q[i] · k[i]` with `k` in f16 bits.
 pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     match isa {
@@ -472,6 +486,10 @@ mod tests {
                 let a = dot_f16(isa, &q, &k);
                 let b = dot_f16(Isa::Portable, &q, &k);
                 assert!((a - b).abs() < 1e-5 * n as f32, "{a} vs {b}");
+                let (mut r1, mut r2) = (q.clone(), q.clone());
+                div_round_f16(isa, &mut r1, 0.7);
+                div_round_f16(Isa::Portable, &mut r2, 0.7);
+                assert_eq!(r1, r2);
                 let mut o1 = q.clone();
                 let mut o2 = q.clone();
                 axpy_f16(isa, &mut o1, 0.3, &k);
