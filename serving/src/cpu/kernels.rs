@@ -122,14 +122,13 @@ fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) 
     }
 }
 
-/// Weight rows per parallel task: enough work per task to amortise the hand-over, enough
-/// tasks to balance two or more threads.
-fn rows_per_task(rows: usize, t: usize, threads: usize) -> usize {
-    let target_tasks = threads * 4;
-    let by_balance = rows.div_ceil(target_tasks);
-    // At least ~16k block products per task.
-    let by_work = (16_384 / t.max(1)).max(4);
-    by_balance.max(by_work.min(rows)).div_ceil(ROWS) * ROWS
+/// Weight rows per parallel task: about four tasks per thread to balance them, but never so
+/// little work that handing a task over costs more than it saves (at least ~2k block products,
+/// a few microseconds).
+fn rows_per_task(rows: usize, nb: usize, t: usize, threads: usize) -> usize {
+    let by_balance = rows.div_ceil(threads * 4);
+    let min_rows = 2048usize.div_ceil((nb * t).max(1));
+    by_balance.max(min_rows).min(rows).div_ceil(ROWS) * ROWS
 }
 
 /// `y = x · wᵀ` for all rows of `x`: `out[a * w.rows + r]` (token-major), using the pool.
@@ -144,7 +143,7 @@ pub(crate) fn matmul(
 ) {
     let t = x.rows;
     let n = w.rows;
-    let chunk = rows_per_task(n, t, pool.threads());
+    let chunk = rows_per_task(n, w.nb, t, pool.threads());
     if t == 1 {
         pool.run_chunks(&mut out[..n], chunk, &|i, part| {
             let r0 = i * chunk;
