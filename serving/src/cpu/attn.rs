@@ -120,19 +120,7 @@ pub(super) fn attention(
         for (j, o) in dst.chunks_exact_mut(hd).enumerate() {
             let h = g * group + j;
             let q = &qkv[i * width + h * hd..i * width + (h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (s, &slot) in scores.iter_mut().zip(slots) {
-                let at = slot as usize * kvd + g * hd;
-                *s = kernels::dot_f16(isa, q, &kc[at..at + hd]) * scale;
-                max = max.max(*s);
-            }
-            let sum = kernels::exp_sub_sum(isa, &mut scores, max);
-            kernels::div_round_f16(isa, &mut scores, sum);
-            o.fill(0.0);
-            for (&p, &slot) in scores.iter().zip(slots) {
-                let at = slot as usize * kvd + g * hd;
-                kernels::axpy_f16(isa, o, p, &vc[at..at + hd]);
-            }
+            kernels::attend_head(isa, q, kc, vc, slots, g * hd, kvd, scale, &mut scores, o);
         }
     });
 }

@@ -172,6 +172,7 @@ fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, o
 }
 
 /// `Σ q[i] · k[i]` with `k` in f16. Callable only where AVX2, FMA and F16C exist.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
     let n = q.len().min(k.len());
@@ -196,6 +197,7 @@ pub(super) fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
 }
 
 /// `out[i] += p · v[i]` with `v` in f16. Callable only where AVX2, FMA and F16C exist.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn axpy_f16(out: &mut [f32], p: f32, v: &[u16]) {
     let n = out.len().min(v.len());
@@ -331,6 +333,7 @@ pub(super) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// `x[i] = e^(x[i] − max)` in place, returning the sum. Callable only where AVX2 and FMA exist.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
     let n = x.len();
@@ -356,6 +359,7 @@ pub(super) fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
 
 /// `x[i] = f16_round(x[i] / d)` (softmax normalisation with llama.cpp's f16 probabilities).
 /// Callable only where AVX2 and F16C exist.
+#[inline]
 #[target_feature(enable = "avx2,f16c")]
 pub(super) fn div_round_f16(x: &mut [f32], d: f32) {
     let n = x.len();
@@ -372,5 +376,37 @@ pub(super) fn div_round_f16(x: &mut [f32], d: f32) {
     }
     for v in &mut x[i..] {
         *v = half::f16::from_f32(*v / d).to_f32();
+    }
+}
+
+/// One query head's attention over its sequence's cached keys and values (f16), through the
+/// slot list: scores, softmax with f16-rounded probabilities, weighted sum into `out`. One call
+/// per head keeps the per-key work inlined. Callable only where AVX2, FMA and F16C exist.
+#[allow(clippy::too_many_arguments)] // The head's view of the paged cache.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn attend_head(
+    q: &[f32],
+    kc: &[u16],
+    vc: &[u16],
+    slots: &[u32],
+    off: usize,
+    kvd: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (s, &slot) in scores.iter_mut().zip(slots) {
+        let at = slot as usize * kvd + off;
+        *s = dot_f16(q, &kc[at..at + hd]) * scale;
+        max = max.max(*s);
+    }
+    let sum = exp_sub_sum(scores, max);
+    div_round_f16(scores, sum);
+    out.fill(0.0);
+    for (&p, &slot) in scores.iter().zip(slots) {
+        let at = slot as usize * kvd + off;
+        axpy_f16(out, p, &vc[at..at + hd]);
     }
 }

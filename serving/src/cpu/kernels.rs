@@ -236,6 +236,48 @@ pub(crate) fn div_round_f16(isa: Isa, x: &mut [f32], d: f32) {
     }
 }
 
+/// One query head `q` attending over the keys and values at `slots` of an f16 cache whose rows
+/// are `kvd` wide, starting at column `off`: scaled scores, softmax with probabilities rounded
+/// to f16 (as llama.cpp's CPU path rounds them), and their weighted sum of values into `out`.
+/// `scores` is scratch of `slots.len()` values. Slots were checked against the cache.
+#[allow(clippy::too_many_arguments)] // The head's view of the paged cache.
+pub(crate) fn attend_head(
+    isa: Isa,
+    q: &[f32],
+    kc: &[u16],
+    vc: &[u16],
+    slots: &[u32],
+    off: usize,
+    kvd: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C were detected.
+        Isa::Avx2 => unsafe {
+            super::avx2::attend_head(q, kc, vc, slots, off, kvd, scale, scores, out)
+        },
+        _ => {
+            let hd = q.len();
+            let mut max = f32::NEG_INFINITY;
+            for (s, &slot) in scores.iter_mut().zip(slots) {
+                let at = slot as usize * kvd + off;
+                *s = dot_f16(isa, q, &kc[at..at + hd]) * scale;
+                max = max.max(*s);
+            }
+            let sum = exp_sub_sum(isa, scores, max);
+            div_round_f16(isa, scores, sum);
+            out.fill(0.0);
+            for (&p, &slot) in scores.iter().zip(slots) {
+                let at = slot as usize * kvd + off;
+                axpy_f16(isa, out, p, &vc[at..at + hd]);
+            }
+        }
+    }
+}
+
 /// `Σ q[i] · k[i]` with `k` in f16 bits.
 pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     match isa {
@@ -466,6 +508,61 @@ mod tests {
                     }
                 }
                 assert!((sum - want_sum).abs() <= 1e-5 * want_sum);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_heads_agree_across_paths_and_with_a_plain_softmax() {
+        let mut rng = Rng::new(9);
+        let (hd, kvd, slots_n) = (64usize, 192usize, 40usize);
+        let kf = rng.vec(slots_n * kvd);
+        let vf = rng.vec(slots_n * kvd);
+        let (mut kc, mut vc) = (vec![0u16; kf.len()], vec![0u16; vf.len()]);
+        to_f16(Isa::Portable, &kf, &mut kc);
+        to_f16(Isa::Portable, &vf, &mut vc);
+        let q = rng.vec(hd);
+        let slots: Vec<u32> = (0..23u32).map(|i| (i * 7) % slots_n as u32).collect();
+        let off = 64;
+        let mut want = vec![0f32; hd];
+        // Plain f64 softmax over the same f16 inputs, probabilities rounded to f16.
+        let h = |b: u16| f64::from(half::f16::from_bits(b).to_f32());
+        let sc: Vec<f64> = slots
+            .iter()
+            .map(|&s| {
+                let at = s as usize * kvd + off;
+                (0..hd)
+                    .map(|d| f64::from(q[d]) * h(kc[at + d]))
+                    .sum::<f64>()
+                    * 0.125
+            })
+            .collect();
+        let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+        for (s, &slot) in sc.iter().zip(&slots) {
+            let p = f64::from(half::f16::from_f64((s - m).exp() / z).to_f32());
+            let at = slot as usize * kvd + off;
+            for d in 0..hd {
+                want[d] += (p * h(vc[at + d])) as f32;
+            }
+        }
+        for isa in isas() {
+            let mut scores = vec![0f32; slots.len()];
+            let mut out = vec![f32::NAN; hd];
+            attend_head(
+                isa,
+                &q,
+                &kc,
+                &vc,
+                &slots,
+                off,
+                kvd,
+                0.125,
+                &mut scores,
+                &mut out,
+            );
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 2e-3, "{isa:?}: {a} vs {b}");
             }
         }
     }
