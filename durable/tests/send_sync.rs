@@ -19,6 +19,7 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<WorkflowInfo>();
     assert_send_sync::<WorkflowStatus>();
     assert_send_sync::<HistoryEntry>();
+    assert_send_sync::<PendingSignal>();
     assert_send_sync::<ListFilter>();
     assert_send_sync::<StartOptions>();
     assert_send_sync::<QueueConfig>();
