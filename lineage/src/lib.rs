@@ -117,7 +117,7 @@ pub use impact::{
 };
 pub use openlineage::{OpenLineageOptions, parse_openlineage, resolve_marquez_templates};
 pub use schema::{EdgeKind, Flow, NodeKind, Schema, Status, TransformKind, Transformation};
-pub use store::{LineageStore, Snapshot};
+pub use store::{AUTO_CHECKPOINT_CHANGES, LineageStore, Snapshot};
 pub use time::Timestamp;
 pub use traverse::{Direction, Paths, Reached, Subgraph, Walk, WalkResult};
 pub use typed::{Allows, AnyNodeId, EdgeMarker, Kind, NodeId, edges, nodes};

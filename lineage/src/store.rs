@@ -23,6 +23,10 @@ const SCHEMA_KEY: &[u8] = b"schema";
 /// The file in the store's directory that holds the last checkpoint.
 const CHECKPOINT_FILE: &str = "checkpoint.bin";
 
+/// When `open` had to replay at least this many logged changes beyond the last checkpoint, it
+/// writes a fresh checkpoint before returning, so the next open does not replay them again.
+pub const AUTO_CHECKPOINT_CHANGES: usize = 50_000;
+
 #[derive(Deserialize)]
 struct Stored {
     time: Timestamp,
@@ -89,7 +93,10 @@ impl LineageStore {
         Self::open_with_schema(path, Schema::default())
     }
 
-    /// Opens (or creates) a store, replaying its log into memory.
+    /// Opens (or creates) a store: loads the last checkpoint, if it can be trusted, and replays
+    /// the log after it into memory. If that replay covered at least
+    /// [`AUTO_CHECKPOINT_CHANGES`] changes, a fresh checkpoint is written before returning (a
+    /// failure to write it is ignored: the store is whole and the next open replays again).
     ///
     /// # Errors
     /// [`Error::Storage`] if the database cannot be opened, [`Error::CorruptStore`] if a log
@@ -154,6 +161,7 @@ impl LineageStore {
         // Decoding and applying overlap: a second thread reads and decodes entries while
         // this one applies the previous ones, in log order.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Stored>>(4);
+        let mut replayed_changes = 0usize;
         let replayed = std::thread::scope(|scope| {
             let log = &log;
             scope.spawn(move || {
@@ -171,12 +179,13 @@ impl LineageStore {
                 // applies it directly; applying never panics, even on a log edited
                 // behind our back.
                 let time = graph.recorded_time(stored.time);
+                replayed_changes += stored.changes.len();
                 graph.apply_validated(time, stored.changes);
             }
             Ok::<(), Error>(())
         });
         replayed?;
-        Ok(Self {
+        let store = Self {
             _lock: lock,
             db,
             log,
@@ -184,7 +193,13 @@ impl LineageStore {
             writer: Mutex::new(()),
             checkpointing: Mutex::new(()),
             dir: path.to_path_buf(),
-        })
+        };
+        if replayed_changes >= AUTO_CHECKPOINT_CHANGES {
+            // An optimisation only: if it fails (a full disk, say), the store is still whole
+            // and the next open replays the same log again.
+            let _ = store.checkpoint();
+        }
+        Ok(store)
     }
 
     /// A snapshot of the graph as of the last commit. Never waits for a writer: a commit

@@ -235,3 +235,32 @@ fn a_checkpoint_taken_while_writers_commit_reopens_to_every_commit() {
         (31, 31, 30)
     );
 }
+
+#[test]
+fn a_long_replay_on_open_writes_a_checkpoint_and_a_short_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = LineageStore::open(dir.path()).unwrap();
+        store.commit(vec![Change::Upsert(ds("small"))]).unwrap();
+    }
+    drop(LineageStore::open(dir.path()).unwrap());
+    assert!(!dir.path().join("checkpoint.bin").exists());
+    {
+        let store = LineageStore::open(dir.path()).unwrap();
+        let per_commit = 10_000;
+        for c in 0..AUTO_CHECKPOINT_CHANGES.div_ceil(per_commit) {
+            let changes = (0..per_commit)
+                .map(|i| Change::Upsert(ds(&format!("d{c}_{i}"))))
+                .collect();
+            store.commit(changes).unwrap();
+        }
+    }
+    let reopened = LineageStore::open(dir.path()).unwrap();
+    assert!(dir.path().join("checkpoint.bin").exists());
+    let nodes = reopened.read().node_count();
+    drop(reopened);
+    // The checkpoint covers everything: the next open loads it and sees the same graph.
+    let again = LineageStore::open(dir.path()).unwrap();
+    assert_eq!(again.read().node_count(), nodes);
+    assert!(again.read().find(&k("ns:small")).is_ok());
+}
