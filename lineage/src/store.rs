@@ -23,8 +23,10 @@ const SCHEMA_KEY: &[u8] = b"schema";
 /// The file in the store's directory that holds the last checkpoint.
 const CHECKPOINT_FILE: &str = "checkpoint.bin";
 
-/// When `open` had to replay at least this many logged changes beyond the last checkpoint, it
-/// writes a fresh checkpoint before returning, so the next open does not replay them again.
+/// Automatic checkpoints: a commit writes one once the changes logged since the last
+/// checkpoint reach this many and a quarter of the graph's nodes plus edges (so checkpoint
+/// work stays proportional to the log, and a reopen replays at most about a fifth of the
+/// store); `open` writes one after replaying at least this many changes.
 pub const AUTO_CHECKPOINT_CHANGES: usize = 50_000;
 
 #[derive(Deserialize)]
@@ -55,6 +57,8 @@ pub struct LineageStore {
     writer: Mutex<()>,
     /// Serialises [`LineageStore::checkpoint`] calls (they do not hold up commits).
     checkpointing: Mutex<()>,
+    /// Changes logged since the last checkpoint (approximate; drives automatic checkpoints).
+    uncovered: std::sync::atomic::AtomicUsize,
     dir: PathBuf,
     /// An OS lock on the store's `keel-lineage.lock`, held for the store's life so a second
     /// opener gets [`Error::Locked`]. Declared last so it is released after the database.
@@ -97,6 +101,7 @@ impl LineageStore {
     /// the log after it into memory. If that replay covered at least
     /// [`AUTO_CHECKPOINT_CHANGES`] changes, a fresh checkpoint is written before returning (a
     /// failure to write it is ignored: the store is whole and the next open replays again).
+    /// Commits also checkpoint automatically, so the replay stays short.
     ///
     /// # Errors
     /// [`Error::Storage`] if the database cannot be opened, [`Error::CorruptStore`] if a log
@@ -192,6 +197,7 @@ impl LineageStore {
             current: ArcSwap::from_pointee(graph),
             writer: Mutex::new(()),
             checkpointing: Mutex::new(()),
+            uncovered: std::sync::atomic::AtomicUsize::new(replayed_changes),
             dir: path.to_path_buf(),
         };
         if replayed_changes >= AUTO_CHECKPOINT_CHANGES {
@@ -223,9 +229,29 @@ impl LineageStore {
     /// Validation errors as [`LineageGraph::commit_at`] (nothing is written), or
     /// [`Error::Storage`] if the write or flush fails (nothing is applied in memory).
     pub fn commit_at(&self, time: Timestamp, changes: Vec<Change>) -> Result<CommitSummary> {
-        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        self.commit_locked(self.current.load_full(), time, changes)
-            .map(|(s, _)| s)
+        let (summary, graph) = {
+            let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.commit_locked(self.current.load_full(), time, changes)?
+        };
+        self.checkpoint_if_due(&graph);
+        Ok(summary)
+    }
+
+    /// Writes an automatic checkpoint when enough changes are uncovered (see
+    /// [`AUTO_CHECKPOINT_CHANGES`]). Runs after the writer lock is released; readers never
+    /// wait for it. A failure is ignored: the commit is durable in the log either way.
+    fn checkpoint_if_due(&self, graph: &LineageGraph) {
+        use std::sync::atomic::Ordering;
+        let due = AUTO_CHECKPOINT_CHANGES.max((graph.node_count() + graph.edge_count()) / 4);
+        let uncovered = self.uncovered.load(Ordering::Relaxed);
+        if uncovered >= due
+            && self
+                .uncovered
+                .compare_exchange(uncovered, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _ = self.checkpoint();
+        }
     }
 
     /// Creates a node unless a live node already has its key, and returns its handle either
@@ -256,6 +282,7 @@ impl LineageStore {
         changes: Vec<Change>,
     ) -> Result<(CommitSummary, Arc<LineageGraph>)> {
         let resolved = cur.validate(&changes)?;
+        let count = changes.len();
         let (seq, time) = (cur.commit_count(), cur.recorded_time(time));
         let bytes = crate::codec::encode(time, &changes);
         self.log
@@ -270,6 +297,8 @@ impl LineageStore {
         let summary = next.apply_resolved(time, changes, &resolved);
         let next = Arc::new(next);
         self.current.store(next.clone());
+        self.uncovered
+            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
         Ok((summary, next))
     }
 
@@ -288,6 +317,8 @@ impl LineageStore {
     /// read.
     pub fn checkpoint(&self) -> Result<u64> {
         let _c = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+        self.uncovered
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let snap = self.read();
         let n = snap.commit_count();
         let fingerprint = match n.checked_sub(1) {

@@ -237,7 +237,7 @@ fn a_checkpoint_taken_while_writers_commit_reopens_to_every_commit() {
 }
 
 #[test]
-fn a_long_replay_on_open_writes_a_checkpoint_and_a_short_one_does_not() {
+fn a_long_history_leaves_a_checkpoint_and_a_short_one_does_not() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = LineageStore::open(dir.path()).unwrap();
@@ -263,4 +263,25 @@ fn a_long_replay_on_open_writes_a_checkpoint_and_a_short_one_does_not() {
     let again = LineageStore::open(dir.path()).unwrap();
     assert_eq!(again.read().node_count(), nodes);
     assert!(again.read().find(&k("ns:small")).is_ok());
+}
+
+#[test]
+fn commits_checkpoint_on_their_own_once_enough_changes_are_uncovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LineageStore::open(dir.path()).unwrap();
+    store.commit(vec![Change::Upsert(ds("first"))]).unwrap();
+    assert!(!dir.path().join("checkpoint.bin").exists());
+    let per_commit = 10_000;
+    for c in 0..AUTO_CHECKPOINT_CHANGES.div_ceil(per_commit) {
+        let changes = (0..per_commit)
+            .map(|i| Change::Upsert(ds(&format!("e{c}_{i}"))))
+            .collect();
+        store.commit(changes).unwrap();
+    }
+    assert!(dir.path().join("checkpoint.bin").exists());
+    let nodes = store.read().node_count();
+    drop(store);
+    let again = LineageStore::open(dir.path()).unwrap();
+    assert_eq!(again.read().node_count(), nodes);
+    assert!(again.read().find(&k("ns:first")).is_ok());
 }
