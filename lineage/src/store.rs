@@ -110,23 +110,31 @@ impl LineageStore {
     pub fn open_with_schema(path: impl AsRef<Path>, schema: Schema) -> Result<Self> {
         let path = path.as_ref();
         let lock = lock_dir(path)?;
-        let db = std::panic::catch_unwind(|| sled::open(path))
-            .map_err(|_| Error::CorruptStore {
-                entry: path.display().to_string(),
-                reason: "the database files cannot be read".to_owned(),
-            })?
-            .map_err(|e| {
-                // Our own lock is free, but sled's may still be held for a moment by the
-                // background threads of a store that was just dropped; sled reports that only
-                // as an untyped IO error with this text.
-                if e.to_string().contains("could not acquire lock") {
-                    Error::Locked {
-                        path: path.to_path_buf(),
+        // Our own lock is held, so no other store has this directory; sled's lock can still be
+        // held for a moment by the background threads of a store that was just dropped (in
+        // this process or one that is exiting), so a busy sled lock is retried for up to 2 s.
+        let mut attempts = 0;
+        let db = loop {
+            let opened =
+                std::panic::catch_unwind(|| sled::open(path)).map_err(|_| Error::CorruptStore {
+                    entry: path.display().to_string(),
+                    reason: "the database files cannot be read".to_owned(),
+                })?;
+            match opened {
+                Ok(db) => break db,
+                // sled reports its lock only as an untyped IO error with this text.
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    attempts += 1;
+                    if attempts >= 100 {
+                        return Err(Error::Locked {
+                            path: path.to_path_buf(),
+                        });
                     }
-                } else {
-                    Error::storage("opening the database", e)
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-            })?;
+                Err(e) => return Err(Error::storage("opening the database", e)),
+            }
+        };
         let meta = db
             .open_tree(META_TREE)
             .map_err(|e| Error::storage("opening the meta tree", e))?;
