@@ -104,9 +104,10 @@ impl LineageStore {
     /// Commits also checkpoint automatically, so the replay stays short.
     ///
     /// # Errors
-    /// [`Error::Storage`] if the database cannot be opened, [`Error::CorruptStore`] if a log
-    /// entry cannot be decoded or replayed, [`Error::SchemaMismatch`] if the store was created
-    /// with another schema.
+    /// [`Error::Locked`] if another store holds the directory (or sled's lock stays busy for
+    /// 2 s), [`Error::Storage`] if the database cannot be opened, [`Error::CorruptStore`] if a
+    /// log entry cannot be decoded or replayed, [`Error::SchemaMismatch`] if the store was
+    /// created with another schema.
     pub fn open_with_schema(path: impl AsRef<Path>, schema: Schema) -> Result<Self> {
         let path = path.as_ref();
         let lock = lock_dir(path)?;
