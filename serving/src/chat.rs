@@ -72,6 +72,12 @@ pub enum ChatTemplate {
     },
     /// Llama 3's `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`.
     Llama3,
+    /// Llama 2 chat: `<s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] answer </s>`, one
+    /// `<s>[INST]` per user turn.
+    Llama2,
+    /// Mistral instruct: `<s>[INST] user [/INST]answer</s>[INST] ...`; a system message, which
+    /// these templates have no slot for, is put before the first user message.
+    Mistral,
 }
 
 impl ChatTemplate {
@@ -93,6 +99,12 @@ impl ChatTemplate {
             Ok(Self::ChatMl { default_system })
         } else if template.contains("<|start_header_id|>") {
             Ok(Self::Llama3)
+        } else if template.contains("[INST]") {
+            if template.contains("<<SYS>>") {
+                Ok(Self::Llama2)
+            } else {
+                Ok(Self::Mistral)
+            }
         } else {
             Err(Error::UnsupportedChatTemplate {
                 snippet: template.chars().take(80).collect(),
@@ -131,8 +143,47 @@ impl ChatTemplate {
                 }
                 s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
+            Self::Llama2 | Self::Mistral => self.apply_inst(messages, &mut s),
         }
         s
+    }
+
+    /// The `[INST]` families: the system message folds into the first user turn (inside
+    /// `<<SYS>>` tags for Llama 2), each user turn is wrapped in `[INST] … [/INST]`, and each
+    /// earlier answer is closed with `</s>`.
+    fn apply_inst(&self, messages: &[ChatMessage], s: &mut String) {
+        let llama2 = matches!(self, Self::Llama2);
+        let mut system: Option<&str> = None;
+        let mut first_user = true;
+        s.push_str("<s>");
+        for m in messages {
+            match m.role {
+                Role::System => system = Some(m.content.trim()),
+                Role::User => {
+                    if llama2 && !first_user {
+                        s.push_str("<s>");
+                    }
+                    s.push_str("[INST] ");
+                    if let Some(sys) = system.take().filter(|_| first_user) {
+                        if llama2 {
+                            s.push_str(&format!("<<SYS>>\n{sys}\n<</SYS>>\n\n"));
+                        } else {
+                            s.push_str(&format!("{sys}\n\n"));
+                        }
+                    }
+                    s.push_str(m.content.trim());
+                    s.push_str(" [/INST]");
+                    first_user = false;
+                }
+                Role::Assistant => {
+                    if llama2 {
+                        s.push_str(&format!(" {} </s>", m.content.trim()));
+                    } else {
+                        s.push_str(&format!("{}</s>", m.content.trim()));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -152,6 +203,35 @@ mod tests {
             !c.apply(&[ChatMessage::system("s"), ChatMessage::user("hi")])
                 .contains("nice")
         );
-        assert!(ChatTemplate::detect("{{ [INST] }}").is_err());
+        assert!(ChatTemplate::detect("{{ messages | tojson }}").is_err());
+    }
+
+    #[test]
+    fn inst_families_are_told_apart_and_rendered() {
+        let llama2 = "{% if messages[0]['role'] == 'system' %}{% set system_message = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% endif %}{{ bos_token + '[INST] ' }}";
+        let mistral = "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}";
+        assert_eq!(ChatTemplate::detect(llama2).unwrap(), ChatTemplate::Llama2);
+        assert_eq!(
+            ChatTemplate::detect(mistral).unwrap(),
+            ChatTemplate::Mistral
+        );
+        let conv = [
+            ChatMessage::system("Be brief."),
+            ChatMessage::user("Hi"),
+            ChatMessage::new(Role::Assistant, "Hello."),
+            ChatMessage::user("Sky colour?"),
+        ];
+        assert_eq!(
+            ChatTemplate::Llama2.apply(&conv),
+            "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Sky colour? [/INST]"
+        );
+        assert_eq!(
+            ChatTemplate::Mistral.apply(&conv),
+            "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Sky colour? [/INST]"
+        );
+        assert_eq!(
+            ChatTemplate::Mistral.apply(&[ChatMessage::user("x")]),
+            "<s>[INST] x [/INST]"
+        );
     }
 }

@@ -257,13 +257,19 @@ impl Tokenizer {
     /// Returns [`Error::InvalidTokenizer`] if the vocabulary lacks a byte the text needs.
     pub fn encode(&self, text: &str, specials: Specials) -> Result<Vec<u32>> {
         let mut out = Vec::new();
+        let pieces = self.split_specials(text, specials);
+        // A templated prompt that spells out the BOS token itself (as Llama 2, Llama 3 and
+        // Mistral templates do) gets it once, not twice.
+        let spelled_bos =
+            matches!(pieces.first(), Some(Piece::Special(id)) if Some(*id) == self.bos);
         if self.add_bos
+            && !spelled_bos
             && let Some(b) = self.bos
         {
             out.push(b);
         }
         let mut first_text = true;
-        for piece in self.split_specials(text, specials) {
+        for piece in pieces {
             match piece {
                 Piece::Special(id) => out.push(id),
                 Piece::Text(t) => {
@@ -575,6 +581,31 @@ mod tests {
         );
         assert_eq!(pretokenize("a 123", true), vec!["a", " ", "1", "2", "3"]);
         assert_eq!(pretokenize("x  ", false), vec!["x", "  "]);
+    }
+
+    #[test]
+    fn a_spelled_out_bos_is_not_doubled() {
+        let t = Tokenizer::from_parts(TokenizerParts {
+            model: "gpt2".into(),
+            pre: None,
+            tokens: ["<s>", "</s>", "h", "i"].map(String::from).to_vec(),
+            types: vec![3, 3, 1, 1],
+            scores: Vec::new(),
+            merges: Vec::new(),
+            bos: Some(0),
+            eos: Some(1),
+            add_bos: Some(true),
+            add_space_prefix: None,
+            chat_template: None,
+            split_digits: None,
+        })
+        .unwrap();
+        assert_eq!(t.encode("hi", Specials::Parse).unwrap(), vec![0, 2, 3]);
+        assert_eq!(t.encode("<s>hi", Specials::Parse).unwrap(), vec![0, 2, 3]);
+        assert_eq!(
+            t.encode("hi</s>", Specials::Parse).unwrap(),
+            vec![0, 2, 3, 1]
+        );
     }
 
     #[test]
