@@ -22,6 +22,9 @@ enum Kind {
     Bpe {
         merges: HashMap<(u32, u32), (u32, u32)>,
         split_digits: bool,
+        /// Llama 3 / Qwen2 pre-tokenizer with runs of at most this many digits, instead of
+        /// GPT-2's.
+        llama3_digits: Option<usize>,
     },
     /// SentencePiece: merge the adjacent pair whose result has the best score.
     Spm { scores: Vec<f32> },
@@ -133,9 +136,15 @@ impl Tokenizer {
                     p.pre.as_deref(),
                     Some("smollm" | "starcoder" | "refact" | "command-r" | "codeshell")
                 ));
+                let llama3_digits = match p.pre.as_deref() {
+                    Some("llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe") => Some(3),
+                    Some("qwen2" | "deepseek-r1-qwen") => Some(1),
+                    _ => None,
+                };
                 Kind::Bpe {
                     merges,
                     split_digits,
+                    llama3_digits,
                 }
             }
             "llama" | "spm" => {
@@ -318,8 +327,17 @@ impl Tokenizer {
             Kind::Bpe {
                 merges,
                 split_digits,
+                llama3_digits,
             } => {
-                for chunk in pretokenize(text, *split_digits) {
+                let chunks = match llama3_digits {
+                    Some(d) => {
+                        let mut v = Vec::new();
+                        llama3_split(text, *d, &mut v);
+                        v
+                    }
+                    None => pretokenize(text, *split_digits),
+                };
+                for chunk in chunks {
                     self.bpe_chunk(chunk, merges, out)?;
                 }
                 Ok(())
@@ -512,6 +530,84 @@ pub(crate) fn pretokenize(text: &str, split_digits: bool) -> Vec<&str> {
     out
 }
 
+/// Splits text like Llama 3's pre-tokenizer regex (Qwen2's, with `max_digits` 1):
+/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+/// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`, the alternatives tried in order at
+/// each position.
+fn llama3_split<'a>(text: &'a str, max_digits: usize, out: &mut Vec<&'a str>) {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let n = chars.len();
+    let at = |i: usize| chars.get(i).map(|&(_, c)| c);
+    let off = |i: usize| chars.get(i).map_or(text.len(), |&(o, _)| o);
+    let is_nl = |c: char| c == '\r' || c == '\n';
+    let mut i = 0;
+    while i < n {
+        let c = chars[i].1;
+        let end = 'found: {
+            // Contractions, any case.
+            if c == '\'' {
+                let rest = text[off(i + 1)..].to_lowercase();
+                if let Some(l) = ["re", "ve", "ll", "s", "t", "m", "d"]
+                    .iter()
+                    .find(|s| rest.starts_with(*s))
+                    .map(|s| s.chars().count())
+                {
+                    break 'found i + 1 + l;
+                }
+            }
+            // An optional non-letter, non-number, non-newline char, then letters.
+            let lead =
+                usize::from(class(c) != Class::Letter && class(c) != Class::Number && !is_nl(c));
+            if at(i + lead).is_some_and(|d| class(d) == Class::Letter) {
+                let mut j = i + lead;
+                while j < n && class(chars[j].1) == Class::Letter {
+                    j += 1;
+                }
+                break 'found j;
+            }
+            // One to `max_digits` numbers.
+            if class(c) == Class::Number {
+                let mut j = i;
+                while j < n && j - i < max_digits && class(chars[j].1) == Class::Number {
+                    j += 1;
+                }
+                break 'found j;
+            }
+            // An optional space, symbols, then any newlines.
+            let sp = usize::from(c == ' ');
+            if at(i + sp).is_some_and(|d| class(d) == Class::Other) {
+                let mut j = i + sp;
+                while j < n && class(chars[j].1) == Class::Other {
+                    j += 1;
+                }
+                while j < n && is_nl(chars[j].1) {
+                    j += 1;
+                }
+                break 'found j;
+            }
+            // Whitespace up to and including its last newline.
+            let mut j = i;
+            let mut last_nl = None;
+            while j < n && class(chars[j].1) == Class::Space {
+                if is_nl(chars[j].1) {
+                    last_nl = Some(j);
+                }
+                j += 1;
+            }
+            if let Some(l) = last_nl {
+                break 'found l + 1;
+            }
+            // `\s+(?!\S)`, else `\s+`: leave the last space for a following word.
+            if j < n && j - i > 1 {
+                break 'found j - 1;
+            }
+            j.max(i + 1)
+        };
+        out.push(&text[off(i)..off(end)]);
+        i = end;
+    }
+}
+
 fn gpt2_split<'a>(text: &'a str, out: &mut Vec<&'a str>) {
     let chars: Vec<(usize, char)> = text.char_indices().collect();
     let n = chars.len();
@@ -581,6 +677,33 @@ mod tests {
         );
         assert_eq!(pretokenize("a 123", true), vec!["a", " ", "1", "2", "3"]);
         assert_eq!(pretokenize("x  ", false), vec!["x", "  "]);
+    }
+
+    #[test]
+    fn llama3_and_qwen2_pre_tokenizer_splits() {
+        fn split(text: &str, digits: usize) -> Vec<&str> {
+            let mut v = Vec::new();
+            llama3_split(text, digits, &mut v);
+            v
+        }
+        assert_eq!(split("Hello world", 3), ["Hello", " world"]);
+        assert_eq!(split("I'M here", 3), ["I", "'M", " here"]);
+        assert_eq!(split("12345", 3), ["123", "45"]);
+        assert_eq!(split("12345", 1), ["1", "2", "3", "4", "5"]);
+        assert_eq!(split("a  b", 3), ["a", " ", " b"]);
+        assert_eq!(split("x\n\n  y", 3), ["x", "\n\n", " ", " y"]);
+        assert_eq!(split("(hi)!!\n", 3), ["(hi", ")!!\n"]);
+        assert_eq!(split("\tword 42", 3), ["\tword", " ", "42"]);
+        // Every split covers the text exactly.
+        for t in [
+            "",
+            " ",
+            "  \n \t",
+            "don't STOP!! 2024-11-28",
+            "Äpfel über 3½ km",
+        ] {
+            assert_eq!(split(t, 3).concat(), t);
+        }
     }
 
     #[test]
