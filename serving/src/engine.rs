@@ -76,12 +76,22 @@ pub struct EngineBuilder {
     weights: Weights,
     kernels: Kernels,
     threads: Option<usize>,
+    prefix_caching: bool,
 }
 
 impl EngineBuilder {
     /// Which matrix kernels run the model (default [`Kernels::Auto`]).
     pub fn kernels(mut self, kernels: Kernels) -> Self {
         self.kernels = kernels;
+        self
+    }
+
+    /// Whether sequences that start with the same tokens share the KV blocks of that prefix
+    /// (default on): a later request skips the prefill of every whole block of its prompt
+    /// that a finished or running one already computed. `EngineMetrics::prefix_cached_tokens`
+    /// counts the tokens saved.
+    pub fn prefix_caching(mut self, on: bool) -> Self {
+        self.prefix_caching = on;
         self
     }
 
@@ -212,6 +222,7 @@ impl EngineBuilder {
                 max_batch_tokens: self.max_batch_tokens,
                 max_seqs: self.max_seqs,
                 max_context,
+                prefix_caching: self.prefix_caching,
             },
             tokenizer.clone(),
             metrics.clone(),
@@ -272,6 +283,7 @@ impl Engine {
             weights: Weights::AsStored,
             kernels: Kernels::Auto,
             threads: None,
+            prefix_caching: true,
         }
     }
 

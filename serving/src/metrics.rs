@@ -24,6 +24,8 @@ pub struct EngineMetrics {
     pub generated_tokens: u64,
     /// Prompt (and recomputed) tokens run through the model.
     pub prefill_tokens: u64,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of prefill.
+    pub prefix_cached_tokens: u64,
     /// Mean time from submission to first running on the model.
     pub mean_queue_time: Duration,
     /// Mean time to first token.

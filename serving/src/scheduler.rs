@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{Error, Result};
-use crate::kv::{BlockAllocator, KvCache, blocks_for};
+use crate::kv::{BlockPool, KvCache, blocks_for};
 use crate::metrics::{LoadCounters, MetricsState};
 use crate::model::{Model, SeqStep};
 use crate::request::{FinishReason, StreamEvent, Summary, Timings, TokenDelta, Usage};
@@ -43,6 +43,7 @@ pub(crate) struct SchedulerConfig {
     pub(crate) max_batch_tokens: usize,
     pub(crate) max_seqs: usize,
     pub(crate) max_context: usize,
+    pub(crate) prefix_caching: bool,
 }
 
 #[derive(Debug)]
@@ -54,6 +55,8 @@ struct Seq {
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
+    /// Leading blocks already offered to the prefix cache.
+    indexed: usize,
     params: SamplingParams,
     sampler: Sampler,
     stop_ids: Vec<u32>,
@@ -153,7 +156,7 @@ impl Seq {
 pub(crate) struct Scheduler {
     model: Model,
     cache: KvCache,
-    alloc: BlockAllocator,
+    alloc: BlockPool,
     cfg: SchedulerConfig,
     tokenizer: Arc<Tokenizer>,
     metrics: Arc<Mutex<MetricsState>>,
@@ -184,7 +187,7 @@ impl Scheduler {
         Ok(Self {
             model,
             cache,
-            alloc: BlockAllocator::new(cfg.kv_blocks),
+            alloc: BlockPool::new(cfg.kv_blocks, cfg.prefix_caching),
             cfg,
             tokenizer,
             metrics,
@@ -240,6 +243,7 @@ impl Scheduler {
                     prompt_len,
                     computed: 0,
                     blocks: Vec::new(),
+                    indexed: 0,
                     sampler: Sampler::new(n.params.seed),
                     params: n.params,
                     stop_ids,
@@ -317,6 +321,7 @@ impl Scheduler {
     fn preempt(&mut self, mut s: Seq) {
         self.alloc.release(std::mem::take(&mut s.blocks));
         s.computed = 0;
+        s.indexed = 0;
         s.preemptions += 1;
         self.waiting.push_front(s);
         self.with_metrics(|m| m.m.preemptions += 1);
@@ -352,15 +357,43 @@ impl Scheduler {
             i += 1;
         }
         while budget > 0 && self.running.len() < self.cfg.max_seqs {
+            // A sequence about to start takes the cached blocks of its longest known prefix.
+            if let Some(s) = self.waiting.front_mut()
+                && s.computed == 0
+                && s.blocks.is_empty()
+            {
+                let bs = self.cfg.block_size;
+                let reused = self.alloc.match_prefix(&s.tokens, bs);
+                if !reused.is_empty() {
+                    s.computed = reused.len() * bs;
+                    s.indexed = reused.len();
+                    s.blocks = reused;
+                }
+            }
             let Some(s) = self.waiting.front() else { break };
             let chunk = s.to_feed().min(budget);
             let need = blocks_for(s.computed + chunk, bs).saturating_sub(s.blocks.len());
             let Some(b) = self.alloc.allocate(need) else {
+                // A waiting sequence never holds blocks: hand back the cached prefix it was
+                // about to reuse (it matches again when there is room), so a full pool cannot
+                // wedge on blocks nobody runs with.
+                if let Some(s) = self.waiting.front_mut()
+                    && !s.blocks.is_empty()
+                {
+                    let held = std::mem::take(&mut s.blocks);
+                    s.computed = 0;
+                    s.indexed = 0;
+                    self.alloc.release(held);
+                }
                 break;
             };
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
+            if s.computed > 0 && s.started.is_none() {
+                let hit = s.computed as u64;
+                self.with_metrics(|m| m.m.prefix_cached_tokens += hit);
+            }
             s.blocks.extend(b);
             if s.started.is_none() {
                 s.started = Some(t0);
@@ -422,6 +455,13 @@ impl Scheduler {
         for (&(idx, chunk), step) in plan.iter().zip(&steps) {
             let s = &mut self.running[idx];
             s.computed += chunk;
+            self.alloc.register(
+                &s.blocks,
+                &s.tokens,
+                s.computed,
+                self.cfg.block_size,
+                &mut s.indexed,
+            );
             if !(chunk == 1 && s.tokens.len() > s.prompt_len) {
                 prefill += chunk as u64;
             }

@@ -61,6 +61,47 @@ async fn preemption_recomputes_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_reuses_blocks_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cached = builder(&dir).block_size(4).build().unwrap();
+    let plain = builder(&dir)
+        .block_size(4)
+        .prefix_caching(false)
+        .build()
+        .unwrap();
+    let system = "you are a careful assistant who answers in short sentences.";
+    let prompts = [
+        format!("{system} hello world"),
+        format!("{system} hello world"),
+        format!("{system} what is this?"),
+    ];
+    for p in &prompts {
+        let a = run(&cached, p, greedy(10)).await;
+        let b = run(&plain, p, greedy(10)).await;
+        assert_eq!(a.tokens, b.tokens, "{p}");
+    }
+    // Concurrent requests sharing the prefix, one of them still running while the others
+    // start, give the same tokens too.
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            cached
+                .generate(GenerateRequest::text(p.as_str()).sampling(greedy(10)))
+                .unwrap()
+        })
+        .collect();
+    for (s, p) in streams.into_iter().zip(&prompts) {
+        let got = s.collect().await.unwrap();
+        assert_eq!(got.tokens, run(&plain, p, greedy(10)).await.tokens);
+    }
+    let m = cached.metrics();
+    assert!(m.prefix_cached_tokens >= 12, "{m:?}");
+    assert!(m.prefill_tokens < plain.metrics().prefill_tokens);
+    assert_eq!(plain.metrics().prefix_cached_tokens, 0);
+    assert_eq!(m.kv_blocks_in_use, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_prefill_gives_the_same_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let whole = builder(&dir).build().unwrap();
