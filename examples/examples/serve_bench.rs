@@ -5,6 +5,7 @@
 //! cargo run --release -p keel-examples --example serve_bench -- \
 //!     [--model PATH] [--requests 16] [--concurrency 16] [--input-tokens 50] [--output-tokens 50]
 //!     [--max-seqs 32] [--max-batch-tokens 256] [--dequantize] [--kernels auto|candle] [--threads N]
+//!     [--same-prompt] [--no-prefix-cache]
 //!     [--floor]   (also measure the machine's memory read bandwidth: the decode ceiling)
 //! ```
 #![allow(clippy::print_stdout)] // a CLI program reports on stdout
@@ -29,6 +30,8 @@ struct Args {
     candle: bool,
     threads: Option<usize>,
     floor: bool,
+    same_prompt: bool,
+    no_prefix_cache: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -44,6 +47,8 @@ fn parse() -> anyhow::Result<Args> {
         candle: false,
         threads: None,
         floor: false,
+        same_prompt: false,
+        no_prefix_cache: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +71,8 @@ fn parse() -> anyhow::Result<Args> {
             }
             "--threads" => a.threads = Some(val()?.parse()?),
             "--floor" => a.floor = true,
+            "--same-prompt" => a.same_prompt = true,
+            "--no-prefix-cache" => a.no_prefix_cache = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -110,6 +117,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = a.threads {
         b = b.threads(n);
     }
+    if a.no_prefix_cache {
+        b = b.prefix_caching(false);
+    }
     if let Some(m) = &a.model {
         b = b.model_path(m);
     }
@@ -146,8 +156,11 @@ fn main() -> anyhow::Result<()> {
             let engine = engine.clone();
             let sem = sem.clone();
             let mut prompt = ids.clone();
-            // Vary the first token so requests are not identical.
-            prompt[0] = ids[i % ids.len()];
+            // Vary the first token so requests are not identical, unless asked to share the
+            // whole prompt (what the prefix cache is for).
+            if !a.same_prompt {
+                prompt[0] = ids[i % ids.len()];
+            }
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire().await?;
                 let t0 = Instant::now();
@@ -231,6 +244,11 @@ fn main() -> anyhow::Result<()> {
         ms(m.mean_inter_token_latency)
     );
     println!("  preemptions          {:>9}", m.preemptions);
+    println!(
+        "  prefix-cached tokens {:>9} of {} prompt tokens",
+        m.prefix_cached_tokens,
+        a.requests * a.input
+    );
     println!(
         "  KV cache             {:>9.1} KiB per token, {:.1} MiB per {}-token sequence",
         info.kv_bytes_per_token as f64 / 1024.0,
