@@ -2,6 +2,8 @@
 //! log when the checkpoint cannot be trusted.
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
+mod common;
+
 use std::path::Path;
 
 use keel_lineage::*;
@@ -97,7 +99,7 @@ fn commit_range(store: &LineageStore, from: usize, to: usize) {
 }
 
 fn corrupt_entry_zero(dir: &Path) {
-    let db = open_sled(dir);
+    let db = common::open_sled(dir);
     let log = db.open_tree("log").unwrap();
     log.insert(0u64.to_be_bytes(), b"garbage".to_vec()).unwrap();
     db.flush().unwrap();
@@ -284,19 +286,4 @@ fn commits_checkpoint_on_their_own_once_enough_changes_are_uncovered() {
     let again = LineageStore::open(dir.path()).unwrap();
     assert_eq!(again.read().node_count(), nodes);
     assert!(again.read().find(&k("ns:first")).is_ok());
-}
-
-/// Opens the store's sled database directly, waiting for the background threads of a store
-/// that was just dropped to release sled's lock.
-fn open_sled(dir: &std::path::Path) -> sled::Db {
-    for _ in 0..100 {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(e) if e.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("opening sled: {e}"),
-        }
-    }
-    panic!("sled's lock was never released");
 }

@@ -1,6 +1,8 @@
 //! The durable store: flush on commit, rebuild on open, corruption.
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
+mod common;
+
 use keel_lineage::*;
 
 fn k(s: &str) -> NodeKey {
@@ -84,7 +86,7 @@ fn corrupt_log_entries_are_reported() {
     }
     {
         // Write a garbage entry where the next commit would go.
-        let db = open_sled(dir.path());
+        let db = common::open_sled(dir.path());
         let log = db.open_tree("log").unwrap();
         log.insert(1u64.to_be_bytes(), b"{not json".to_vec())
             .unwrap();
@@ -182,19 +184,4 @@ fn a_second_open_of_the_same_store_is_locked_and_the_lock_ends_with_the_store() 
     }
     let reopened = reopened.unwrap();
     assert!(reopened.read().find_str("ns:a").is_ok());
-}
-
-/// Opens the store's sled database directly, waiting for the background threads of a store
-/// that was just dropped to release sled's lock.
-fn open_sled(dir: &std::path::Path) -> sled::Db {
-    for _ in 0..100 {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(e) if e.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("opening sled: {e}"),
-        }
-    }
-    panic!("sled's lock was never released");
 }
