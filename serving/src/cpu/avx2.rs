@@ -3,14 +3,18 @@
 //! through [`super::kernels`] after run-time detection. Memory accesses are bounds-checked per
 //! row or guarded by the loop bounds next to each `unsafe` load.
 //!
-//! The quantized kernel multiplies a group of eight weight rows (interleaved by
-//! [`QMatrix::pack`]) by up to four activation rows per pass over the blocks, so each weight
-//! block is unpacked once and used for every activation row (prefill and batched decode), and
-//! each scale multiply and accumulation serves eight rows at once.
+//! The quantized kernel multiplies one half of a group of sixteen weight rows (interleaved by
+//! [`QMatrix::pack`]; a 32-byte vector is half of each 64-byte line, eight rows) by up to four
+//! activation rows per pass over the blocks, so each weight block is unpacked once and used
+//! for every activation row (prefill and batched decode), and each scale multiply and
+//! accumulation serves eight rows at once.
 
 use std::arch::x86_64::*;
 
-use super::quant::{QActs, QK, QMatrix, QType, ROWS};
+use super::quant::{LINE, QActs, QK, QMatrix, QType, ROWS};
+
+/// Rows one 256-bit vector serves: half of a [`ROWS`] group.
+const HALF: usize = 8;
 
 /// How far ahead of the block being multiplied the kernel prefetches weights, in bytes:
 /// decode streams every weight from memory once, and the hardware prefetcher alone leaves
@@ -27,17 +31,19 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// One row group (eight output features) times activation rows `a0..a0 + C`: returns the
-/// eight dot products for each of the `C` activation rows. Slices are bounds-checked once per
-/// call; `super::kernels` checks shapes before calling.
+/// Half `half` (rows `16g + 8·half ..`, eight output features) of row group `g` times
+/// activation rows `a0..a0 + C`: returns the eight dot products for each of the `C` activation
+/// rows. Slices are bounds-checked once per call; `super::kernels` checks shapes before
+/// calling. The first half prefetches the group's weights; the second finds them in cache.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn group<const C: usize, const NIBBLES: bool>(
     w: &QMatrix,
     g: usize,
+    half: usize,
     x: &QActs,
     a0: usize,
-) -> [[f32; ROWS]; C] {
+) -> [[f32; HALF]; C] {
     let nb = w.nb;
     let gbb = QMatrix::group_block_bytes(w.qtype);
     let wq = &w.qs[g * nb * gbb..(g + 1) * nb * gbb];
@@ -69,24 +75,28 @@ fn group<const C: usize, const NIBBLES: bool>(
     };
     for b in 0..nb {
         let blk = &wq[b * gbb..(b + 1) * gbb];
-        // A hint only: addresses past the end are never dereferenced.
-        let ahead = wq.as_ptr().wrapping_add(b * gbb + PREFETCH_BYTES);
-        for line in (0..gbb).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        if half == 0 {
+            // A hint only: addresses past the end are never dereferenced.
+            let ahead = wq.as_ptr().wrapping_add(b * gbb + PREFETCH_BYTES);
+            for line in (0..gbb).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+            }
         }
-        // SAFETY: `wd` holds `nb * 8` f16 values, so 8 at `b * 8` are in bounds.
-        let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd[b * ROWS..].as_ptr().cast())) };
+        let sc = b * ROWS + HALF * half;
+        // SAFETY: `wd` holds `nb * 16` f16 values and `half < 2`, so 8 at `sc` are in bounds.
+        let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd[sc..sc + HALF].as_ptr().cast())) };
         if NIBBLES {
             let mut wv = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
-                // SAFETY: `blk` holds 128 bytes; 32 at `32 * j` (j < 4) are in bounds.
-                let raw = unsafe { _mm256_loadu_si256(blk[32 * j..].as_ptr().cast()) };
+                let at = LINE * j + 32 * half;
+                // SAFETY: `blk` holds 256 bytes; 32 at `at` (j < 4, half < 2) are in bounds.
+                let raw = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
                 wv[2 * j] = _mm256_and_si256(raw, low);
                 wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
             }
             let cv = if mins {
-                // SAFETY: `wc` holds `nb * 8` f16 values, so 8 at `b * 8` are in bounds.
-                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wc[b * ROWS..].as_ptr().cast())) }
+                // SAFETY: `wc` holds `nb * 16` f16 values, so 8 at `sc` are in bounds.
+                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wc[sc..sc + HALF].as_ptr().cast())) }
             } else {
                 _mm256_mul_ps(dv, minus8)
             };
@@ -108,8 +118,9 @@ fn group<const C: usize, const NIBBLES: bool>(
         } else {
             let mut wv = [_mm256_setzero_si256(); 8];
             for (k, v) in wv.iter_mut().enumerate() {
-                // SAFETY: `blk` holds 256 bytes; 32 at `32 * k` (k < 8) are in bounds.
-                *v = unsafe { _mm256_loadu_si256(blk[32 * k..].as_ptr().cast()) };
+                let at = LINE * k + 32 * half;
+                // SAFETY: `blk` holds 512 bytes; 32 at `at` (k < 8, half < 2) are in bounds.
+                *v = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
             }
             for c in 0..C {
                 let a = &xq[c][b];
@@ -134,7 +145,7 @@ fn group<const C: usize, const NIBBLES: bool>(
             }
         }
     }
-    let mut out = [[0f32; ROWS]; C];
+    let mut out = [[0f32; HALF]; C];
     for c in 0..C {
         // SAFETY: `out[c]` is an array of 8 floats.
         unsafe { _mm256_storeu_ps(out[c].as_mut_ptr(), acc[c]) };
@@ -142,7 +153,7 @@ fn group<const C: usize, const NIBBLES: bool>(
     out
 }
 
-/// Rows `r0..r1` of `w` (`r0` a multiple of 8) times every activation row, written
+/// Rows `r0..r1` of `w` (`r0` a multiple of 16) times every activation row, written
 /// feature-major into `out` (`out[(r - r0) * x.rows + a]`). Callable only where AVX2, FMA and
 /// F16C are known to exist.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -156,10 +167,10 @@ pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mu
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     let t = x.rows;
-    let mut put = |g: usize, a0: usize, res: &[[f32; ROWS]]| {
+    let mut put = |base: usize, a0: usize, res: &[[f32; HALF]]| {
         for (c, col) in res.iter().enumerate() {
             for (lane, v) in col.iter().enumerate() {
-                let r = g * ROWS + lane;
+                let r = base + lane;
                 if r < r1 {
                     out[(r - r0) * t + a0 + c] = *v;
                 }
@@ -167,16 +178,22 @@ fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, o
         }
     };
     for g in r0 / ROWS..r1.div_ceil(ROWS) {
-        let mut a = 0;
-        while a + 4 <= t {
-            put(g, a, &group::<4, NIBBLES>(w, g, x, a));
-            a += 4;
-        }
-        match t - a {
-            0 => {}
-            1 => put(g, a, &group::<1, NIBBLES>(w, g, x, a)),
-            2 => put(g, a, &group::<2, NIBBLES>(w, g, x, a)),
-            _ => put(g, a, &group::<3, NIBBLES>(w, g, x, a)),
+        for half in 0..ROWS / HALF {
+            let base = g * ROWS + HALF * half;
+            if base >= r1 {
+                break; // Only padding rows are left in this group.
+            }
+            let mut a = 0;
+            while a + 4 <= t {
+                put(base, a, &group::<4, NIBBLES>(w, g, half, x, a));
+                a += 4;
+            }
+            match t - a {
+                0 => {}
+                1 => put(base, a, &group::<1, NIBBLES>(w, g, half, x, a)),
+                2 => put(base, a, &group::<2, NIBBLES>(w, g, half, x, a)),
+                _ => put(base, a, &group::<3, NIBBLES>(w, g, half, x, a)),
+            }
         }
     }
 }

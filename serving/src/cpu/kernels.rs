@@ -1,11 +1,12 @@
 //! The kernel interface the forward pass calls: quantized matrix products, f16 key/value
 //! arithmetic and conversions, each dispatched once per call to the best instruction set the
-//! CPU reports at run time (AVX2 + FMA + F16C on x86-64, else portable Rust).
+//! CPU reports at run time (on x86-64, AVX-512 VNNI for the matrix products where the CPU has
+//! it, AVX2 + FMA + F16C for the rest and on older CPUs; elsewhere portable Rust).
 
 use std::sync::OnceLock;
 
 use super::pool::Pool;
-use super::quant::{QActs, QK, QMatrix, QType, ROWS};
+use super::quant::{LINE, QActs, QK, QMatrix, QType, ROWS};
 
 /// The instruction set the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +15,9 @@ pub(crate) enum Isa {
     Portable,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
+    /// x86-64 AVX-512 F, BW and VNNI (with AVX2, FMA and F16C) for the matrix products; the
+    /// other kernels run their AVX2 code.
+    Avx512,
 }
 
 impl Isa {
@@ -21,24 +25,56 @@ impl Isa {
         match self {
             Self::Portable => "portable",
             Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512vnni",
         }
+    }
+
+    /// Every instruction set this CPU can run, from portable up to [`detected`]'s choice.
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        let mut v = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2() {
+                v.push(Self::Avx2);
+            }
+            if has_avx2() && has_avx512() {
+                v.push(Self::Avx512);
+            }
+        }
+        v
     }
 }
 
-/// The best instruction set this CPU supports; `KEEL_CPU_KERNELS=portable` forces the
-/// portable path (for comparisons and tests).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// The best instruction set this CPU supports. `KEEL_CPU_KERNELS=portable` or `=avx2` caps
+/// it (for comparisons and tests); a cap the CPU cannot run falls back to what it can.
 pub(crate) fn detected() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("KEEL_CPU_KERNELS").is_ok_and(|v| v == "portable") {
+        let cap = std::env::var("KEEL_CPU_KERNELS").unwrap_or_default();
+        if cap == "portable" {
             return Isa::Portable;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
+            if has_avx2() {
+                if cap != "avx2" && has_avx512() {
+                    return Isa::Avx512;
+                }
                 return Isa::Avx2;
             }
         }
@@ -47,7 +83,7 @@ pub(crate) fn detected() -> Isa {
 }
 
 /// Rows `r0..r1` of `w` times every row of `x`, feature-major: `out[(r - r0) * x.rows + a]`.
-/// `r0` must start a row group (a multiple of 8). Shapes that do not fit leave `out`
+/// `r0` must start a row group (a multiple of 16). Shapes that do not fit leave `out`
 /// untouched and return `false`.
 pub(crate) fn matmul_rows(
     isa: Isa,
@@ -65,6 +101,7 @@ pub(crate) fn matmul_rows(
         || x.qs.len() < x.rows * x.nb * QK
         || x.d.len() < x.rows * x.nb
         || x.s.len() < x.rows * x.nb
+        || x.sums.len() < x.rows * x.nb
     {
         return false;
     }
@@ -73,6 +110,10 @@ pub(crate) fn matmul_rows(
         // SAFETY: `Isa::Avx2` is only produced by `detected` after checking AVX2, FMA and
         // F16C (tests use it only when `detected` returns it), and the shapes were checked.
         Isa::Avx2 => unsafe { super::avx2::matmul_rows(w, x, r0, r1, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only produced by `detected` (and `Isa::available`) after
+        // checking AVX-512 F, BW and VNNI besides AVX2, FMA and F16C; the shapes were checked.
+        Isa::Avx512 => unsafe { super::avx512::matmul_rows(w, x, r0, r1, out) },
         _ => portable_rows(w, x, r0, r1, out),
     }
     true
@@ -94,10 +135,10 @@ fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) 
                     for (lane, s) in isum.iter_mut().enumerate() {
                         for e in 0..4 {
                             let v = if four_bit {
-                                let byte = blk[32 * (k / 2) + 4 * lane + e];
+                                let byte = blk[LINE * (k / 2) + 4 * lane + e];
                                 i32::from(if k % 2 == 0 { byte & 15 } else { byte >> 4 })
                             } else {
-                                i32::from(blk[32 * k + 4 * lane + e] as i8)
+                                i32::from(blk[LINE * k + 4 * lane + e] as i8)
                             };
                             *s += v * i32::from(y[4 * k + e]);
                         }
@@ -171,8 +212,8 @@ pub(crate) fn matmul(
 pub(crate) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     match detected() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2 and FMA were detected.
-        Isa::Avx2 if src.len() == QK && dst.len() == QK => unsafe {
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 and FMA were detected.
+        Isa::Avx2 | Isa::Avx512 if src.len() == QK && dst.len() == QK => unsafe {
             super::avx2::quantize_ints(src, dst)
         },
         _ => portable_quantize_ints(src, dst),
@@ -195,8 +236,8 @@ fn portable_quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
 pub(crate) fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2 and FMA were detected.
-        Isa::Avx2 => unsafe { super::avx2::silu_mul(gate, up, out) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 and FMA were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::silu_mul(gate, up, out) },
         _ => {
             for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
                 *o = g / (1.0 + (-g).exp()) * u;
@@ -209,8 +250,8 @@ pub(crate) fn silu_mul(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub(crate) fn exp_sub_sum(isa: Isa, x: &mut [f32], max: f32) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2 and FMA were detected.
-        Isa::Avx2 => unsafe { super::avx2::exp_sub_sum(x, max) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 and FMA were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::exp_sub_sum(x, max) },
         _ => {
             let mut sum = 0f32;
             for v in x.iter_mut() {
@@ -226,8 +267,8 @@ pub(crate) fn exp_sub_sum(isa: Isa, x: &mut [f32], max: f32) -> f32 {
 pub(crate) fn div_round_f16(isa: Isa, x: &mut [f32], d: f32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2 and F16C were detected.
-        Isa::Avx2 => unsafe { super::avx2::div_round_f16(x, d) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::div_round_f16(x, d) },
         _ => {
             for v in x.iter_mut() {
                 *v = half::f16::from_f32(*v / d).to_f32();
@@ -255,8 +296,8 @@ pub(crate) fn attend_head(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C were detected.
-        Isa::Avx2 => unsafe {
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2, FMA and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe {
             super::avx2::attend_head(q, kc, vc, slots, off, kvd, scale, scores, out)
         },
         _ => {
@@ -282,8 +323,8 @@ pub(crate) fn attend_head(
 pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C were detected.
-        Isa::Avx2 => unsafe { super::avx2::dot_f16(q, k) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2, FMA and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::dot_f16(q, k) },
         _ => q
             .iter()
             .zip(k)
@@ -296,8 +337,8 @@ pub(crate) fn dot_f16(isa: Isa, q: &[f32], k: &[u16]) -> f32 {
 pub(crate) fn axpy_f16(isa: Isa, out: &mut [f32], p: f32, v: &[u16]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2, FMA and F16C were detected.
-        Isa::Avx2 => unsafe { super::avx2::axpy_f16(out, p, v) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2, FMA and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::axpy_f16(out, p, v) },
         _ => {
             for (o, b) in out.iter_mut().zip(v) {
                 *o += p * half::f16::from_bits(*b).to_f32();
@@ -310,8 +351,8 @@ pub(crate) fn axpy_f16(isa: Isa, out: &mut [f32], p: f32, v: &[u16]) {
 pub(crate) fn to_f16(isa: Isa, src: &[f32], dst: &mut [u16]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` implies AVX2 and F16C were detected.
-        Isa::Avx2 => unsafe { super::avx2::to_f16(src, dst) },
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::to_f16(src, dst) },
         _ => {
             for (d, s) in dst.iter_mut().zip(src) {
                 *d = half::f16::from_f32(*s).to_bits();
@@ -343,11 +384,7 @@ mod tests {
     }
 
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if detected() == Isa::Avx2 {
-            v.push(Isa::Avx2);
-        }
-        v
+        Isa::available()
     }
 
     fn check(qtype: QType, rows: usize, cols: usize, t: usize, seed: u64) {
@@ -379,8 +416,19 @@ mod tests {
     fn kernels_match_the_reference_at_many_shapes() {
         let mut seed = 1;
         for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
-            for (rows, cols) in [(1, 32), (3, 64), (4, 32), (5, 96), (17, 160), (64, 576)] {
-                for t in [1, 2, 3, 4, 5, 7, 9] {
+            // Row counts below, at and across the 8-row half and the 16-row group; activation
+            // counts across the AVX2 tile of 4 and the AVX-512 tile of 6.
+            let shapes = [
+                (1, 32),
+                (3, 64),
+                (8, 32),
+                (9, 96),
+                (17, 160),
+                (40, 64),
+                (64, 576),
+            ];
+            for (rows, cols) in shapes {
+                for t in [1, 2, 3, 4, 5, 6, 7, 9, 11, 13] {
                     check(qtype, rows, cols, t, seed);
                     seed += 1;
                 }
@@ -393,6 +441,37 @@ mod tests {
         check(QType::Q4_1, 1536, 576, 1, 99);
         check(QType::Q4_1, 576, 1536, 6, 100);
         check(QType::Q8_0, 300, 576, 2, 101);
+    }
+
+    #[test]
+    fn q8_0_weights_at_minus_128_multiply_exactly() {
+        // A GGUF file may hold −128 (the quantizer never writes it), which has no positive
+        // counterpart in a byte: every path must still multiply it exactly.
+        let (rows, cols, t) = (19, 64, 7);
+        let mut rng = Rng::new(21);
+        let mut m = PlainQ::quantize(QType::Q8_0, rows, cols, &rng.vec(rows * cols));
+        for (i, q) in m.q.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *q = 0x80;
+            }
+        }
+        let w = QMatrix::pack(&m);
+        let x = QActs::quantize(&rng.vec(t * cols), t, cols, false);
+        let pool = Pool::new(2).unwrap();
+        for isa in isas() {
+            let mut out = vec![f32::NAN; t * rows];
+            matmul(&pool, isa, &w, &x, &mut out, &mut Vec::new());
+            for a in 0..t {
+                for r in 0..rows {
+                    let want = dot_ref(&w, r, &x, a);
+                    let got = out[a * rows + r];
+                    assert!(
+                        (got - want).abs() <= 1e-4 + 1e-5 * want.abs(),
+                        "{isa:?} row {r} act {a}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@
 mod attn;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub(crate) mod kernels;
 mod pool;
 pub(crate) mod quant;

@@ -63,7 +63,10 @@ impl QType {
 pub(crate) struct LayoutError(pub(crate) String);
 
 /// Rows packed together: the kernels produce this many output features at once.
-pub(crate) const ROWS: usize = 8;
+pub(crate) const ROWS: usize = 16;
+
+/// Bytes of one interleaved line: four values of each of the [`ROWS`] rows.
+pub(crate) const LINE: usize = 4 * ROWS;
 
 /// A quantized matrix as plain per-row arrays, one byte per value (the unsigned 4-bit quant,
 /// or the signed 8-bit one). Loading and stacking work on this form; [`QMatrix::pack`] turns it
@@ -226,19 +229,20 @@ impl PlainQ {
 }
 
 /// A `rows × cols` weight matrix (one row per output feature) in the kernels' layout: rows in
-/// groups of [`ROWS`] (the last group padded with zero rows), and within a group and a block,
-/// the values interleaved so one 32-byte vector holds four consecutive values of each of the
-/// eight rows. A kernel multiplies that vector by four activation bytes broadcast to every
-/// lane, and the eight lanes of its integer result are the eight rows' partial dot products:
-/// no horizontal sums, and one scale multiply serves eight rows.
+/// groups of [`ROWS`] (16; the last group padded with zero rows), and within a group and a
+/// block, the values interleaved so that one 64-byte line holds four consecutive values of
+/// each of the sixteen rows. A kernel multiplies that line (or, on AVX2, each 32-byte half of
+/// it, eight rows) by four activation bytes broadcast to every lane, and the lanes of its
+/// integer result are the rows' partial dot products: no horizontal sums, and one scale
+/// multiply serves every row of the line.
 ///
 /// Per group `g` and block `b` (index `gb = g·nb + b`):
-/// - `d[gb·8 + r]`: scale of row `8g + r` as f16 bits (GGML's own precision, so scales cost
-///   the same memory traffic as in the file); `c[gb·8 + r]`: Q4_1's minimum, likewise (Q4_0's
+/// - `d[gb·16 + r]`: scale of row `16g + r` as f16 bits (GGML's own precision, so scales cost
+///   the same memory traffic as in the file); `c[gb·16 + r]`: Q4_1's minimum, likewise (Q4_0's
 ///   offset `−8·d` is computed, Q8_0 has none);
-/// - 4-bit: `qs[gb·128 ..][32·j + 4·r + e]` holds value `8j + e` of row `8g + r` in its low
+/// - 4-bit: `qs[gb·256 ..][64·j + 4·r + e]` holds value `8j + e` of row `16g + r` in its low
 ///   nibble and value `8j + 4 + e` in its high nibble (`j < 4`, `e < 4`);
-/// - 8-bit: `qs[gb·256 ..][32·k + 4·r + e]` holds value `4k + e` (`k < 8`).
+/// - 8-bit: `qs[gb·512 ..][64·k + 4·r + e]` holds value `4k + e` (`k < 8`).
 #[derive(Debug, Clone)]
 pub(crate) struct QMatrix {
     pub(crate) qtype: QType,
@@ -290,14 +294,14 @@ impl QMatrix {
                 let dst = &mut m.qs[gb * gbb..(gb + 1) * gbb];
                 if four_bit {
                     for j in 0..4 {
-                        let at = 32 * j + 4 * lane;
+                        let at = LINE * j + 4 * lane;
                         for e in 0..4 {
                             dst[at + e] = (src[8 * j + e] & 15) | ((src[8 * j + 4 + e] & 15) << 4);
                         }
                     }
                 } else {
                     for k in 0..8 {
-                        dst[32 * k + 4 * lane..32 * k + 4 * lane + 4]
+                        dst[LINE * k + 4 * lane..LINE * k + 4 * lane + 4]
                             .copy_from_slice(&src[4 * k..4 * k + 4]);
                     }
                 }
@@ -316,10 +320,10 @@ impl QMatrix {
         let (grp, e) = (kk / 4, kk % 4);
         match self.qtype {
             QType::Q4_0 | QType::Q4_1 => {
-                let byte = block[32 * (grp / 2) + 4 * lane + e];
+                let byte = block[LINE * (grp / 2) + 4 * lane + e];
                 i32::from(if grp % 2 == 0 { byte & 15 } else { byte >> 4 })
             }
-            QType::Q8_0 => i32::from(block[32 * grp + 4 * lane + e] as i8),
+            QType::Q8_0 => i32::from(block[LINE * grp + 4 * lane + e] as i8),
         }
     }
 
@@ -364,6 +368,8 @@ pub(crate) struct QActs {
     pub(crate) d: Vec<f32>,
     /// `d · Σ q` per block (see [`quantize_block`]), row-major.
     pub(crate) s: Vec<f32>,
+    /// `Σ q` per block, exact, row-major (the AVX-512 kernel's offset for 8-bit weights).
+    pub(crate) sums: Vec<i32>,
     pub(crate) qs: Vec<i8>,
 }
 
@@ -374,6 +380,7 @@ impl QActs {
         self.nb = cols / QK;
         self.d.resize(rows * self.nb, 0.0);
         self.s.resize(rows * self.nb, 0.0);
+        self.sums.resize(rows * self.nb, 0);
         self.qs.resize(rows * cols, 0);
     }
 
@@ -384,9 +391,10 @@ impl QActs {
         for b in 0..nb {
             let src = &x[b * QK..(b + 1) * QK];
             let dst = &mut self.qs[(row * nb + b) * QK..(row * nb + b + 1) * QK];
-            let (d, s) = quantize_block(src, dst, round_sum);
+            let (d, s, sum) = quantize_block(src, dst, round_sum);
             self.d[row * nb + b] = d;
             self.s[row * nb + b] = s;
+            self.sums[row * nb + b] = sum;
         }
     }
 
@@ -403,9 +411,9 @@ impl QActs {
 }
 
 /// Quantizes one block: scale `amax/127` (stored f16-rounded), values rounded half to even
-/// after scaling by `127/amax`, as GGML's vectorised quantizer does. Returns `(d, d·Σq)`.
+/// after scaling by `127/amax`, as GGML's vectorised quantizer does. Returns `(d, d·Σq, Σq)`.
 /// The integer part runs on the detected instruction set ([`super::kernels::quantize_ints`]).
-pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32) {
+pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32, i32) {
     let (amax, sum) = super::kernels::quantize_ints(src, dst);
     let d = amax / 127.0;
     let dr = round_f16(d);
@@ -416,7 +424,7 @@ pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f
     } else {
         dr * sum as f32
     };
-    (dr, s)
+    (dr, s, sum)
 }
 
 /// Whether activations for weights of this type keep an f16-rounded block sum (GGML pairs
