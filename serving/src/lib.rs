@@ -47,9 +47,9 @@
 //! # Models
 //! Llama 2/3, SmolLM/SmolLM2, Mistral and Qwen2, with hyper-parameters read from GGUF
 //! metadata or `config.json`. GGUF weights stay quantized. On the CPU, Q4_0, Q4_1 and Q8_0
-//! models run on Keel's own kernels ([`Kernels::Auto`]: AVX2 when the CPU has it, portable
-//! Rust otherwise, on [`EngineBuilder::threads`] threads); Q5 and K-quant files, and other
-//! devices, run through candle's quantized matmul. Safetensors (f32/f16/bf16) run in f32.
+//! models run on Keel's own kernels ([`Kernels::Auto`]: AVX-512 VNNI or AVX2 when the CPU has
+//! it, portable Rust otherwise, on [`EngineBuilder::threads`] threads); Q5 and K-quant files,
+//! and other devices, run through candle's quantized matmul. Safetensors (f32/f16/bf16) run in f32.
 //! The tokenizer comes from the GGUF vocabulary or `tokenizer.json`; chat requests use the
 //! model's template ([`ChatTemplate`]). [`resolve_model_path`] finds models.
 //!

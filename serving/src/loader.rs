@@ -78,8 +78,8 @@ pub(crate) fn load(
 #[non_exhaustive]
 pub enum Kernels {
     /// Keel's own CPU kernels where they apply: a GGUF model on the CPU, weights as stored,
-    /// whose projections and token embedding are all Q4_0, Q4_1 or Q8_0 (AVX2 on x86-64 when
-    /// the CPU has it, portable Rust otherwise). candle's tensors and kernels elsewhere.
+    /// whose projections and token embedding are all Q4_0, Q4_1 or Q8_0 (AVX-512 VNNI or AVX2
+    /// on x86-64 when the CPU has them, portable Rust otherwise). candle's tensors and kernels elsewhere.
     #[default]
     Auto,
     /// candle's tensors and kernels everywhere (for comparison, and for other devices).
