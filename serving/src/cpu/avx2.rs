@@ -168,14 +168,7 @@ pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mu
 fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     let t = x.rows;
     let mut put = |base: usize, a0: usize, res: &[[f32; HALF]]| {
-        for (c, col) in res.iter().enumerate() {
-            for (lane, v) in col.iter().enumerate() {
-                let r = base + lane;
-                if r < r1 {
-                    out[(r - r0) * t + a0 + c] = *v;
-                }
-            }
-        }
+        super::kernels::scatter(out, (r0, r1, t), base, a0, res);
     };
     for g in r0 / ROWS..r1.div_ceil(ROWS) {
         for half in 0..ROWS / HALF {

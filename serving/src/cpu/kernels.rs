@@ -119,6 +119,25 @@ pub(crate) fn matmul_rows(
     true
 }
 
+/// Writes a SIMD kernel's results for rows `base..base + L` and activation rows `a0..` into
+/// the feature-major `out` of rows `r0..r1` (`out[(r - r0) * t + a]`), dropping padding rows.
+pub(super) fn scatter<const L: usize>(
+    out: &mut [f32],
+    (r0, r1, t): (usize, usize, usize),
+    base: usize,
+    a0: usize,
+    res: &[[f32; L]],
+) {
+    for (c, col) in res.iter().enumerate() {
+        for (lane, v) in col.iter().enumerate() {
+            let r = base + lane;
+            if r < r1 {
+                out[(r - r0) * t + a0 + c] = *v;
+            }
+        }
+    }
+}
+
 fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
     let nb = w.nb;
     let t = x.rows;
