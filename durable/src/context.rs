@@ -37,6 +37,9 @@ struct State {
     history: HashMap<u64, Event>,
     next: u64,
     poisoned: Option<String>,
+    /// Set when the journal failed under this execution: its outcome is not recorded, and
+    /// the workflow resumes from the journal when a runtime opens it again.
+    interrupted: Option<String>,
     cancel_delivered: bool,
     suspend: Option<oneshot::Sender<Suspend>>,
 }
@@ -121,6 +124,7 @@ impl Context {
                     history: history.into_iter().collect(),
                     next: 0,
                     poisoned: None,
+                    interrupted: None,
                     cancel_delivered: false,
                     suspend: Some(suspend),
                 }),
@@ -171,6 +175,11 @@ impl Context {
         lock(&self.shared.state).poisoned.clone()
     }
 
+    /// Why this execution was abandoned, if the journal failed under it.
+    pub(crate) fn interrupted(&self) -> Option<String> {
+        lock(&self.shared.state).interrupted.clone()
+    }
+
     pub(crate) fn cancel_delivered(&self) -> bool {
         lock(&self.shared.state).cancel_delivered
     }
@@ -180,8 +189,19 @@ impl Context {
         self.shared.rt.cancel_requested(self.shared.id.as_str()) || self.cancel_delivered()
     }
 
+    /// Fails the workflow with `e`, or, if the journal failed, abandons this execution.
+    ///
+    /// A journal failure is not the workflow's: the workflow is left as the disk has it, to
+    /// resume when a runtime opens the journal again, instead of being recorded as failed.
     fn fail<T>(&self, e: Error) -> Result<T> {
-        self.poison(e.to_string());
+        let mut st = lock(&self.shared.state);
+        let slot = match e {
+            Error::JournalFailed { .. } => &mut st.interrupted,
+            _ => &mut st.poisoned,
+        };
+        if slot.is_none() {
+            *slot = Some(e.to_string());
+        }
         Err(e)
     }
 
@@ -189,7 +209,18 @@ impl Context {
     ///
     /// A recorded cancellation answers any request. Any other mismatch poisons the context:
     /// the workflow fails with [`Error::Nondeterminism`] whatever it does with the error.
+    ///
+    /// Once the journal has failed, nothing takes a position: no step's closure runs, so no
+    /// side effect happens that could never be journaled.
     fn position(&self, ask: &Ask<'_>) -> Result<(u64, Option<Event>)> {
+        if let Err(e) = self
+            .shared
+            .rt
+            .journal
+            .check(|| format!("{} of workflow {}", ask.describe(), self.shared.id))
+        {
+            return self.fail(e);
+        }
         let mut st = lock(&self.shared.state);
         if let Some(msg) = &st.poisoned {
             return Err(Error::WorkflowFailed {
@@ -224,14 +255,18 @@ impl Context {
     /// Journals `ev` at `index` together with `extra`, and waits for the flush.
     async fn record(&self, index: u64, ev: Event, mut extra: Writes) -> Result<()> {
         extra.event(self.shared.id.as_str(), index, &ev)?;
-        self.commit(extra).await
+        self.commit(extra, || format!("{} at position {index}", ev.describe()))
+            .await
     }
 
-    /// Commits `writes` and waits for the flush; a failure fails the workflow.
-    async fn commit(&self, writes: Writes) -> Result<()> {
+    /// Commits `writes` and waits for the flush; a failure fails the workflow, or, if the
+    /// journal failed, abandons this execution (see [`Context::fail`]). `what` names the
+    /// journaled operation in the error.
+    async fn commit(&self, writes: Writes, what: impl FnOnce() -> String) -> Result<()> {
         match self.shared.rt.journal.commit(writes).await {
             Ok(()) => Ok(()),
-            Err(e) => self.fail(e),
+            Err(e) => self
+                .fail(e.during(|| format!("journaling {} of workflow {}", what(), self.shared.id))),
         }
     }
 
@@ -297,11 +332,22 @@ impl Context {
     /// dies while `f` runs, before its outcome is journaled, `f` runs again on recovery, so
     /// side effects should be idempotent or tolerate an at-least-once attempt.
     ///
+    /// If the disk fails while the outcome is journaled (the write, or the flush that covers
+    /// it, returns an error), this returns [`Error::JournalFailed`] and the step is not
+    /// reported done. The journal then stops (every later operation of every workflow on this
+    /// runtime returns the same error and runs nothing) and this execution is abandoned: the
+    /// workflow is not recorded as failed, and whatever the code does with the error is not
+    /// journaled. When a runtime opens the journal again, the workflow replays; if the
+    /// outcome did reach the disk, the step returns it without calling `f` again, and if it
+    /// did not, `f` runs again, as after a crash. No execution ever replays an outcome whose
+    /// flush is not known to have succeeded: the failed runtime refuses to read its journal.
+    ///
     /// # Errors
     /// [`Error::StepFailed`] after the final failure; [`Error::Nondeterminism`] if the
     /// journal recorded another operation here; [`Error::Payload`] if the journaled output
     /// does not deserialise into `T`; [`Error::Cancelled`] once if the workflow was cancelled
-    /// (the step does not run); [`Error::Storage`] if journaling failed.
+    /// (the step does not run); [`Error::JournalFailed`] if journaling failed, or the journal
+    /// had failed before (the step does not run).
     pub async fn step_with<T, F, Fut>(&self, name: &str, policy: RetryPolicy, mut f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned + Send,
@@ -352,7 +398,8 @@ impl Context {
                     let bytes = step_ok_json(name, &value, attempt)?;
                     let mut w = Writes::default();
                     w.put(ev_key(self.shared.id.as_str(), index), bytes);
-                    self.commit(w).await?;
+                    self.commit(w, || format!("step {name:?} at position {index}"))
+                        .await?;
                     return Ok(value);
                 }
                 Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
@@ -387,7 +434,8 @@ impl Context {
     /// it sleeps.
     ///
     /// # Errors
-    /// [`Error::Nondeterminism`], [`Error::Cancelled`] (once) or [`Error::Storage`].
+    /// [`Error::Nondeterminism`], [`Error::Cancelled`] (once), [`Error::Storage`] or
+    /// [`Error::JournalFailed`] (see [`Context::step_with`]).
     pub async fn sleep(&self, d: Duration) -> Result<()> {
         let until = now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.sleep_until_ms(until).await
@@ -429,7 +477,8 @@ impl Context {
     ///
     /// # Errors
     /// [`Error::Payload`] if the value does not deserialise into `T`; [`Error::Nondeterminism`],
-    /// [`Error::Cancelled`] (once) or [`Error::Storage`].
+    /// [`Error::Cancelled`] (once), [`Error::Storage`] or [`Error::JournalFailed`] (see
+    /// [`Context::step_with`]).
     pub async fn recv<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
         match self.recv_inner(name, None).await? {
             Some(v) => self.decode(format!("signal {name:?}"), v),
@@ -517,7 +566,8 @@ impl Context {
     /// The current wall-clock time, journaled so replay sees the same value.
     ///
     /// # Errors
-    /// [`Error::Nondeterminism`], [`Error::Cancelled`] (once) or [`Error::Storage`].
+    /// [`Error::Nondeterminism`], [`Error::Cancelled`] (once), [`Error::Storage`] or
+    /// [`Error::JournalFailed`] (see [`Context::step_with`]).
     pub async fn now(&self) -> Result<SystemTime> {
         let (index, recorded) = self.position(&Ask {
             kind: "now",
@@ -605,7 +655,8 @@ impl Context {
     ///
     /// # Errors
     /// [`Error::Nondeterminism`] if the recorded version is outside `min..=max` (the code
-    /// dropped support for it); [`Error::Cancelled`] (once) or [`Error::Storage`].
+    /// dropped support for it); [`Error::Cancelled`] (once), [`Error::Storage`] or
+    /// [`Error::JournalFailed`] (see [`Context::step_with`]).
     pub async fn version(&self, change_id: &str, min: u32, max: u32) -> Result<u32> {
         let old_path = {
             let st = lock(&self.shared.state);
@@ -664,7 +715,8 @@ impl Context {
     /// # Errors
     /// [`Error::UnknownWorkflow`] if `name` is not registered; [`Error::IdConflict`] if the
     /// child's ID is taken by another workflow; [`Error::Nondeterminism`], [`Error::Cancelled`]
-    /// (once), [`Error::Serialize`] or [`Error::Storage`].
+    /// (once), [`Error::Serialize`], [`Error::Storage`] or [`Error::JournalFailed`] (see
+    /// [`Context::step_with`]).
     pub async fn start_child<I: Serialize>(&self, name: &str, input: &I) -> Result<ChildHandle> {
         let (index, recorded) = self.position(&Ask {
             kind: "child-start",
@@ -725,7 +777,8 @@ impl Context {
     /// [`Error::WorkflowFailed`] or [`Error::Cancelled`] (naming the child) if the child did not
     /// succeed; [`Error::Payload`] if its output does not deserialise into `O`;
     /// [`Error::Cancelled`] (naming this workflow, once) if this workflow was cancelled while
-    /// waiting; [`Error::Nondeterminism`] or [`Error::Storage`].
+    /// waiting; [`Error::Nondeterminism`], [`Error::Storage`] or [`Error::JournalFailed`] (see
+    /// [`Context::step_with`]).
     pub async fn wait_child<O: DeserializeOwned>(&self, child: &ChildHandle) -> Result<O> {
         let cid = child.id.as_str();
         let (index, recorded) = self.position(&Ask {

@@ -43,6 +43,31 @@ pub enum Error {
         #[source]
         source: StorageError,
     },
+    /// A write to the journal, or the flush that makes writes durable, failed; the journal
+    /// has stopped taking writes (fail-stop).
+    ///
+    /// The operation that returned this is not done: a step that returns it is not reported
+    /// as completed, and neither is a start, signal or cancellation. Its writes may or may not
+    /// have reached the disk, so after the journal is opened again it is either journaled (and
+    /// a step replays without running again) or absent (and a step runs again). Every later
+    /// operation on this runtime, reads included, returns this error too, because no later
+    /// flush could prove that earlier writes are durable: sled 0.34 refuses all writes after
+    /// an I/O error in its log, and after a failed `fsync` Linux may already have dropped the
+    /// unwritten pages. Executions in flight are abandoned, not failed (see
+    /// [`Runtime::issues`](crate::Runtime::issues)); drop the runtime and open the directory
+    /// again, and every unfinished workflow resumes from what is on disk.
+    #[error(
+        "journal {path:?} failed while {context}; it takes no more writes until a runtime opens it again"
+    )]
+    JournalFailed {
+        /// The journal directory.
+        path: PathBuf,
+        /// What the runtime was doing when it met the failure (the workflow, the operation).
+        context: String,
+        /// The first failure, with the `std::io::Error` (and its kind) as its source.
+        #[source]
+        source: StorageError,
+    },
     /// A workflow name is not registered on this runtime.
     #[error("workflow {name:?} is not registered")]
     UnknownWorkflow {
@@ -193,13 +218,6 @@ impl StorageError {
             io: Some(e),
         }
     }
-
-    pub(crate) fn msg(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            io: None,
-        }
-    }
 }
 
 impl Error {
@@ -212,6 +230,18 @@ impl Error {
         Error::Storage {
             context: context.into(),
             source: StorageError::from_sled(e),
+        }
+    }
+
+    /// Names what the caller was doing in a [`Error::JournalFailed`]; other errors pass.
+    pub(crate) fn during(self, context: impl FnOnce() -> String) -> Self {
+        match self {
+            Error::JournalFailed { path, source, .. } => Error::JournalFailed {
+                path,
+                context: context(),
+                source,
+            },
+            other => other,
         }
     }
 

@@ -9,15 +9,16 @@
 //!   batch that journals its delivery.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, TryLockError, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError, mpsc};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result, StorageError};
 use crate::types::{Durability, WorkflowStatus};
@@ -213,17 +214,14 @@ impl Writes {
         self.ops.push((key, None));
     }
 
-    fn apply_to(mut self, db: &sled::Db) -> Result<()> {
+    fn apply_to(mut self, db: &sled::Db) -> sled::Result<()> {
         // A lone insert (the common case: one journaled step) goes through a plain `insert`,
         // because sled's `apply_batch` takes a process-wide exclusive lock that stalls every
         // other reader and writer, which is the bottleneck under concurrency.
         if let [(_, Some(_))] = self.ops.as_slice()
             && let Some((k, Some(v))) = self.ops.pop()
         {
-            return db
-                .insert(k, v)
-                .map(|_| ())
-                .map_err(|e| Error::sled("writing to the journal", e));
+            return db.insert(k, v).map(|_| ());
         }
         if self.ops.is_empty() {
             return Ok(());
@@ -236,7 +234,6 @@ impl Writes {
             }
         }
         db.apply_batch(batch)
-            .map_err(|e| Error::sled("applying a journal batch", e))
     }
 
     pub(crate) fn record(&mut self, id: &str, rec: &Record) -> Result<()> {
@@ -252,8 +249,44 @@ impl Writes {
     }
 }
 
+/// Why the journal stopped taking writes: the first write or flush that failed.
+///
+/// Kept as kind and text rather than as the `io::Error` itself because every waiter of the
+/// failed flush, and every later caller, gets its own copy.
+#[derive(Debug, Clone)]
+struct Failure {
+    kind: std::io::ErrorKind,
+    message: String,
+}
+
+impl Failure {
+    fn io(e: &std::io::Error) -> Self {
+        Self {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+
+    fn sled(e: &sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => Self::io(io),
+            other => Self {
+                kind: std::io::ErrorKind::Other,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn source(&self) -> StorageError {
+        StorageError::from_io(std::io::Error::new(self.kind, self.message.clone()))
+    }
+}
+
+/// What a flush tells its waiters.
+type FlushResult = std::result::Result<(), Failure>;
+
 /// A commit waiting for the committer thread: its ticket and where to send the outcome.
-type Waiter = (u64, oneshot::Sender<std::result::Result<(), String>>);
+type Waiter = (u64, oneshot::Sender<FlushResult>);
 
 /// Counters of the group committer, for tests and benches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -266,6 +299,9 @@ pub struct JournalStats {
     /// Flushes run by a committing task itself rather than by the committer thread (see
     /// [`Durability`]); these happen while a single workflow commits alone.
     pub inline_flushes: u64,
+    /// Flushes that failed: 0 or 1, because the first failure stops the journal (see
+    /// [`Error::JournalFailed`]).
+    pub failed_flushes: u64,
 }
 
 /// Group-commit state shared by every committing task and the committer thread.
@@ -288,6 +324,14 @@ struct Group {
     commits: AtomicU64,
     flushes: AtomicU64,
     inline_flushes: AtomicU64,
+    failed_flushes: AtomicU64,
+    /// Set by the first write or flush that fails; from then on nothing is written or
+    /// reported durable (see [`Error::JournalFailed`] for why there is no retry).
+    failed: OnceLock<Failure>,
+    /// Turns `true` when `failed` is set, to wake whoever waits for a workflow's result.
+    failed_tx: watch::Sender<bool>,
+    #[cfg(feature = "fault-injection")]
+    faults: OnceLock<crate::fault::FaultInjector>,
 }
 
 impl Group {
@@ -300,19 +344,47 @@ impl Group {
         self.flushed.load(Ordering::SeqCst) >= ticket
     }
 
+    /// Records `f` as the journal's failure (the first one recorded wins) and returns that.
+    fn fail(&self, f: Failure) -> Failure {
+        let first = self.failed.get_or_init(|| f).clone();
+        self.failed_tx.send_replace(true);
+        first
+    }
+
     /// Flushes (and, for power-loss safety, syncs the files); the caller holds `flusher`.
-    fn flush(&self, files: &mut FileSyncer) -> std::result::Result<(), String> {
+    ///
+    /// A failure stops the journal: `flushed` never moves again, so no commit after the
+    /// failure is covered.
+    fn flush(&self, files: &mut FileSyncer) -> FlushResult {
+        if let Some(f) = self.failed.get() {
+            return Err(f.clone());
+        }
         // Read before the flush starts: every ticket up to here belongs to applied writes.
         let upto = self.applied.load(Ordering::SeqCst);
-        let mut result = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let mut result = self.db.flush().map(drop).map_err(|e| Failure::sled(&e));
+        #[cfg(feature = "fault-injection")]
+        if result.is_ok() && self.faults.get().is_some_and(|f| f.fire()) {
+            // After sled's flush, in place of the file sync: the writes have reached the
+            // kernel, as when an fdatasync reports EIO.
+            result = Err(Failure {
+                kind: std::io::ErrorKind::Other,
+                message: "injected flush failure (keel-durable's fault-injection feature)".into(),
+            });
+        }
         if result.is_ok() && self.durability == Durability::PowerLoss {
-            result = files.sync().map_err(|e| e.to_string());
+            result = files.sync().map_err(|e| Failure::io(&e));
         }
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        if result.is_ok() {
-            self.flushed.fetch_max(upto, Ordering::SeqCst);
+        match result {
+            Ok(()) => {
+                self.flushed.fetch_max(upto, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(f) => {
+                self.failed_flushes.fetch_add(1, Ordering::Relaxed);
+                Err(self.fail(f))
+            }
         }
-        result
     }
 
     /// Flushes on the calling thread if no other commit is in the way; `None` otherwise.
@@ -325,7 +397,7 @@ impl Group {
     /// into a flush of one plus a flush of the rest. The flush runs inside `block_in_place`,
     /// so the executor moves its other tasks to another thread meanwhile; on a current-thread
     /// runtime, which cannot do that, the committer thread flushes instead.
-    fn try_inline(&self, ticket: u64) -> Option<std::result::Result<(), String>> {
+    fn try_inline(&self, ticket: u64) -> Option<FlushResult> {
         let alone = self.applied.load(Ordering::SeqCst) == ticket
             && self.flushed.load(Ordering::SeqCst) + 1 == ticket;
         if !alone || self.concurrent.load(Ordering::Relaxed) {
@@ -357,6 +429,8 @@ pub(crate) struct Journal {
     group: Arc<Group>,
     committer: Option<mpsc::Sender<Waiter>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The journal directory, for errors.
+    dir: PathBuf,
     _lock: File,
 }
 
@@ -429,17 +503,36 @@ impl Journal {
                 }
             }
         }
+        let mut files = FileSyncer::new(db_dir.clone());
+        if durability == Durability::PowerLoss {
+            // Recovery is about to act on what sled read back, and after a crash that can
+            // include writes that reached the kernel but were never synced (their commits were
+            // never reported done). A step replayed from such a write, followed by a power cut,
+            // would run again with the next step's side effect already done on its old output;
+            // so everything recovery sees is made durable before it looks.
+            db.flush().map_err(|e| {
+                Error::sled(format!("flushing journal {db_dir:?} after opening it"), e)
+            })?;
+            files
+                .sync_everything(dir)
+                .map_err(|e| Error::io(format!("syncing the files of journal {db_dir:?}"), e))?;
+        }
         let (tx, rx) = mpsc::channel::<Waiter>();
         let group = Arc::new(Group {
             db: db.clone(),
             durability,
-            flusher: Mutex::new(FileSyncer::new(db_dir)),
+            flusher: Mutex::new(files),
             applied: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             concurrent: AtomicBool::new(false),
             commits: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             inline_flushes: AtomicU64::new(0),
+            failed_flushes: AtomicU64::new(0),
+            failed: OnceLock::new(),
+            failed_tx: watch::channel(false).0,
+            #[cfg(feature = "fault-injection")]
+            faults: OnceLock::new(),
         });
         let thread_group = Arc::clone(&group);
         let thread = std::thread::Builder::new()
@@ -451,8 +544,15 @@ impl Journal {
             group,
             committer: Some(tx),
             thread: Some(thread),
+            dir: dir.to_path_buf(),
             _lock: lock,
         })
+    }
+
+    /// Attaches a fault injector to the flush path (test support).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn inject(&self, faults: crate::fault::FaultInjector) {
+        let _ = self.group.faults.set(faults);
     }
 
     pub(crate) fn stats(&self) -> JournalStats {
@@ -461,12 +561,50 @@ impl Journal {
             commits: g.commits.load(Ordering::Relaxed),
             flushes: g.flushes.load(Ordering::Relaxed),
             inline_flushes: g.inline_flushes.load(Ordering::Relaxed),
+            failed_flushes: g.failed_flushes.load(Ordering::Relaxed),
         }
     }
 
+    fn failed_error(&self, f: &Failure, context: String) -> Error {
+        Error::JournalFailed {
+            path: self.dir.clone(),
+            context,
+            source: f.source(),
+        }
+    }
+
+    /// `Err(JournalFailed)` once a write or flush has failed; `context` names the operation.
+    ///
+    /// Reads are refused too: what sled holds in memory may include writes whose flush failed,
+    /// and nothing may be reported (or replayed) from those.
+    pub(crate) fn check(&self, context: impl FnOnce() -> String) -> Result<()> {
+        match self.group.failed.get() {
+            Some(f) => Err(self.failed_error(f, context())),
+            None => Ok(()),
+        }
+    }
+
+    /// A receiver that sees `true` once the journal has failed.
+    pub(crate) fn failure_watch(&self) -> watch::Receiver<bool> {
+        self.group.failed_tx.subscribe()
+    }
+
+    /// Stops the journal after a failed write; returns the error for the caller.
+    fn write_failed(&self, e: &sled::Error, context: String) -> Error {
+        let f = self.group.fail(Failure::sled(e));
+        self.failed_error(&f, context)
+    }
+
     /// Applies `writes` atomically and returns once a flush that covers them has completed.
+    ///
+    /// Nothing is applied once the journal has failed; a write that fails stops the journal
+    /// (sled 0.34 refuses further writes after an I/O error anyway). An `Err` means the
+    /// writes are not known to be durable, though they may still be found on disk later.
     pub(crate) async fn commit(&self, writes: Writes) -> Result<()> {
-        writes.apply_to(&self.db)?;
+        self.check(|| "writing to the journal".into())?;
+        if let Err(e) = writes.apply_to(&self.db) {
+            return Err(self.write_failed(&e, "writing to the journal".into()));
+        }
         self.sync().await
     }
 
@@ -476,18 +614,16 @@ impl Journal {
         if self.group.covered(ticket) {
             return Ok(());
         }
+        self.check(|| "flushing the journal".into())?;
         let outcome = match self.group.try_inline(ticket) {
             Some(r) => r,
             None => self.queue(ticket).await?,
         };
-        outcome.map_err(|message| Error::Storage {
-            context: "flushing the journal".into(),
-            source: StorageError::msg(message),
-        })
+        outcome.map_err(|f| self.failed_error(&f, "flushing the journal".into()))
     }
 
     /// Hands `ticket` to the committer thread and waits for its answer.
-    async fn queue(&self, ticket: u64) -> Result<std::result::Result<(), String>> {
+    async fn queue(&self, ticket: u64) -> Result<FlushResult> {
         let (tx, rx) = oneshot::channel();
         let committer = self.committer.as_ref().ok_or(Error::ShutDown)?;
         committer.send((ticket, tx)).map_err(|_| Error::ShutDown)?;
@@ -496,16 +632,21 @@ impl Journal {
 
     /// Applies writes without waiting for a flush (for bookkeeping that a later commit covers).
     pub(crate) fn apply(&self, writes: Writes) -> Result<()> {
-        writes.apply_to(&self.db)
+        self.check(|| "writing to the journal".into())?;
+        writes
+            .apply_to(&self.db)
+            .map_err(|e| self.write_failed(&e, "writing to the journal".into()))
     }
 
     pub(crate) fn next_seq(&self) -> Result<u64> {
+        self.check(|| "generating a sequence number".into())?;
         self.db
             .generate_id()
             .map_err(|e| Error::sled("generating a sequence number", e))
     }
 
     pub(crate) fn record(&self, id: &str) -> Result<Option<Record>> {
+        self.check(|| format!("reading workflow {id:?}"))?;
         let Some(bytes) = self
             .db
             .get(rec_key(id))
@@ -523,10 +664,11 @@ impl Journal {
     /// Creates a record only if the ID is free; returns the existing record otherwise.
     pub(crate) fn create(&self, id: &str, rec: &Record) -> Result<Option<Record>> {
         let v = to_json("workflow record", rec)?;
+        self.check(|| format!("creating workflow {id:?}"))?;
         match self
             .db
             .compare_and_swap(rec_key(id), None::<&[u8]>, Some(v))
-            .map_err(|e| Error::sled(format!("creating workflow {id:?}"), e))?
+            .map_err(|e| self.write_failed(&e, format!("creating workflow {id:?}")))?
         {
             Ok(()) => Ok(None),
             Err(_) => match self.record(id)? {
@@ -539,7 +681,12 @@ impl Journal {
     }
 
     /// Every record, parsed; a record that does not parse is returned as its error.
+    ///
+    /// Once the journal has failed, the only entry is that error, under an empty ID.
     pub(crate) fn records(&self) -> Vec<(String, Result<Record>)> {
+        if let Err(e) = self.check(|| "listing workflows".into()) {
+            return vec![(String::new(), Err(e))];
+        }
         let mut out = Vec::new();
         for item in self.db.scan_prefix(b"w/") {
             match item {
@@ -559,6 +706,7 @@ impl Journal {
     /// The workflow's journal as (index, event) pairs in index order. Indices may have gaps
     /// when a workflow ran operations concurrently and only some of them completed.
     pub(crate) fn events(&self, id: &str) -> Result<Vec<(u64, Event)>> {
+        self.check(|| format!("reading the journal of workflow {id:?}"))?;
         let mut out = Vec::new();
         for item in self.db.scan_prefix(ev_prefix(id)) {
             let (k, v) = item.map_err(|e| Error::sled(format!("reading journal of {id:?}"), e))?;
@@ -579,6 +727,7 @@ impl Journal {
 
     /// The oldest buffered signal of this name, as (key, value).
     pub(crate) fn first_signal(&self, id: &str, name: &str) -> Result<Option<(Vec<u8>, Value)>> {
+        self.check(|| format!("reading signal {name:?} of workflow {id:?}"))?;
         let Some(item) = self.db.scan_prefix(sig_prefix(id, name)).next() else {
             return Ok(None);
         };
@@ -592,6 +741,7 @@ impl Journal {
     /// Every buffered (sent, not yet received) signal of the workflow, as
     /// (sequence number, name, value) in the order they were sent.
     pub(crate) fn signals(&self, id: &str) -> Result<Vec<(u64, String, Value)>> {
+        self.check(|| format!("reading the signals of workflow {id:?}"))?;
         let mut prefix = b"s/".to_vec();
         prefix.extend_from_slice(id.as_bytes());
         prefix.push(0);
@@ -680,72 +830,147 @@ fn committer(group: &Group, rx: &mpsc::Receiver<Waiter>) {
     }
 }
 
-/// Makes sled's directory durable after a flush.
+/// How old a timestamp must be before a file or directory with that modification time can
+/// no longer change without the time moving: more than the coarsest timestamp granularity of
+/// common file systems (the kernel's tick on ext4 and xfs, 2 s on FAT), with room to spare.
+const SETTLED: Duration = Duration::from_secs(3);
+
+fn settled(modified: SystemTime, now: SystemTime) -> bool {
+    now.duration_since(modified).is_ok_and(|age| age >= SETTLED)
+}
+
+/// Makes sled's files durable for power-loss mode.
 ///
-/// sled appends everything to one log file, `db`, which gets an `fdatasync` on every flush.
-/// Its other files (`conf`, snapshots, blobs) are written once and never modified in place
-/// (a snapshot is written under a temporary name and renamed), so each is synced once with
-/// `fsync` when it first appears, together with the directory that holds its name.
+/// sled 0.34 appends everything to one log file, `db`, which gets an `fdatasync` on every
+/// flush. Its other files are written once and never changed in place: `conf` and the
+/// snapshot (`snap.*`, written under a temporary name, synced and renamed) only while sled
+/// opens, and, while it runs, blobs (`blobs/<lsn>`, for log messages too large for a segment),
+/// which sled does not sync at all. So [`FileSyncer::sync_everything`] syncs every file and
+/// directory once when the journal opens, and [`FileSyncer::sync`] syncs the log plus the
+/// blobs that appeared since the previous flush.
+///
+/// Finding new blobs must not cost a directory listing per flush: a flush of one small step
+/// is a few dozen microseconds of work, and listing two directories was a sizeable part of it.
+/// Adding a file to a directory moves the directory's modification time, so one `stat` of
+/// `blobs/` says whether there can be anything new. Timestamps are only as fine as the file
+/// system's granularity, though: a blob created in the same tick as a listing, just after it,
+/// would leave the time where it was. A listing is therefore trusted only if the directory
+/// had not changed for [`SETTLED`] when it began; until then every flush lists again. (This
+/// assumes the file system's clock is this machine's, as it is for local file systems.)
 struct FileSyncer {
     dir: PathBuf,
+    blobs: PathBuf,
     log: Option<File>,
-    seen: HashSet<PathBuf>,
+    /// The modification time of `blobs/` seen just before the last trusted listing.
+    listed: Option<SystemTime>,
+    /// Names of the blobs synced so far (those present at the last listing).
+    seen: HashSet<OsString>,
+    /// Blobs synced while sled may still have been writing them (their modification time was
+    /// recent); synced again at every flush until their time has settled.
+    recent: Vec<PathBuf>,
 }
 
 impl FileSyncer {
     fn new(dir: PathBuf) -> Self {
         Self {
+            blobs: dir.join("blobs"),
             dir,
             log: None,
+            listed: None,
             seen: HashSet::new(),
+            recent: Vec::new(),
         }
     }
 
-    fn sync(&mut self) -> std::io::Result<()> {
-        let log_path = self.dir.join("db");
-        if self.log.is_none() {
-            self.log = Some(File::open(&log_path)?);
-        }
-        let mut dirs = vec![self.dir.clone()];
-        let mut new_dirs = Vec::new();
-        while let Some(d) = dirs.pop() {
-            for entry in std::fs::read_dir(&d)? {
-                let entry = entry?;
-                let path = entry.path();
-                if path == log_path || self.seen.contains(&path) {
-                    continue;
-                }
-                let ty = entry.file_type()?;
-                if ty.is_dir() {
-                    dirs.push(path);
-                    continue;
-                }
-                match File::open(&path) {
-                    Ok(f) => f.sync_all()?,
-                    // sled removes old snapshots and renames new ones concurrently; a file that
-                    // vanished needs no sync, and its new name is picked up next time.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                if !new_dirs.contains(&d) {
-                    new_dirs.push(d.clone());
-                }
-                self.seen.insert(path);
+    /// Syncs every file and directory of the journal, including `root`, which names sled's
+    /// directory; run once on open, before recovery reads anything.
+    fn sync_everything(&mut self, root: &Path) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                sync_file(&entry.path())?;
             }
         }
-        if let Some(log) = &self.log {
-            log.sync_data()?;
+        self.listed = None;
+        self.sync_new_blobs()?;
+        File::open(&self.dir)?.sync_all()?;
+        File::open(root)?.sync_all()
+    }
+
+    /// Makes everything sled's last flush wrote durable: new blobs first, so that no durable
+    /// log entry points at a blob that is not, then the log.
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_new_blobs()?;
+        if self.log.is_none() {
+            self.log = Some(File::open(self.dir.join("db"))?);
         }
-        for d in new_dirs {
+        match &self.log {
+            Some(log) => log.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    fn sync_new_blobs(&mut self) -> std::io::Result<()> {
+        let now = SystemTime::now();
+        if !self.recent.is_empty() {
+            let mut still = Vec::new();
+            for path in std::mem::take(&mut self.recent) {
+                if let Some(modified) = sync_file(&path)?
+                    && !settled(modified, now)
+                {
+                    still.push(path);
+                }
+            }
+            self.recent = still;
+        }
+        let stamp = match std::fs::metadata(&self.blobs) {
+            Ok(m) => m.modified()?,
+            // sled creates `blobs/` when it opens; without it there is nothing to sync.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if self.listed == Some(stamp) {
+            return Ok(());
+        }
+        let mut names = HashSet::new();
+        let mut added = false;
+        for entry in std::fs::read_dir(&self.blobs)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.seen.contains(&name) {
+                let path = entry.path();
+                // sled removes blobs it no longer needs; one that vanished needs no sync.
+                let Some(modified) = sync_file(&path)? else {
+                    continue;
+                };
+                if !settled(modified, now) {
+                    self.recent.push(path);
+                }
+                added = true;
+            }
+            names.insert(name);
+        }
+        if added {
             // A new file is only durable once its directory entry is.
-            File::open(&d)?.sync_all()?;
+            File::open(&self.blobs)?.sync_all()?;
         }
-        if self.seen.len() > 4096 {
-            // Old snapshot names accumulate; forgetting them only costs one extra sync.
-            self.seen.clear();
-        }
+        self.seen = names;
+        self.listed = settled(stamp, now).then_some(stamp);
         Ok(())
     }
+}
+
+/// `fsync`s a file and returns its modification time from before the sync, or `None` if the
+/// file no longer exists.
+fn sync_file(path: &Path) -> std::io::Result<Option<SystemTime>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let modified = f.metadata()?.modified()?;
+    f.sync_all()?;
+    Ok(Some(modified))
 }
 
 #[cfg(test)]
@@ -785,6 +1010,66 @@ mod tests {
         check(step_ok_json("s\"1", &7u64, 3).unwrap(), Some(7.into()));
         check(step_ok_json("s\"1", &(), 3).unwrap(), None);
         check(step_ok_json("s\"1", &None::<u8>, 3).unwrap(), None);
+    }
+
+    fn set_modified(path: &Path, t: SystemTime) {
+        File::open(path).unwrap().set_modified(t).unwrap();
+    }
+
+    fn modified(path: &Path) -> SystemTime {
+        std::fs::metadata(path).unwrap().modified().unwrap()
+    }
+
+    #[test]
+    fn new_blobs_are_found_without_listing_the_directory_every_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir(&blobs).unwrap();
+        std::fs::write(dir.path().join("db"), b"log").unwrap();
+        let seen = |f: &FileSyncer, name: &str| f.seen.contains(std::ffi::OsStr::new(name));
+        let mut f = FileSyncer::new(dir.path().to_path_buf());
+        let old = SystemTime::now() - Duration::from_secs(60);
+        set_modified(&blobs, old);
+        f.sync().unwrap();
+        assert_eq!(
+            f.listed,
+            Some(old),
+            "a settled directory's listing is trusted"
+        );
+
+        // A new blob moves the directory's time, so the next flush lists it.
+        std::fs::write(blobs.join("1"), b"blob").unwrap();
+        f.sync().unwrap();
+        assert!(seen(&f, "1"));
+        assert_eq!(
+            f.recent,
+            vec![blobs.join("1")],
+            "a fresh blob is synced again later"
+        );
+        // That listing met a directory changed just now, so it is not trusted: a blob created
+        // in the same timestamp tick, which leaves the time where it was, is found next time.
+        assert_eq!(f.listed, None);
+        let stamp = modified(&blobs);
+        std::fs::write(blobs.join("2"), b"blob").unwrap();
+        set_modified(&blobs, stamp);
+        f.sync().unwrap();
+        assert!(seen(&f, "2"));
+
+        // Once everything has settled, an unchanged directory is not listed again...
+        for p in [blobs.join("1"), blobs.join("2"), blobs.clone()] {
+            set_modified(&p, old);
+        }
+        f.sync().unwrap();
+        assert_eq!(f.listed, Some(old));
+        assert!(f.recent.is_empty());
+        std::fs::write(blobs.join("3"), b"blob").unwrap();
+        set_modified(&blobs, old);
+        f.sync().unwrap();
+        assert!(!seen(&f, "3"), "the trusted listing was used");
+        // ...and any change lists it again, forgetting blobs sled removed.
+        std::fs::remove_file(blobs.join("1")).unwrap();
+        f.sync().unwrap();
+        assert!(seen(&f, "3") && seen(&f, "2") && !seen(&f, "1"));
     }
 
     #[test]

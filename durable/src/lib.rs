@@ -51,19 +51,29 @@
 //!   [`Error::AlreadyOpen`], whether it is in this process or another.
 //! - **Isolation.** There is no global state: two runtimes on two directories in one process
 //!   do not interfere. All public types are `Send + Sync`.
+//! - **Disk errors stop the journal.** If a journal write or flush fails, the operations it
+//!   covered return [`Error::JournalFailed`] and are not reported done, and the runtime takes
+//!   no more writes and answers no more queries: no later flush could prove the earlier
+//!   writes durable. Executions in flight are abandoned, not failed; opening the directory
+//!   again resumes every unfinished workflow from what is on disk.
 //!
 //! # Feature flags
-//! None.
+//! - `fault-injection` (off by default; test support, not a stable API): `FaultInjector`
+//!   and `RuntimeBuilder::fault_injector`, which make a journal flush fail on demand.
 #![forbid(unsafe_code)]
 
 mod context;
 mod error;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod journal;
 mod runtime;
 mod types;
 
 pub use context::{ChildHandle, Context};
 pub use error::{Error, Result, StorageError};
+#[cfg(feature = "fault-injection")]
+pub use fault::FaultInjector;
 pub use journal::JournalStats;
 pub use runtime::{Handle, Issue, Runtime, RuntimeBuilder, Worker};
 pub use types::{

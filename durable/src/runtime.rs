@@ -34,6 +34,8 @@ pub struct RuntimeBuilder {
     concurrency: usize,
     registry: HashMap<String, Erased>,
     queues: HashMap<String, QueueConfig>,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<crate::fault::FaultInjector>,
 }
 
 impl fmt::Debug for RuntimeBuilder {
@@ -109,6 +111,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Attaches a [`FaultInjector`](crate::FaultInjector) to the journal's flushes, so a test
+    /// can make one fail (test support, only with the `fault-injection` feature).
+    #[cfg(feature = "fault-injection")]
+    pub fn fault_injector(mut self, faults: &crate::fault::FaultInjector) -> Self {
+        self.faults = Some(faults.clone());
+        self
+    }
+
     /// Opens the journal, takes its lock, and recovers every unfinished workflow.
     ///
     /// Recovered workflows are queued for the worker (see [`Runtime::worker`]); they run
@@ -119,7 +129,9 @@ impl RuntimeBuilder {
     /// # Errors
     /// [`Error::AlreadyOpen`] if another runtime, in this process or another, holds the
     /// directory; [`Error::UnsupportedFormat`] for a journal from a newer build;
-    /// [`Error::Corrupt`] if sled cannot read the database; [`Error::Storage`] for I/O failures.
+    /// [`Error::Corrupt`] if sled cannot read the database; [`Error::Storage`] for I/O failures
+    /// (including, in [`Durability::PowerLoss`] mode, failing to sync the files recovery is
+    /// about to read).
     pub async fn open(self) -> Result<Runtime> {
         let path = self.path.clone();
         let durability = self.durability;
@@ -128,6 +140,10 @@ impl RuntimeBuilder {
             .map_err(|e| Error::Corrupt {
                 what: format!("opening the journal panicked: {e}"),
             })??;
+        #[cfg(feature = "fault-injection")]
+        if let Some(faults) = self.faults {
+            journal.inject(faults);
+        }
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let (done_tx, _) = watch::channel(0u64);
         let (shutdown_tx, _) = watch::channel(false);
@@ -392,9 +408,12 @@ impl Handle {
     /// # Errors
     /// [`Error::WorkflowFailed`] if it failed, [`Error::Cancelled`] if it was cancelled,
     /// [`Error::Payload`] if its output does not deserialise into `O`,
-    /// [`Error::NotFound`] if the ID does not exist.
+    /// [`Error::NotFound`] if the ID does not exist; [`Error::JournalFailed`] as soon as the
+    /// journal fails, also while waiting: the outcome is then known only after a runtime
+    /// opens the journal again.
     pub async fn result<O: DeserializeOwned>(&self) -> Result<O> {
         let mut rx = self.inner.done_tx.subscribe();
+        let mut failed = self.inner.journal.failure_watch();
         loop {
             let rec = self
                 .inner
@@ -425,7 +444,12 @@ impl Handle {
                     });
                 }
                 WorkflowStatus::Enqueued | WorkflowStatus::Running => {
-                    rx.changed().await.map_err(|_| Error::ShutDown)?;
+                    tokio::select! {
+                        changed = rx.changed() => changed.map_err(|_| Error::ShutDown)?,
+                        // The next read of the record reports the failure. The sender lives
+                        // as long as the journal, which `self` keeps alive.
+                        _ = failed.changed() => {}
+                    }
                 }
             }
         }
@@ -475,6 +499,8 @@ enum Outcome {
         queue: Option<String>,
     },
     Suspended(Suspend),
+    /// The journal failed under the execution; the workflow stays as the disk has it.
+    Abandoned(String),
     Gone,
 }
 
@@ -620,6 +646,16 @@ fn settle(inner: &Inner, id: &str, outcome: Outcome) {
             }
             inner.done_tx.send_modify(|n| *n += 1);
         }
+        Outcome::Abandoned(why) => {
+            drop(s);
+            inner.issue(
+                Some(id),
+                format!(
+                    "execution abandoned, to resume from the journal when a runtime opens it \
+                     again: {why}"
+                ),
+            );
+        }
         Outcome::Gone => {}
     }
 }
@@ -628,6 +664,7 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
     let mut rec = match inner.journal.record(id) {
         Ok(Some(r)) => r,
         Ok(None) => return Outcome::Gone,
+        Err(e @ Error::JournalFailed { .. }) => return Outcome::Abandoned(e.to_string()),
         Err(e) => {
             inner.issue(Some(id), e.to_string());
             return Outcome::Gone;
@@ -655,13 +692,18 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
         let mut w = Writes::default();
         // The status change needs no flush of its own: sled flushes in order, so any later
         // durable step of this workflow carries it along.
-        if let Err(e) = w.record(id, &rec).and_then(|()| inner.journal.apply(w)) {
-            inner.issue(Some(id), e.to_string());
-            return Outcome::Gone;
+        match w.record(id, &rec).and_then(|()| inner.journal.apply(w)) {
+            Ok(()) => {}
+            Err(e @ Error::JournalFailed { .. }) => return Outcome::Abandoned(e.to_string()),
+            Err(e) => {
+                inner.issue(Some(id), e.to_string());
+                return Outcome::Gone;
+            }
         }
     }
     let history = match inner.journal.events(id) {
         Ok(h) => h,
+        Err(e @ Error::JournalFailed { .. }) => return Outcome::Abandoned(e.to_string()),
         Err(e) => {
             inner.issue(Some(id), e.to_string());
             return Outcome::Gone;
@@ -690,6 +732,11 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
         Ok(r) => r,
         Err(panic) => Err(format!("workflow panicked: {panic}")),
     };
+    if let Some(why) = ctx.interrupted() {
+        // The journal failed under this execution, so its outcome (most likely the journal
+        // error itself) says nothing about the workflow.
+        return Outcome::Abandoned(why);
+    }
     let cancelled = inner.cancel_requested(id) || ctx.cancel_delivered();
     match ctx.poisoned() {
         Some(msg) => {
@@ -721,9 +768,16 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
         Ok(()) => inner.journal.commit(w).await,
         Err(e) => Err(e),
     };
-    if let Err(e) = committed {
-        inner.issue(Some(id), format!("recording the result failed: {e}"));
-        return Outcome::Gone;
+    match committed {
+        Ok(()) => {}
+        Err(e @ Error::JournalFailed { .. }) => {
+            let e = e.during(|| format!("recording the outcome of workflow {id:?}"));
+            return Outcome::Abandoned(e.to_string());
+        }
+        Err(e) => {
+            inner.issue(Some(id), format!("recording the result failed: {e}"));
+            return Outcome::Gone;
+        }
     }
     Outcome::Done {
         parent: rec.parent,
@@ -756,6 +810,8 @@ impl Runtime {
             concurrency: 64,
             registry: HashMap::new(),
             queues: HashMap::new(),
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
     }
 
@@ -843,9 +899,16 @@ impl Runtime {
     /// the returned handle refers to the existing workflow. Once this returns `Ok`, the start
     /// is durable: after a crash the workflow is recovered and runs to completion.
     ///
+    /// If the journal fails while the start is journaled ([`Error::JournalFailed`]), the start
+    /// is not done here and the workflow does not run on this runtime. Its record may still
+    /// have reached the disk, in which case the next runtime to open the journal runs it;
+    /// starting the same ID there is the way to find out, since it returns the existing
+    /// workflow rather than starting a second one.
+    ///
     /// # Errors
     /// [`Error::UnknownWorkflow`] if `name` is not registered; [`Error::IdConflict`] if the ID
-    /// exists under another name; [`Error::Serialize`] or [`Error::Storage`].
+    /// exists under another name; [`Error::Serialize`], [`Error::Storage`] or
+    /// [`Error::JournalFailed`].
     pub async fn start<I: Serialize>(
         &self,
         name: &str,
@@ -879,6 +942,7 @@ impl Runtime {
             what: format!("input of workflow {id}"),
             source,
         })?;
+        let journaling = || format!("journaling the start of workflow {id}");
         let now = now_ms();
         let rec = Record {
             name: name.to_string(),
@@ -890,7 +954,7 @@ impl Runtime {
             },
             created_ms: now,
             updated_ms: now,
-            seq: inner.journal.next_seq()?,
+            seq: inner.journal.next_seq().map_err(|e| e.during(journaling))?,
             queue: options.queue.clone(),
             parent: None,
             cancel_requested: false,
@@ -901,7 +965,8 @@ impl Runtime {
             id: id.clone(),
             inner: Arc::clone(inner),
         };
-        if let Some(existing) = inner.journal.create(id.as_str(), &rec)? {
+        let created = inner.journal.create(id.as_str(), &rec);
+        if let Some(existing) = created.map_err(|e| e.during(journaling))? {
             if existing.name != name {
                 return Err(Error::IdConflict {
                     id: id.clone(),
@@ -911,10 +976,18 @@ impl Runtime {
             }
             // An existing record was committed by whoever created it; make sure that commit
             // is durable before reporting the start as done.
-            inner.journal.sync().await?;
+            inner
+                .journal
+                .sync()
+                .await
+                .map_err(|e| e.during(journaling))?;
             return Ok(handle);
         }
-        inner.journal.sync().await?;
+        inner
+            .journal
+            .sync()
+            .await
+            .map_err(|e| e.during(journaling))?;
         match &options.queue {
             Some(q) => {
                 let mut s = lock(&inner.sched);
@@ -931,7 +1004,7 @@ impl Runtime {
     /// A handle to an existing workflow.
     ///
     /// # Errors
-    /// [`Error::NotFound`] if the ID does not exist.
+    /// [`Error::NotFound`] if the ID does not exist; otherwise as [`Runtime::status`].
     pub fn handle(&self, id: &WorkflowId) -> Result<Handle> {
         self.status(id)?;
         Ok(Handle {
@@ -943,7 +1016,9 @@ impl Runtime {
     /// The workflow's current summary, read from the journal.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`].
+    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`]; [`Error::JournalFailed`]
+    /// once the journal has failed (this and the other queries refuse to answer from a journal
+    /// whose last writes may not be on disk).
     pub fn status(&self, id: &WorkflowId) -> Result<WorkflowInfo> {
         let rec = self
             .inner
@@ -956,8 +1031,8 @@ impl Runtime {
     /// Every workflow matching `filter`, oldest first.
     ///
     /// # Errors
-    /// [`Error::Storage`] if the journal cannot be read. Records that do not parse are skipped
-    /// here and reported by [`Runtime::issues`].
+    /// [`Error::Storage`] if the journal cannot be read, [`Error::JournalFailed`] once it has
+    /// failed. Records that do not parse are skipped here and reported by [`Runtime::issues`].
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<WorkflowInfo>> {
         let mut out = Vec::new();
         for (id, rec) in self.inner.journal.records() {
@@ -968,7 +1043,7 @@ impl Runtime {
                         out.push((rec.seq, i));
                     }
                 }
-                Err(e @ Error::Storage { .. }) => return Err(e),
+                Err(e @ (Error::Storage { .. } | Error::JournalFailed { .. })) => return Err(e),
                 Err(e) => self.inner.issue(Some(&id), e.to_string()),
             }
         }
@@ -979,7 +1054,7 @@ impl Runtime {
     /// The workflow's journal, one human-readable entry per recorded operation.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`].
+    /// As [`Runtime::status`].
     pub fn history(&self, id: &WorkflowId) -> Result<Vec<HistoryEntry>> {
         self.status(id)?;
         let events = self.inner.journal.events(id.as_str())?;
@@ -1006,7 +1081,7 @@ impl Runtime {
     /// here.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`].
+    /// As [`Runtime::status`].
     pub fn pending_signals(&self, id: &WorkflowId) -> Result<Vec<PendingSignal>> {
         self.status(id)?;
         let signals = self.inner.journal.signals(id.as_str())?;
@@ -1026,10 +1101,15 @@ impl Runtime {
     /// (taking it from the buffer and journaling its delivery is one atomic write).
     /// Signals of one name are delivered in the order they were sent.
     ///
+    /// If the journal fails while the signal is journaled ([`Error::JournalFailed`]), the
+    /// signal is not delivered on this runtime, but it may have reached the disk: after the
+    /// journal is opened again, [`Runtime::pending_signals`] and [`Runtime::history`] show
+    /// whether it is there. Sending it again without looking can deliver it twice.
+    ///
     /// # Errors
     /// [`Error::InvalidSignalName`] if `name` contains a NUL byte; [`Error::NotFound`];
-    /// [`Error::Finished`] if the workflow has already finished; [`Error::Serialize`] or
-    /// [`Error::Storage`].
+    /// [`Error::Finished`] if the workflow has already finished; [`Error::Serialize`],
+    /// [`Error::Storage`] or [`Error::JournalFailed`].
     pub async fn signal<T: Serialize>(&self, id: &WorkflowId, name: &str, value: &T) -> Result<()> {
         if name.contains('\0') {
             // The journal separates a signal's name from its sequence number with NUL; a
@@ -1065,7 +1145,8 @@ impl Runtime {
     /// Cancelling a finished workflow does nothing.
     ///
     /// # Errors
-    /// [`Error::NotFound`] or [`Error::Storage`].
+    /// [`Error::NotFound`], [`Error::Storage`] or [`Error::JournalFailed`] (the request may then
+    /// be found on disk when the journal is opened again, as for [`Runtime::signal`]).
     pub async fn cancel(&self, id: &WorkflowId) -> Result<()> {
         let inner = &self.inner;
         inner
@@ -1123,6 +1204,11 @@ impl Runtime {
     /// Problems found in the journal that affect single workflows (unparseable records,
     /// unregistered names, unknown queues, failures to record a result). Those workflows are
     /// left as they are on disk; every other workflow runs normally.
+    ///
+    /// Once the journal has failed ([`Error::JournalFailed`]), every execution that was in
+    /// flight, or that the worker picks up afterwards, is abandoned and listed here with the
+    /// error: such a workflow is not failed, it resumes from the journal when a runtime opens
+    /// it again.
     pub fn issues(&self) -> Vec<Issue> {
         lock(&self.inner.sched).issues.clone()
     }
@@ -1140,7 +1226,7 @@ impl Runtime {
     /// and the last [`Handle`] are dropped.
     ///
     /// # Errors
-    /// [`Error::Storage`] if the final flush fails.
+    /// [`Error::JournalFailed`] if the final flush fails or the journal had failed before.
     pub async fn shutdown(&self) -> Result<()> {
         self.inner.shutdown_tx.send_replace(true);
         if lock(&self.inner.ready_rx).is_none() {

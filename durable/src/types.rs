@@ -77,6 +77,11 @@ impl WorkflowStatus {
 
 /// How much a completed step survives.
 ///
+/// If a flush fails in either mode, the commits it covers return
+/// [`Error::JournalFailed`](crate::Error::JournalFailed) and are not reported done, and the
+/// journal stops taking writes until it is opened again (see that error for why it does not
+/// retry).
+///
 /// Both modes use group commit: one flush runs at a time, and it covers every completion
 /// journaled before it started. Concurrent completions queue for a committer thread, which
 /// flushes once for all of them, so concurrent workflows share the cost of each flush. A
@@ -95,9 +100,14 @@ pub enum Durability {
     ProcessCrash,
     /// Survives a power loss as well.
     ///
-    /// Each commit runs sled's `flush()` and then `fdatasync` on every file of the journal
-    /// directory (and `fsync` on the directory itself), so the commit is on stable storage
-    /// when the step is reported done.
+    /// Each commit runs sled's `flush()` and then `fdatasync` on sled's log file, so the
+    /// commit is on stable storage when the step is reported done. sled's other files are
+    /// written once and never changed in place; each is `fsync`ed (with the directory that
+    /// names it) once, when the journal opens or, for the blobs sled creates for very large
+    /// values, at the first flush after it appears. Opening a journal in this mode also syncs
+    /// everything before recovery reads it, so nothing recovered after a crash (a write that
+    /// reached the kernel but whose commit was never reported done) is acted on before it is
+    /// durable.
     PowerLoss,
 }
 
