@@ -10,7 +10,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
-use crate::loader::{Kernels, LoadOptions, Weights, load, resolve_model_path};
+use crate::loader::{Kernels, LoadOptions, RandomModel, Weights, load, resolve_model_path};
 use crate::metrics::{EngineLoad, EngineMetrics, LoadCounters, MetricsState};
 use crate::request::{Completion, GenerateRequest, Prompt, StreamEvent};
 use crate::scheduler::{Command, NewSeq, Scheduler, SchedulerConfig};
@@ -23,7 +23,9 @@ pub enum Device {
     /// The CPU (candle's CPU backend).
     #[default]
     Cpu,
-    /// A CUDA GPU by ordinal; needs the `cuda` feature, else [`Error::CudaUnavailable`].
+    /// A CUDA GPU by ordinal: candle's CUDA backend with Keel's kernels. Needs the `cuda`
+    /// feature, else [`Error::CudaUnavailable`]; a GPU that cannot be opened (no such
+    /// ordinal, no driver) is [`Error::Cuda`].
     Cuda(usize),
 }
 
@@ -31,7 +33,7 @@ impl Device {
     fn to_candle(self) -> Result<candle_core::Device> {
         match self {
             Self::Cpu => Ok(candle_core::Device::Cpu),
-            Self::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal }),
+            Self::Cuda(ordinal) => crate::cuda::open(ordinal),
         }
     }
 }
@@ -67,6 +69,7 @@ pub struct ModelInfo {
 #[derive(Debug, Clone)]
 pub struct EngineBuilder {
     path: Option<PathBuf>,
+    random: Option<RandomModel>,
     device: Device,
     block_size: usize,
     kv_blocks: usize,
@@ -115,6 +118,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Runs a model with seeded random weights instead of loading one (for GPU checks and
+    /// benchmarks without model files); [`EngineBuilder::model_path`], [`EngineBuilder::weights`]
+    /// and [`EngineBuilder::kernels`] are then ignored.
+    pub fn random_model(mut self, model: RandomModel) -> Self {
+        self.random = Some(model);
+        self
+    }
+
     /// The device to run on (default CPU).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
@@ -157,7 +168,9 @@ impl EngineBuilder {
     ///
     /// # Errors
     /// [`Error::ModelNotFound`] and the loader's errors for bad files,
-    /// [`Error::CudaUnavailable`], and [`Error::InvalidConfig`] for zero-sized settings.
+    /// [`Error::CudaUnavailable`] without the `cuda` feature, [`Error::Cuda`] or
+    /// [`Error::DeviceOutOfMemory`] from the GPU, and [`Error::InvalidConfig`] for zero-sized
+    /// settings.
     pub fn build(self) -> Result<Engine> {
         for (name, v) in [
             ("block_size", self.block_size),
@@ -174,16 +187,21 @@ impl EngineBuilder {
             }
         }
         let device = self.device.to_candle()?;
-        let path = resolve_model_path(self.path.as_deref())?;
-        let threads = self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        });
-        let options = LoadOptions {
-            weights: self.weights,
-            kernels: self.kernels,
-            threads,
+        let (model, tokenizer) = match &self.random {
+            Some(random) => random.build(&device)?,
+            None => {
+                let path = resolve_model_path(self.path.as_deref())?;
+                let threads = self.threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+                });
+                let options = LoadOptions {
+                    weights: self.weights,
+                    kernels: self.kernels,
+                    threads,
+                };
+                load(&path, &device, options)?
+            }
         };
-        let (model, tokenizer) = load(&path, &device, options)?;
         let c = &model.config;
         let capacity = self.block_size * self.kv_blocks;
         let max_context = self
@@ -274,6 +292,7 @@ impl Engine {
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             path: None,
+            random: None,
             device: Device::Cpu,
             block_size: 16,
             kv_blocks: 256,

@@ -206,6 +206,17 @@ impl BlockPool {
     }
 }
 
+/// How a model wants its KV cache held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KvLayout {
+    /// f16 bits in host memory, for our CPU kernels.
+    Host,
+    /// candle tensors of this dtype on the model's device: f32 for candle's own forward pass,
+    /// the model's dtype (f32 or bf16) for Keel's kernels, which read and write the cache in
+    /// the activations' dtype.
+    Tensors(DType),
+}
+
 #[derive(Debug)]
 pub(crate) struct KvCache {
     store: Store,
@@ -215,7 +226,8 @@ pub(crate) struct KvCache {
 /// Where the keys and values live.
 #[derive(Debug)]
 enum Store {
-    /// Per layer, `(keys, values)` as f32 tensors `[slots, kv_dim]` on the model's device.
+    /// Per layer, `(keys, values)` as tensors `[slots, kv_dim]` on the model's device (f32,
+    /// or the model's dtype on the kernel path).
     Tensors(Vec<(Tensor, Tensor)>),
     /// Per layer, `(keys, values)` as f16 bits `[slots * kv_dim]` in host memory (CPU kernels).
     Host {
@@ -231,29 +243,31 @@ impl KvCache {
         block_size: usize,
         kv_dim: usize,
         device: &Device,
-        host: bool,
+        layout: KvLayout,
     ) -> Result<Self> {
         let slots = blocks * block_size;
-        if host {
-            let len =
-                slots
-                    .checked_mul(kv_dim)
-                    .ok_or_else(|| crate::error::Error::InvalidConfig {
+        let dtype = match layout {
+            KvLayout::Tensors(dtype) => dtype,
+            KvLayout::Host => {
+                let len = slots.checked_mul(kv_dim).ok_or_else(|| {
+                    crate::error::Error::InvalidConfig {
                         name: "kv_blocks",
                         reason: format!("{slots} slots of {kv_dim} values overflow memory"),
-                    })?;
-            let layers = (0..layers)
-                .map(|_| (vec![0u16; len], vec![0u16; len]))
-                .collect();
-            return Ok(Self {
-                store: Store::Host { layers, kv_dim },
-                block_size,
-            });
-        }
+                    }
+                })?;
+                let layers = (0..layers)
+                    .map(|_| (vec![0u16; len], vec![0u16; len]))
+                    .collect();
+                return Ok(Self {
+                    store: Store::Host { layers, kv_dim },
+                    block_size,
+                });
+            }
+        };
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {
-            let k = Tensor::zeros((slots, kv_dim), DType::F32, device).map_err(invalid_model)?;
-            let vv = Tensor::zeros((slots, kv_dim), DType::F32, device).map_err(invalid_model)?;
+            let k = Tensor::zeros((slots, kv_dim), dtype, device).map_err(invalid_model)?;
+            let vv = Tensor::zeros((slots, kv_dim), dtype, device).map_err(invalid_model)?;
             v.push((k, vv));
         }
         Ok(Self {
@@ -263,8 +277,13 @@ impl KvCache {
     }
 
     /// Bytes one token occupies across all layers (keys and values).
-    pub(crate) fn bytes_per_token(layers: usize, kv_dim: usize, host: bool) -> usize {
-        2 * layers * kv_dim * if host { 2 } else { 4 }
+    pub(crate) fn bytes_per_token(layers: usize, kv_dim: usize, layout: KvLayout) -> usize {
+        2 * layers
+            * kv_dim
+            * match layout {
+                KvLayout::Host => 2,
+                KvLayout::Tensors(dtype) => dtype.size_in_bytes(),
+            }
     }
 
     pub(crate) fn block_size(&self) -> usize {
@@ -365,7 +384,7 @@ mod tests {
 
     #[test]
     fn slots_follow_block_table() {
-        let c = KvCache::new(1, 4, 2, 3, &Device::Cpu, false).unwrap();
+        let c = KvCache::new(1, 4, 2, 3, &Device::Cpu, KvLayout::Tensors(DType::F32)).unwrap();
         assert_eq!(c.slots(&[3, 1], 3), vec![6, 7, 2]);
         assert_eq!(blocks_for(5, 2), 3);
     }

@@ -51,13 +51,18 @@
 //! it, portable Rust otherwise, on [`EngineBuilder::threads`] threads); Q5 and K-quant files,
 //! and other devices, run through candle's quantized matmul. Safetensors (f32/f16/bf16) run in f32.
 //! The tokenizer comes from the GGUF vocabulary or `tokenizer.json`; chat requests use the
-//! model's template ([`ChatTemplate`]). [`resolve_model_path`] finds models.
+//! model's template ([`ChatTemplate`]). [`resolve_model_path`] finds models. A
+//! [`RandomModel`] (seeded random weights of a given shape, f32 or bf16) stands in for a file
+//! where only the shape matters: GPU checks and benchmarks.
 //!
 //! # Feature flags
 //! - `cuda` (off by default): candle's CUDA backend and Keel's own kernels
 //!   ([`cuda_kernels`]), compiled with nvcc at build time (`scripts/cuda-env`, docs/cuda.md).
-//!   Without it nothing CUDA-related is compiled and asking for [`Device::Cuda`] returns
-//!   [`Error::CudaUnavailable`]; the kernels' CPU references are always available.
+//!   An engine on [`Device::Cuda`] runs candle's matmuls with Keel's kernels for the fused
+//!   residual add and RMSNorm, rotary embedding, the KV-cache write and paged decode
+//!   attention; sampling stays on the host. Without the feature nothing CUDA-related is
+//!   compiled and asking for [`Device::Cuda`] returns [`Error::CudaUnavailable`]; the
+//!   kernels' CPU references are always available.
 //!
 //! # Guarantees
 //! - [`Engine`] and [`GenerationStream`] are `Send + Sync`/`Send`; share the engine in an `Arc`.
@@ -90,7 +95,7 @@ pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use cuda::cuda_kernels;
 pub use engine::{Device, Engine, EngineBuilder, GenerationStream, ModelInfo};
 pub use error::{Error, Result};
-pub use loader::{DEFAULT_MODEL_FILE, Kernels, Weights, resolve_model_path};
+pub use loader::{DEFAULT_MODEL_FILE, Kernels, RandomModel, Weights, resolve_model_path};
 pub use metrics::{EngineLoad, EngineMetrics};
 pub use pool::{
     BoxFuture, Discovery, DiscoveryError, DiscoveryEvent, EndpointStatus, EngineReplica,

@@ -803,3 +803,396 @@ pub(crate) fn tokenizer_json(path: &Path, dir: &Path) -> Result<Tokenizer> {
         split_digits: Some(split_digits),
     })
 }
+
+/// A llama-family model with seeded random weights, built in memory instead of read from a
+/// file: for GPU checks and decode benchmarks that need a model's shape and cost, not its
+/// answers (`gpu_check` compares greedy output on the GPU with the CPU on one, and times
+/// decoding on the SmolLM2- and Llama-1B-shaped ones). Give it to
+/// [`EngineBuilder::random_model`](crate::EngineBuilder::random_model).
+///
+/// The weights depend only on the shape, the dtype and the seed, never on the device or the
+/// number of threads. All are uniform: the token embedding with standard deviation 0.02 (as
+/// Hugging Face initialises llama), each projection with standard deviation `1/√fan_in`, so
+/// that every block moves the residual stream about as much as a trained one does (with 0.02
+/// throughout, the tied embedding dominates and greedy decoding just repeats the last token);
+/// norm weights are 1 and the output projection is tied to the embedding, as in SmolLM2 and
+/// Llama 3.2 1B. The tokenizer is byte-level BPE with no merges: the first 256 ids are the bytes,
+/// the rest stand for themselves as `<|random-N|>` and are never produced by encoding text.
+///
+/// ```
+/// use keel_serving::{Engine, GenerateRequest, RandomModel, SamplingParams};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let model = RandomModel::llama(64, 2, 4, 2, 128, 300)?.seed(7);
+/// let engine = Engine::builder().random_model(model).kv_blocks(16).build()?;
+/// assert_eq!(engine.model_info().architecture, "llama");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomModel {
+    config: ModelConfig,
+    dtype: crate::cuda::cuda_kernels::Dtype,
+    seed: u64,
+}
+
+impl RandomModel {
+    /// SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads (3 key/value heads) of 64,
+    /// feed-forward 1536, vocabulary 49,152, rope θ 100,000.
+    pub fn smollm2_135m() -> Self {
+        Self::preset(576, 30, 9, 3, 1536, 49_152, 100_000.0)
+    }
+
+    /// Llama-3.2-1B's shape: hidden 2048, 16 layers, 32 heads (8 key/value heads) of 64,
+    /// feed-forward 8192, vocabulary 128,256, rope θ 500,000 (without Llama 3's rope scaling).
+    pub fn llama_1b() -> Self {
+        Self::preset(2048, 16, 32, 8, 8192, 128_256, 500_000.0)
+    }
+
+    fn preset(
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+        vocab: usize,
+        rope_theta: f32,
+    ) -> Self {
+        Self {
+            config: ModelConfig {
+                arch: Arch::Llama,
+                hidden,
+                layers,
+                heads,
+                kv_heads,
+                head_dim: hidden / heads,
+                intermediate,
+                vocab,
+                rms_eps: 1e-5,
+                rope_theta,
+                rope_style: RopeStyle::Halves,
+                context: 2048,
+            },
+            dtype: crate::cuda::cuda_kernels::Dtype::F32,
+            seed: 0,
+        }
+    }
+
+    /// A llama of any shape: `hidden` split into `heads` heads, `kv_heads` key/value heads,
+    /// `layers` blocks, a feed-forward of `intermediate`, a vocabulary of `vocab`; f32,
+    /// seed 0, a context of 2048.
+    ///
+    /// # Errors
+    /// [`Error::InvalidModel`] when a size is zero, `heads` does not divide `hidden` into
+    /// heads of an even size, `kv_heads` does not divide `heads`, or `vocab` is below 256
+    /// (the byte tokens).
+    pub fn llama(
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+        vocab: usize,
+    ) -> Result<Self> {
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            return Err(Error::InvalidModel {
+                reason: format!("hidden size {hidden} is not a whole number of {heads} heads"),
+            });
+        }
+        if vocab < 256 {
+            return Err(Error::InvalidModel {
+                reason: format!("vocabulary of {vocab}: the byte tokens alone take 256"),
+            });
+        }
+        let m = Self::preset(
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            intermediate,
+            vocab,
+            10_000.0,
+        );
+        m.config.validate()?;
+        Ok(m)
+    }
+
+    /// The weights' and activations' dtype (default f32). bf16 runs on Keel's kernels: on a
+    /// CUDA device the kernels themselves, on the CPU their slow reference implementations.
+    pub fn dtype(mut self, dtype: crate::cuda::cuda_kernels::Dtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The seed the weights are drawn from (default 0).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The trained context length the rope tables cover (default 2048).
+    ///
+    /// # Errors
+    /// [`Error::InvalidModel`] when `context` is zero.
+    pub fn context(mut self, context: usize) -> Result<Self> {
+        self.config.context = context;
+        self.config.validate()?;
+        Ok(self)
+    }
+
+    /// Parameters (the tied embedding counted once).
+    pub fn parameters(&self) -> usize {
+        let c = &self.config;
+        let per_layer = c.hidden * (c.heads * c.head_dim)
+            + 2 * c.hidden * c.kv_dim()
+            + (c.heads * c.head_dim) * c.hidden
+            + 3 * c.hidden * c.intermediate
+            + 2 * c.hidden;
+        c.vocab * c.hidden + c.layers * per_layer + c.hidden
+    }
+
+    /// Builds the model and its tokenizer on `device`.
+    pub(crate) fn build(&self, device: &Device) -> Result<(Model, Tokenizer)> {
+        let c = &self.config;
+        let dtype = match self.dtype {
+            crate::cuda::cuda_kernels::Dtype::Bf16 => DType::BF16,
+            _ => DType::F32,
+        };
+        // Every tensor gets its own stream of numbers, keyed by its index, so the weights do
+        // not depend on the order or the threads that draw them.
+        let mut next = 0u64;
+        // Uniform in ±a has standard deviation a/√3; `std` is the one wanted.
+        let mut tensor = |shape: (usize, usize), std: f32| -> Result<Tensor> {
+            next += 1;
+            random_tensor(self.seed, next, shape, std * 3f32.sqrt(), dtype, device)
+        };
+        let fan_in = |n: usize| 1.0 / (n as f32).sqrt();
+        let q_dim = c.heads * c.head_dim;
+        let ones = || Tensor::ones(c.hidden, dtype, device).map_err(crate::error::invalid_model);
+        let lin = |w: Tensor| Linear {
+            weight: QMatMul::Tensor(w),
+            bias: None,
+        };
+        let embedding = tensor((c.vocab, c.hidden), 0.02)?;
+        let mut layers = Vec::with_capacity(c.layers);
+        let (h, i) = (fan_in(c.hidden), fan_in(c.intermediate));
+        for _ in 0..c.layers {
+            layers.push(Layer {
+                attn_norm: ones()?,
+                wq: lin(tensor((q_dim, c.hidden), h)?),
+                wk: lin(tensor((c.kv_dim(), c.hidden), h)?),
+                wv: lin(tensor((c.kv_dim(), c.hidden), h)?),
+                wo: lin(tensor((c.hidden, q_dim), fan_in(q_dim))?),
+                ffn_norm: ones()?,
+                w_gate: lin(tensor((c.intermediate, c.hidden), h)?),
+                w_up: lin(tensor((c.intermediate, c.hidden), h)?),
+                w_down: lin(tensor((c.hidden, c.intermediate), i)?),
+            });
+        }
+        let output = lin(embedding.clone());
+        let model = Model::new(
+            c.clone(),
+            embedding,
+            layers,
+            ones()?,
+            output,
+            format!("{dtype:?}").to_uppercase(),
+            device.clone(),
+        )?;
+        Ok((model, random_tokenizer(c.vocab)?))
+    }
+}
+
+/// Values drawn per fixed-size chunk, each chunk its own SplitMix64 stream.
+const RANDOM_CHUNK: usize = 1 << 20;
+
+/// A `[rows, cols]` tensor uniform in `±scale`, from stream `index` of `seed`, drawn on the
+/// host (in parallel over chunks) and moved to `device`.
+fn random_tensor(
+    seed: u64,
+    index: u64,
+    (rows, cols): (usize, usize),
+    scale: f32,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = rows * cols;
+    let mut values = vec![0f32; n];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(n.div_ceil(RANDOM_CHUNK));
+    let per_thread = n.div_ceil(RANDOM_CHUNK).div_ceil(threads.max(1)) * RANDOM_CHUNK;
+    std::thread::scope(|s| {
+        for (t, part) in values.chunks_mut(per_thread.max(1)).enumerate() {
+            s.spawn(move || {
+                for (k, chunk) in part.chunks_mut(RANDOM_CHUNK).enumerate() {
+                    let chunk_index = (t * per_thread / RANDOM_CHUNK + k) as u64;
+                    let mut state = seed
+                        ^ index.wrapping_mul(0xd1b5_4a32_d192_ed03)
+                        ^ chunk_index.wrapping_mul(0x8cb9_2ba7_2f3d_8dd7);
+                    for v in chunk {
+                        *v = (uniform(&mut state) * 2.0 - 1.0) * scale;
+                    }
+                }
+            });
+        }
+    });
+    let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .and_then(|t| t.to_device(device));
+    t.map_err(|e| match device.location() {
+        candle_core::DeviceLocation::Cpu => crate::error::invalid_model(e),
+        _ => crate::cuda::ops::backend_error(e, device),
+    })
+}
+
+/// The next SplitMix64 value of `state` as a float in `[0, 1)`.
+fn uniform(state: &mut u64) -> f32 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// A byte-level tokenizer for a random model: the 256 byte tokens, then placeholders.
+fn random_tokenizer(vocab: usize) -> Result<Tokenizer> {
+    let chars = crate::tokenizer::gpt2_byte_chars();
+    let mut tokens: Vec<String> = chars.iter().map(char::to_string).collect();
+    tokens.extend((256..vocab).map(|i| format!("<|random-{i}|>")));
+    Tokenizer::from_parts(TokenizerParts {
+        model: "gpt2".into(),
+        tokens,
+        ..TokenizerParts::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Engine, GenerateRequest, SamplingParams};
+
+    fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let request = GenerateRequest::tokens(prompt.iter().copied())
+            .sampling(SamplingParams::greedy().max_tokens(n).ignore_eos(true));
+        rt.block_on(async {
+            engine
+                .generate(request)
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+                .tokens
+        })
+    }
+
+    fn engine(spec: RandomModel) -> Engine {
+        Engine::builder()
+            .random_model(spec)
+            .kv_blocks(32)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_random_model_engine_generates_deterministically_by_seed() {
+        let spec = RandomModel::llama(64, 2, 4, 2, 96, 320).unwrap().seed(11);
+        let a = engine(spec.clone());
+        let info = a.model_info();
+        assert_eq!(
+            (
+                info.hidden_size,
+                info.layers,
+                info.heads,
+                info.kv_heads,
+                info.vocab_size
+            ),
+            (64, 2, 4, 2, 320)
+        );
+        assert_eq!(info.weight_type, "F32");
+        assert_eq!(info.kernels, "candle");
+        let prompt = [1, 200, 300, 7, 7, 42];
+        let first = greedy(&a, &prompt, 10);
+        assert_eq!(first.len(), 10);
+        assert!(first.iter().all(|t| (*t as usize) < 320));
+        // Not a degenerate model that repeats one token.
+        let distinct: std::collections::HashSet<_> = first.iter().collect();
+        assert!(distinct.len() >= 4, "{first:?}");
+        assert_eq!(greedy(&engine(spec.clone()), &prompt, 10), first);
+        assert_ne!(greedy(&engine(spec.seed(12)), &prompt, 10), first);
+        // Text round-trips through the byte-level tokenizer.
+        let ids = a
+            .tokenizer()
+            .encode("héllo", crate::Specials::Plain)
+            .unwrap();
+        assert_eq!(a.tokenizer().decode(&ids).unwrap(), "héllo");
+    }
+
+    #[test]
+    fn presets_have_the_published_shapes() {
+        let smol = RandomModel::smollm2_135m();
+        let c = &smol.config;
+        assert_eq!(
+            (
+                c.hidden,
+                c.layers,
+                c.heads,
+                c.kv_heads,
+                c.head_dim,
+                c.intermediate,
+                c.vocab
+            ),
+            (576, 30, 9, 3, 64, 1536, 49_152)
+        );
+        // SmolLM2-135M has 134.5M parameters with its tied embedding.
+        assert_eq!(smol.parameters(), 134_515_008);
+        let llama = RandomModel::llama_1b();
+        assert_eq!((llama.config.hidden, llama.config.kv_dim()), (2048, 512));
+        // Llama-3.2-1B: 1.236B.
+        assert_eq!(llama.parameters(), 1_235_814_400);
+    }
+
+    #[test]
+    fn bad_random_shapes_are_typed_errors() {
+        for r in [
+            RandomModel::llama(64, 2, 5, 1, 96, 300),
+            RandomModel::llama(64, 2, 4, 3, 96, 300),
+            RandomModel::llama(64, 0, 4, 2, 96, 300),
+            RandomModel::llama(64, 2, 4, 2, 96, 100),
+            RandomModel::llama(64, 2, 0, 2, 96, 300),
+        ] {
+            assert!(matches!(r, Err(Error::InvalidModel { .. })));
+        }
+        assert!(matches!(
+            RandomModel::smollm2_135m().context(0),
+            Err(Error::InvalidModel { .. })
+        ));
+    }
+
+    #[test]
+    fn random_weights_do_not_depend_on_the_threads() {
+        // Two chunks, drawn by one thread or by two.
+        let n = RANDOM_CHUNK + 5;
+        let t = random_tensor(3, 1, (1, n), 1.0, DType::F32, &Device::Cpu).unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut state = 3 ^ 0xd1b5_4a32_d192_ed03u64 ^ 0x8cb9_2ba7_2f3d_8dd7;
+        let want = uniform(&mut state) * 2.0 - 1.0;
+        assert_eq!(v[RANDOM_CHUNK], want, "the second chunk's stream");
+        assert!(v.iter().all(|x| x.abs() <= 1.0));
+        assert_ne!(v[0], v[RANDOM_CHUNK]);
+    }
+
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn a_cuda_engine_without_the_feature_is_a_typed_error() {
+        let r = Engine::builder()
+            .random_model(RandomModel::llama(64, 1, 4, 2, 96, 300).unwrap())
+            .device(crate::Device::Cuda(0))
+            .build();
+        assert!(matches!(r, Err(Error::CudaUnavailable { ordinal: 0 })));
+    }
+}

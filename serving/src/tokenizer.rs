@@ -78,7 +78,7 @@ fn bad(reason: impl Into<String>) -> Error {
     }
 }
 
-fn gpt2_byte_chars() -> [char; 256] {
+pub(crate) fn gpt2_byte_chars() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {

@@ -6,15 +6,32 @@
 //! only with the feature. Without it, [`cuda_kernels::KernelDevice::cuda`] returns
 //! [`crate::Error::CudaUnavailable`], so callers write the same code either way.
 
-// The engine integration (issue 8, item 3) calls these ops; until it lands only tests and
-// `cuda_kernels::KernelDevice` do.
-#[allow(dead_code)]
 pub(crate) mod ops;
 mod reference;
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // Kernel launches and uninitialised device allocations; see SAFETY comments.
 mod gpu;
+
+/// candle's device for CUDA GPU `ordinal`.
+///
+/// # Errors
+/// [`Error::CudaUnavailable`](crate::Error::CudaUnavailable) without the `cuda` feature;
+/// [`Error::Cuda`](crate::Error::Cuda) when the device cannot be opened (no such GPU, no
+/// driver).
+pub(crate) fn open(ordinal: usize) -> crate::Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::Device::new_cuda(ordinal).map_err(|e| crate::Error::Cuda {
+            ordinal,
+            reason: e.to_string(),
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(crate::Error::CudaUnavailable { ordinal })
+    }
+}
 
 pub mod cuda_kernels {
     //! Keel's CUDA kernels and their CPU references, on host slices.
@@ -63,7 +80,9 @@ mod device {
         AttentionShape, BlockTables, Dtype, RopeStyle, Rounding, SampleParams, check_kv_write,
         check_rms_norm, check_rope,
     };
-    use crate::error::{Error, Result};
+    #[cfg(doc)]
+    use crate::error::Error;
+    use crate::error::Result;
 
     /// Where [`KernelDevice`]'s methods run: the CPU (the reference implementations, through
     /// the same candle ops the engine uses) or a CUDA GPU (the kernels).
@@ -90,18 +109,9 @@ mod device {
         /// [`Error::CudaUnavailable`] when the crate was built without the `cuda` feature;
         /// [`Error::Cuda`] when the device cannot be opened (no such GPU, no driver).
         pub fn cuda(ordinal: usize) -> Result<Self> {
-            #[cfg(feature = "cuda")]
-            {
-                let device = Device::new_cuda(ordinal).map_err(|e| Error::Cuda {
-                    ordinal,
-                    reason: e.to_string(),
-                })?;
-                Ok(Self { device })
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                Err(Error::CudaUnavailable { ordinal })
-            }
+            Ok(Self {
+                device: super::open(ordinal)?,
+            })
         }
 
         /// Whether this is a GPU.

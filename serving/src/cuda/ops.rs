@@ -261,6 +261,9 @@ fn attention_inner(
 
 /// Picks one token per row of `logits` (`[rows, vocab]`) ([`reference::sample`]); only the
 /// ids come back to the host.
+// The engine still samples on the host (its sampler applies penalties and log-probabilities;
+// docs/cuda.md), so only tests call this; gpu_check uses the poisoned variant.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn sample(logits: &Tensor, params: &[SampleParams]) -> Result<Vec<u32>> {
     sample_inner(logits, params, false)
 }
@@ -366,6 +369,7 @@ fn to_candle(e: Error) -> candle_core::Error {
 /// Output `[2, rows, hidden]`: the new residual, then the normalised rows.
 pub(crate) struct RmsNormResidual {
     pub(crate) eps: f32,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
     pub(crate) poison: bool,
 }
 
@@ -512,6 +516,7 @@ impl InplaceOp2 for KvWrite {
 pub(crate) struct PagedAttention {
     pub(crate) shape: AttentionShape,
     pub(crate) tables: BlockTables,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
     pub(crate) poison: bool,
 }
 
@@ -559,6 +564,7 @@ impl CustomOp3 for PagedAttention {
 pub(crate) struct Sample {
     pub(crate) params: Vec<SampleParams>,
     pub(crate) vocab: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
     pub(crate) poison: bool,
 }
 
