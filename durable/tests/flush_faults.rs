@@ -102,6 +102,59 @@ fn builder(dir: &Path, durability: Durability) -> RuntimeBuilder {
     Runtime::builder(dir).durability(durability).concurrency(16)
 }
 
+/// One test's journal directory, ledger and fault injector, for the runtime that meets the
+/// failure and the one that opens the directory again afterwards.
+struct Faulty {
+    dir: tempfile::TempDir,
+    durability: Durability,
+    ledger: Shared,
+    faults: FaultInjector,
+}
+
+impl Faulty {
+    fn new(durability: Durability) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            durability,
+            ledger: Shared::default(),
+            faults: FaultInjector::new(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Opens the runtime that meets the failure: the `chain` workflow, the injector attached.
+    async fn open(&self, trigger: Option<Trigger>) -> Runtime {
+        let b = builder(self.path(), self.durability);
+        start(chain(b, &self.ledger, trigger).fault_injector(&self.faults)).await
+    }
+
+    /// Checks that the failed runtime's shutdown reports the failure, drops it, and opens the
+    /// directory again without the injector. Every handle of `failed` must be dropped first:
+    /// handles keep the runtime, and so the journal's lock, alive.
+    async fn reopen(&self, failed: Runtime) -> Runtime {
+        assert_failed(&failed.shutdown().await.unwrap_err(), self.path(), &[]);
+        drop(failed);
+        start(chain(
+            builder(self.path(), self.durability),
+            &self.ledger,
+            None,
+        ))
+        .await
+    }
+}
+
+/// Asserts that `n` step closures are in the ledger, each of which ran exactly once.
+fn assert_each_step_ran_once(ledger: &Shared, n: usize) {
+    let runs = runs(ledger);
+    for ((w, s), k) in &runs {
+        assert_eq!(*k, 1, "step {s} of {w} ran {k} times");
+    }
+    assert_eq!(runs.len(), n);
+}
+
 /// Waits until the code of workflow `w` has seen operation `op` succeed, that is, until the
 /// operation's flush has completed (the journal alone would also show writes whose flush is
 /// still running, and the tests count flushes).
@@ -182,24 +235,20 @@ fn seen(ledger: &Shared, w: &str, op: &str) -> Vec<Result<u64, String>> {
 }
 
 async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability: Durability) {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Shared::default();
-    let faults = FaultInjector::new();
+    let t = Faulty::new(durability);
+    let (ledger, faults) = (&t.ledger, &t.faults);
     let trigger = Trigger {
         faults: faults.clone(),
         workflow: "victim",
         step: 1,
     };
-    let rt = start(
-        chain(builder(dir.path(), durability), &ledger, Some(trigger)).fault_injector(&faults),
-    )
-    .await;
+    let rt = t.open(Some(trigger)).await;
     let workflows = ["victim", "a", "b", "c"];
     for w in workflows {
         rt.start("chain", &id(w), &(4u64, true)).await.unwrap();
     }
     for w in workflows {
-        reached(&ledger, w, "s0").await;
+        reached(ledger, w, "s0").await;
     }
     // The victim's step s1 arms the injector, so the flush that journals s1 fails.
     rt.signal(&id("victim"), "go", &100u64).await.unwrap();
@@ -209,14 +258,14 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability:
         .result::<u64>()
         .await
         .unwrap_err();
-    assert_failed(&e, dir.path(), &[]);
+    assert_failed(&e, t.path(), &[]);
     assert_eq!(faults.fired(), 1);
     assert_eq!(rt.stats().failed_flushes, 1);
     // The result reports the failure at once; the execution ends on its own, abandoned.
     abandoned(&rt, &BTreeSet::from(["\"victim\"".to_string()])).await;
 
     // The step whose flush failed was reported as that error, with context, and never as done.
-    let s1 = seen(&ledger, "victim", "s1");
+    let s1 = seen(ledger, "victim", "s1");
     assert_eq!(s1.len(), 1, "{s1:?}");
     let message = s1[0].as_ref().unwrap_err();
     assert!(
@@ -224,20 +273,20 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability:
         "{message}"
     );
     // The abandoned execution ran nothing after the error: no s2 closure, no s2 seen.
-    assert_eq!(runs(&ledger).get(&("victim".into(), "s2".into())), None);
-    assert!(seen(&ledger, "victim", "s2").is_empty());
+    assert_eq!(runs(ledger).get(&("victim".into(), "s2".into())), None);
+    assert!(seen(ledger, "victim", "s2").is_empty());
 
     // The runtime stays up and answers every call with the failure, at once.
     let r = rt.signal(&id("a"), "go", &1u64).await.unwrap_err();
-    assert_failed(&r, dir.path(), &["workflow \"a\""]);
-    assert_failed(&rt.status(&id("a")).unwrap_err(), dir.path(), &[]);
-    assert_failed(&rt.history(&id("b")).unwrap_err(), dir.path(), &[]);
-    assert_failed(&rt.list(&ListFilter::new()).unwrap_err(), dir.path(), &[]);
+    assert_failed(&r, t.path(), &["workflow \"a\""]);
+    assert_failed(&rt.status(&id("a")).unwrap_err(), t.path(), &[]);
+    assert_failed(&rt.history(&id("b")).unwrap_err(), t.path(), &[]);
+    assert_failed(&rt.list(&ListFilter::new()).unwrap_err(), t.path(), &[]);
     let r = rt.start("chain", &id("late"), &(1u64, false)).await;
-    assert_failed(&r.unwrap_err(), dir.path(), &["late"]);
-    assert_failed(&rt.cancel(&id("c")).await.unwrap_err(), dir.path(), &[]);
+    assert_failed(&r.unwrap_err(), t.path(), &["late"]);
+    assert_failed(&rt.cancel(&id("c")).await.unwrap_err(), t.path(), &[]);
     let r = rt.handle(&id("a")).unwrap_err();
-    assert_failed(&r, dir.path(), &[]);
+    assert_failed(&r, t.path(), &[]);
     let issues = rt.issues();
     assert!(
         issues
@@ -251,11 +300,8 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability:
             .iter()
             .all(|i| !i.message.contains("recording the result failed"))
     );
-    assert_failed(&rt.shutdown().await.unwrap_err(), dir.path(), &[]);
-    let ok_before = seen_ok(&ledger);
-    drop(rt);
-
-    let rt = start(chain(builder(dir.path(), durability), &ledger, None)).await;
+    let ok_before = seen_ok(ledger);
+    let rt = t.reopen(rt).await;
     for w in ["a", "b", "c"] {
         rt.signal(&id(w), "go", &1u64).await.unwrap();
     }
@@ -266,16 +312,13 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability:
     }
     // s1's write reached sled's log before the injected failure, so the new runtime found it
     // and replayed it: every step's closure ran exactly once, the failed one included.
-    for ((w, s), n) in runs(&ledger) {
-        assert_eq!(n, 1, "step {s} of {w} ran {n} times");
-    }
-    assert_eq!(runs(&ledger).len(), 4 * workflows.len());
+    assert_each_step_ran_once(ledger, 4 * workflows.len());
     // What the code saw succeed before the failure it sees again, with the same values.
-    let ok_after = seen_ok(&ledger);
+    let ok_after = seen_ok(ledger);
     for (k, v) in &ok_before {
         assert_eq!(ok_after.get(k), Some(v), "{k:?}");
     }
-    assert_eq!(seen(&ledger, "victim", "s1")[1], Ok(103));
+    assert_eq!(seen(ledger, "victim", "s1")[1], Ok(103));
     let h = rt.history(&id("victim")).unwrap();
     assert_eq!(h.len(), 5, "{h:?}");
     rt.shutdown().await.unwrap();
@@ -297,11 +340,9 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes_power_loss(
 async fn a_failed_group_flush_loses_no_step_reported_done() {
     const WORKFLOWS: usize = 12;
     const STEPS: u64 = 50;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Shared::default();
-    let faults = FaultInjector::new();
-    let b = builder(dir.path(), Durability::PowerLoss);
-    let rt = start(chain(b, &ledger, None).fault_injector(&faults)).await;
+    let t = Faulty::new(Durability::PowerLoss);
+    let (ledger, faults) = (&t.ledger, &t.faults);
+    let rt = t.open(None).await;
     // Each workflow needs at least STEPS + 2 flushes of its own (its commits are sequential),
     // so the 41st flush comes before any of them can finish.
     faults.fail_flush(40);
@@ -334,7 +375,7 @@ async fn a_failed_group_flush_loses_no_step_reported_done() {
         .map(|h| h.id().to_string())
         .collect();
     abandoned(&rt, &started).await;
-    let ok_before = seen_ok(&ledger);
+    let ok_before = seen_ok(ledger);
     let errs_before: BTreeSet<(String, String)> = ledger
         .lock()
         .unwrap()
@@ -350,17 +391,8 @@ async fn a_failed_group_flush_loses_no_step_reported_done() {
         let last = l.saw.iter().rev().find(|(x, _, _)| x == w).unwrap();
         assert_eq!((&last.0, &last.1), (w, s));
     }
-    assert!(rt.shutdown().await.is_err());
-    // Handles keep the runtime, and so the journal's lock, alive.
     drop(handles);
-    drop(rt);
-
-    let rt = start(chain(
-        builder(dir.path(), Durability::PowerLoss),
-        &ledger,
-        None,
-    ))
-    .await;
+    let rt = t.reopen(rt).await;
     for w in 0..WORKFLOWS {
         // Idempotent: a start that failed may or may not have reached the disk.
         let h = rt
@@ -369,12 +401,12 @@ async fn a_failed_group_flush_loses_no_step_reported_done() {
             .unwrap();
         assert_eq!(h.result::<u64>().await.unwrap(), expected(STEPS, 0));
     }
-    let runs = runs(&ledger);
+    let runs = runs(ledger);
     assert_eq!(runs.len(), WORKFLOWS * STEPS as usize);
     for (k, v) in &ok_before {
         // Reported done before the failure, so journaled: replayed, never run again.
         assert_eq!(runs.get(k), Some(&1), "step {k:?} reported done ran again");
-        assert_eq!(seen_ok(&ledger).get(k), Some(v));
+        assert_eq!(seen_ok(ledger).get(k), Some(v));
     }
     for (k, n) in &runs {
         // A step can run a second time only if its commit did not return `Ok`.
@@ -388,13 +420,11 @@ async fn a_failed_group_flush_loses_no_step_reported_done() {
 /// of that batch neither loses the signal nor lets it be delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_whose_delivery_flush_fails_is_delivered_exactly_once_after_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Shared::default();
-    let faults = FaultInjector::new();
-    let b = builder(dir.path(), Durability::PowerLoss);
-    let rt = start(chain(b, &ledger, None).fault_injector(&faults)).await;
+    let t = Faulty::new(Durability::PowerLoss);
+    let (ledger, faults) = (&t.ledger, &t.faults);
+    let rt = t.open(None).await;
     rt.start("chain", &id("w"), &(2u64, true)).await.unwrap();
-    reached(&ledger, "w", "s0").await;
+    reached(ledger, "w", "s0").await;
     // The signal's own flush succeeds; the next one, which journals its delivery, fails.
     faults.fail_flush(1);
     rt.signal(&id("w"), "go", &7u64).await.unwrap();
@@ -404,9 +434,9 @@ async fn a_signal_whose_delivery_flush_fails_is_delivered_exactly_once_after_reo
         .result::<u64>()
         .await
         .unwrap_err();
-    assert_failed(&e, dir.path(), &[]);
+    assert_failed(&e, t.path(), &[]);
     abandoned(&rt, &BTreeSet::from(["\"w\"".to_string()])).await;
-    let go = seen(&ledger, "w", "go");
+    let go = seen(ledger, "w", "go");
     assert_eq!(go.len(), 1, "{go:?}");
     assert!(
         go[0]
@@ -415,16 +445,8 @@ async fn a_signal_whose_delivery_flush_fails_is_delivered_exactly_once_after_reo
             .contains("journaling signal \"go\" at position 1 of workflow \"w\""),
         "{go:?}"
     );
-    assert_failed(&rt.pending_signals(&id("w")).unwrap_err(), dir.path(), &[]);
-    assert!(rt.shutdown().await.is_err());
-    drop(rt);
-
-    let rt = start(chain(
-        builder(dir.path(), Durability::PowerLoss),
-        &ledger,
-        None,
-    ))
-    .await;
+    assert_failed(&rt.pending_signals(&id("w")).unwrap_err(), t.path(), &[]);
+    let rt = t.reopen(rt).await;
     assert_eq!(
         rt.handle(&id("w")).unwrap().result::<u64>().await.unwrap(),
         expected(2, 7)
@@ -437,7 +459,7 @@ async fn a_signal_whose_delivery_flush_fails_is_delivered_exactly_once_after_reo
         .count();
     assert_eq!(delivered, 1);
     assert!(rt.pending_signals(&id("w")).unwrap().is_empty());
-    assert_eq!(seen(&ledger, "w", "go").last(), Some(&Ok(7)));
+    assert_eq!(seen(ledger, "w", "go").last(), Some(&Ok(7)));
     rt.shutdown().await.unwrap();
 }
 
@@ -445,34 +467,21 @@ async fn a_signal_whose_delivery_flush_fails_is_delivered_exactly_once_after_reo
 /// workflow once, whether or not the first start reached the disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_flush_fails_runs_once_after_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Shared::default();
-    let faults = FaultInjector::new();
-    let b = builder(dir.path(), Durability::ProcessCrash);
-    let rt = start(chain(b, &ledger, None).fault_injector(&faults)).await;
+    let t = Faulty::new(Durability::ProcessCrash);
+    let (ledger, faults) = (&t.ledger, &t.faults);
+    let rt = t.open(None).await;
     faults.fail_flush(0);
     let e = rt
         .start("chain", &id("w"), &(3u64, false))
         .await
         .unwrap_err();
-    assert_failed(&e, dir.path(), &["the start of workflow \"w\""]);
+    assert_failed(&e, t.path(), &["the start of workflow \"w\""]);
     // Give a worker that wrongly picked the workflow up a moment to show it.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(ledger.lock().unwrap().ran.is_empty());
-    assert!(rt.shutdown().await.is_err());
-    drop(rt);
-
-    let rt = start(chain(
-        builder(dir.path(), Durability::ProcessCrash),
-        &ledger,
-        None,
-    ))
-    .await;
+    let rt = t.reopen(rt).await;
     let h = rt.start("chain", &id("w"), &(3u64, false)).await.unwrap();
     assert_eq!(h.result::<u64>().await.unwrap(), expected(3, 0));
-    for ((w, s), n) in runs(&ledger) {
-        assert_eq!(n, 1, "step {s} of {w} ran {n} times");
-    }
-    assert_eq!(runs(&ledger).len(), 3);
+    assert_each_step_ran_once(ledger, 3);
     rt.shutdown().await.unwrap();
 }
