@@ -4,7 +4,6 @@
 
 use super::kernels::{self, Isa};
 use super::pool::Pool;
-use super::quant::round_f16;
 use crate::model::{ModelConfig, RopeStyle, SeqStep};
 
 /// The engine's f16 key/value cache, one `(keys, values)` pair of `slots × kv_dim` per layer.
@@ -76,9 +75,7 @@ pub(super) fn rope_and_store(
         for head in q.chunks_exact_mut(hd) {
             rotate(head, cs, sn, c.rope_style);
         }
-        for v in q.iter_mut() {
-            *v = round_f16(*v);
-        }
+        kernels::round_to_f16(isa, q);
         for head in k.chunks_exact_mut(hd) {
             rotate(head, cs, sn, c.rope_style);
         }
@@ -89,8 +86,9 @@ pub(super) fn rope_and_store(
 }
 
 /// Causal attention of every token's query heads over its sequence's cached keys and values,
-/// written to `out` (`t × heads·head_dim`). One task per (token, key/value head) serves the
-/// query heads that share it.
+/// written to `out` (`t × heads·head_dim`). One task serves a token's query heads for all its
+/// key/value heads when there are enough tokens to keep every thread busy (each cache row is
+/// then read once, whole), else one task per (token, key/value head).
 #[allow(clippy::too_many_arguments)] // The step's bookkeeping, shared by every layer.
 pub(super) fn attention(
     pool: &Pool,
@@ -111,16 +109,20 @@ pub(super) fn attention(
     let width = qd + 2 * kvd;
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
     let (kc, vc) = &kv.layers[layer];
-    pool.run_chunks(out, group * hd, &|task, dst| {
-        let i = task / c.kv_heads;
-        let g = task % c.kv_heads;
+    let per_task = if positions.len() >= 2 * pool.threads() {
+        c.kv_heads
+    } else {
+        1
+    };
+    let tasks_per_token = c.kv_heads / per_task;
+    pool.run_chunks(out, per_task * group * hd, &|task, dst| {
+        let i = task / tasks_per_token;
+        let g = (task % tasks_per_token) * per_task;
         let ctx = positions[i] + 1;
         let slots = &seqs[owner[i]].slots[..ctx];
-        let mut scores = vec![0f32; ctx];
-        for (j, o) in dst.chunks_exact_mut(hd).enumerate() {
-            let h = g * group + j;
-            let q = &qkv[i * width + h * hd..i * width + (h + 1) * hd];
-            kernels::attend_head(isa, q, kc, vc, slots, g * hd, kvd, scale, &mut scores, o);
-        }
+        let mut scores = vec![0f32; per_task * group * ctx];
+        let q = &qkv[i * width + g * group * hd..i * width + (g + per_task) * group * hd];
+        let (off, s) = (g * hd, &mut scores);
+        kernels::attend_heads(isa, q, hd, group, kc, vc, slots, off, kvd, scale, s, dst);
     });
 }

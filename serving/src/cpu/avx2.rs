@@ -11,6 +11,7 @@
 
 use std::arch::x86_64::*;
 
+use super::kernels::Dst;
 use super::quant::{LINE, QActs, QK, QMatrix, QType, ROWS};
 
 /// Rows one 256-bit vector serves: half of a [`ROWS`] group.
@@ -33,8 +34,13 @@ fn hsum(v: __m256) -> f32 {
 
 /// Half `half` (rows `16g + 8·half ..`, eight output features) of row group `g` times
 /// activation rows `a0..a0 + C`: returns the eight dot products for each of the `C` activation
-/// rows. Slices are bounds-checked once per call; `super::kernels` checks shapes before
-/// calling. The first half prefetches the group's weights; the second finds them in cache.
+/// rows. `super::kernels` checks every shape before calling; the group's and the activation
+/// rows' slices are cut once here, and the loop reads inside them through raw pointers.
+/// The first half prefetches the group's weights; the second finds them in cache.
+///
+/// The loop takes one 32-byte weight vector at a time (unpacked to low and high nibbles for
+/// 4-bit weights) and multiplies it into every activation row's accumulator, so a block holds
+/// only two weight vectors, `C` integer sums and `C` float sums in registers.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn group<const C: usize, const NIBBLES: bool>(
@@ -54,25 +60,33 @@ fn group<const C: usize, const NIBBLES: bool>(
     } else {
         &[][..]
     };
+    // Activation rows `a0..a0 + C`, each `nb` blocks: quants, scales and block sums.
+    let xq = x.qs[a0 * nb * QK..(a0 + C) * nb * QK].as_ptr();
+    let xd = x.d[a0 * nb..(a0 + C) * nb].as_ptr();
+    let xs = x.s[a0 * nb..(a0 + C) * nb].as_ptr();
+    // Four activation bytes `4k..4k + 4` of block `b` of row `c`, broadcast to every lane.
+    let bcast = |c: usize, b: usize, k: usize| {
+        // SAFETY: `c < C`, `b < nb` and `k < 8`, so the four bytes at
+        // `(c·nb + b)·32 + 4k` lie inside the `C·nb·32` bytes `xq` was cut to.
+        _mm256_set1_epi32(unsafe {
+            xq.add((c * nb + b) * QK + 4 * k)
+                .cast::<i32>()
+                .read_unaligned()
+        })
+    };
+    let scale_d = |c: usize, b: usize| {
+        // SAFETY: `c < C` and `b < nb` index inside the `C·nb` scales `xd` was cut to.
+        _mm256_set1_ps(unsafe { *xd.add(c * nb + b) })
+    };
+    let scale_s = |c: usize, b: usize| {
+        // SAFETY: `c < C` and `b < nb` index inside the `C·nb` block sums `xs` was cut to.
+        _mm256_set1_ps(unsafe { *xs.add(c * nb + b) })
+    };
     let minus8 = _mm256_set1_ps(-8.0);
-    let xq: [&[[i8; QK]]; C] = std::array::from_fn(|c| {
-        x.qs[(a0 + c) * nb * QK..(a0 + c + 1) * nb * QK]
-            .as_chunks::<QK>()
-            .0
-    });
-    let xd: [&[f32]; C] = std::array::from_fn(|c| &x.d[(a0 + c) * nb..(a0 + c + 1) * nb]);
-    let xs: [&[f32]; C] = std::array::from_fn(|c| &x.s[(a0 + c) * nb..(a0 + c + 1) * nb]);
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
     let mut acc = [_mm256_setzero_ps(); C];
-    let bcast = |a: &[i8; QK], k: usize| {
-        _mm256_set1_epi32(i32::from_le_bytes([
-            a[4 * k] as u8,
-            a[4 * k + 1] as u8,
-            a[4 * k + 2] as u8,
-            a[4 * k + 3] as u8,
-        ]))
-    };
     for b in 0..nb {
         let blk = &wq[b * gbb..(b + 1) * gbb];
         if half == 0 {
@@ -86,13 +100,21 @@ fn group<const C: usize, const NIBBLES: bool>(
         // SAFETY: `wd` holds `nb * 16` f16 values and `half < 2`, so 8 at `sc` are in bounds.
         let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd[sc..sc + HALF].as_ptr().cast())) };
         if NIBBLES {
-            let mut wv = [_mm256_setzero_si256(); 8];
+            // Eight products of at most 2·15·127 each fit an i16 lane (30480 < 32767).
+            let mut sum = [zero; C];
             for j in 0..4 {
                 let at = LINE * j + 32 * half;
                 // SAFETY: `blk` holds 256 bytes; 32 at `at` (j < 4, half < 2) are in bounds.
                 let raw = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
-                wv[2 * j] = _mm256_and_si256(raw, low);
-                wv[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                let lo = _mm256_and_si256(raw, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                for (c, s) in sum.iter_mut().enumerate() {
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, bcast(c, b, 2 * j)),
+                        _mm256_maddubs_epi16(hi, bcast(c, b, 2 * j + 1)),
+                    );
+                    *s = _mm256_add_epi16(*s, p);
+                }
             }
             let cv = if mins {
                 // SAFETY: `wc` holds `nb * 16` f16 values, so 8 at `sc` are in bounds.
@@ -100,48 +122,28 @@ fn group<const C: usize, const NIBBLES: bool>(
             } else {
                 _mm256_mul_ps(dv, minus8)
             };
-            for c in 0..C {
-                let a = &xq[c][b];
-                // Eight products of at most 2·15·127 each fit an i16 lane (30480 < 32767).
-                // Two chains of four, so the additions overlap.
-                let mut lo = _mm256_maddubs_epi16(wv[0], bcast(a, 0));
-                let mut hi = _mm256_maddubs_epi16(wv[1], bcast(a, 1));
-                for k in (2..8).step_by(2) {
-                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(wv[k], bcast(a, k)));
-                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(wv[k + 1], bcast(a, k + 1)));
-                }
-                let s16 = _mm256_add_epi16(lo, hi);
-                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), _mm256_set1_ps(xd[c][b]), acc[c]);
-                acc[c] = _mm256_fmadd_ps(cv, _mm256_set1_ps(xs[c][b]), acc[c]);
+            for (c, a) in acc.iter_mut().enumerate() {
+                let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[c], ones));
+                *a = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), scale_d(c, b), *a);
+                *a = _mm256_fmadd_ps(cv, scale_s(c, b), *a);
             }
         } else {
-            let mut wv = [_mm256_setzero_si256(); 8];
-            for (k, v) in wv.iter_mut().enumerate() {
+            let mut sum = [zero; C];
+            for k in 0..8 {
                 let at = LINE * k + 32 * half;
                 // SAFETY: `blk` holds 512 bytes; 32 at `at` (k < 8, half < 2) are in bounds.
-                *v = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
-            }
-            for c in 0..C {
-                let a = &xq[c][b];
+                let wk = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
                 // Signed × signed: |w| × (a with w's sign); one product pair is at most
-                // 2·128·127 = 32512, so it fits before widening. Two chains of four.
-                let prod = |k: usize| {
-                    let wk = wv[k];
-                    let p = _mm256_maddubs_epi16(
-                        _mm256_sign_epi8(wk, wk),
-                        _mm256_sign_epi8(bcast(a, k), wk),
-                    );
-                    _mm256_madd_epi16(p, ones)
-                };
-                let mut lo = prod(0);
-                let mut hi = prod(1);
-                for k in (2..8).step_by(2) {
-                    lo = _mm256_add_epi32(lo, prod(k));
-                    hi = _mm256_add_epi32(hi, prod(k + 1));
+                // 2·128·127 = 32512, so it fits before widening.
+                let mag = _mm256_sign_epi8(wk, wk);
+                for (c, s) in sum.iter_mut().enumerate() {
+                    let p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(bcast(c, b, k), wk));
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
                 }
-                let f = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
-                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), _mm256_set1_ps(xd[c][b]), acc[c]);
+            }
+            for (c, a) in acc.iter_mut().enumerate() {
+                let f = _mm256_cvtepi32_ps(sum[c]);
+                *a = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), scale_d(c, b), *a);
             }
         }
     }
@@ -153,23 +155,22 @@ fn group<const C: usize, const NIBBLES: bool>(
     out
 }
 
-/// Rows `r0..r1` of `w` (`r0` a multiple of 16) times every activation row, written
-/// feature-major into `out` (`out[(r - r0) * x.rows + a]`). Callable only where AVX2, FMA and
-/// F16C are known to exist.
+/// Rows `r0..r1` of `w` (`r0` a multiple of 16) times every activation row, written through
+/// `dst`. Callable only where AVX2, FMA and F16C are known to exist, with shapes checked, by
+/// a caller that owns rows `r0..r1` of `dst` (see [`Dst::put`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
+pub(super) unsafe fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst) {
     match w.qtype {
-        QType::Q4_0 | QType::Q4_1 => rows_for::<true>(w, x, r0, r1, out),
-        QType::Q8_0 => rows_for::<false>(w, x, r0, r1, out),
+        QType::Q4_0 | QType::Q4_1 => rows_for::<true>(w, x, r0, r1, dst),
+        QType::Q8_0 => rows_for::<false>(w, x, r0, r1, dst),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
+fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst) {
     let t = x.rows;
-    let mut put = |base: usize, a0: usize, res: &[[f32; HALF]]| {
-        super::kernels::scatter(out, (r0, r1, t), base, a0, res);
-    };
+    // SAFETY: `matmul_rows`'s caller owns rows `r0..r1`, and every `base` below is in them.
+    let put = |base: usize, a0: usize, res: &[[f32; HALF]]| unsafe { dst.put(base, r1, a0, res) };
     for g in r0 / ROWS..r1.div_ceil(ROWS) {
         for half in 0..ROWS / HALF {
             let base = g * ROWS + HALF * half;
@@ -396,6 +397,122 @@ pub(super) fn div_round_f16(x: &mut [f32], d: f32) {
     }
     for v in &mut x[i..] {
         *v = half::f16::from_f32(*v / d).to_f32();
+    }
+}
+
+/// Cache positions ahead of the one being read whose key (or value) row is prefetched: the
+/// rows of a sequence sit in scattered blocks, which the hardware prefetcher follows poorly.
+const ATTN_AHEAD: usize = 4;
+
+/// Prefetches the `bytes` bytes of a cache row from `row` on. A hint only: it never faults.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn prefetch_row(row: *const u16, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(row.cast::<i8>().wrapping_add(line));
+    }
+}
+
+/// Attention of `kvh` consecutive key/value heads' query groups, `M` query heads each (`q`:
+/// `kvh·M·hd` values, group after group; key/value head `j` is at columns `off + j·hd` of the
+/// cache rows), every head attending exactly as [`attend_head`] does, into `out` (same shape
+/// as `q`). Each position's cached key and value rows are read once for all the heads, the
+/// next rows prefetched, and the sums kept in registers. Per head, every float operation and
+/// its order are `attend_head`'s, so the results are bit-identical. `scores` is scratch of at
+/// least `kvh·M·slots.len()`; `hd` must be a multiple of 16 (the caller checks it with the
+/// shapes). Callable only where AVX2, FMA and F16C exist.
+#[allow(clippy::too_many_arguments)] // The heads' view of the paged cache.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn attend_heads<const M: usize>(
+    q: &[f32],
+    hd: usize,
+    kvh: usize,
+    kc: &[u16],
+    vc: &[u16],
+    slots: &[u32],
+    off: usize,
+    kvd: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let ctx = slots.len();
+    let heads = kvh * M;
+    let width = kvh * hd;
+    let q = &q[..heads * hd];
+    let scores = &mut scores[..heads * ctx];
+    let out = &mut out[..heads * hd];
+    for (p, &slot) in slots.iter().enumerate() {
+        if let Some(&next) = slots.get(p + ATTN_AHEAD) {
+            prefetch_row(
+                kc.as_ptr().wrapping_add(next as usize * kvd + off),
+                2 * width,
+            );
+        }
+        let at = slot as usize * kvd + off;
+        let row = &kc[at..at + width];
+        for j in 0..kvh {
+            let k = &row[j * hd..(j + 1) * hd];
+            let qj = &q[j * M * hd..(j + 1) * M * hd];
+            let mut acc = [_mm256_setzero_ps(); M];
+            for i in (0..hd).step_by(8) {
+                // SAFETY: `i + 8 <= hd = k.len()`.
+                let kv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(k[i..i + 8].as_ptr().cast())) };
+                for (h, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `h·hd + i + 8 <= M·hd = qj.len()`.
+                    let qv = unsafe { _mm256_loadu_ps(qj[h * hd + i..h * hd + i + 8].as_ptr()) };
+                    *a = _mm256_fmadd_ps(qv, kv, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                scores[(j * M + h) * ctx + p] = hsum(*a) * scale;
+            }
+        }
+    }
+    for sh in scores.chunks_exact_mut(ctx.max(1)) {
+        let max = sh.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let sum = exp_sub_sum(sh, max);
+        div_round_f16(sh, sum);
+    }
+    // Values, sixteen dimensions of a group's heads at a time.
+    for j in 0..kvh {
+        for d in (0..hd).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            for (p, &slot) in slots.iter().enumerate() {
+                if j == 0
+                    && d == 0
+                    && let Some(&next) = slots.get(p + ATTN_AHEAD)
+                {
+                    prefetch_row(
+                        vc.as_ptr().wrapping_add(next as usize * kvd + off),
+                        2 * width,
+                    );
+                }
+                let at = slot as usize * kvd + off + j * hd + d;
+                let v = &vc[at..at + 16];
+                // SAFETY: `v` holds 16 values, two groups of 8.
+                let (v0, v1) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(v[..8].as_ptr().cast())),
+                        _mm256_cvtph_ps(_mm_loadu_si128(v[8..].as_ptr().cast())),
+                    )
+                };
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let pv = _mm256_set1_ps(scores[(j * M + h) * ctx + p]);
+                    a[0] = _mm256_fmadd_ps(pv, v0, a[0]);
+                    a[1] = _mm256_fmadd_ps(pv, v1, a[1]);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let at = (j * M + h) * hd + d;
+                let o = &mut out[at..at + 16];
+                // SAFETY: `o` holds 16 floats, two groups of 8.
+                unsafe {
+                    _mm256_storeu_ps(o[..8].as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(o[8..].as_mut_ptr(), a[1]);
+                }
+            }
+        }
     }
 }
 

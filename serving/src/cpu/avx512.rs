@@ -18,6 +18,7 @@
 
 use std::arch::x86_64::*;
 
+use super::kernels::Dst;
 use super::quant::{LINE, QActs, QK, QMatrix, QType, ROWS};
 
 /// How far ahead of the block being multiplied the kernel prefetches weights, in bytes (as on
@@ -142,23 +143,22 @@ fn group<const C: usize, const NIBBLES: bool>(
     out
 }
 
-/// Rows `r0..r1` of `w` (`r0` a multiple of 16) times every activation row, written
-/// feature-major into `out` (`out[(r - r0) * x.rows + a]`). Callable only where AVX-512 F, BW
-/// and VNNI, AVX2, FMA and F16C are known to exist.
+/// Rows `r0..r1` of `w` (`r0` a multiple of 16) times every activation row, written through
+/// `dst`. Callable only where AVX-512 F, BW and VNNI, AVX2, FMA and F16C are known to exist,
+/// with shapes checked, by a caller that owns rows `r0..r1` of `dst` (see [`Dst::put`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub(super) fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
+pub(super) unsafe fn matmul_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst) {
     match w.qtype {
-        QType::Q4_0 | QType::Q4_1 => rows_for::<true>(w, x, r0, r1, out),
-        QType::Q8_0 => rows_for::<false>(w, x, r0, r1, out),
+        QType::Q4_0 | QType::Q4_1 => rows_for::<true>(w, x, r0, r1, dst),
+        QType::Q8_0 => rows_for::<false>(w, x, r0, r1, dst),
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
+fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst) {
     let t = x.rows;
-    let mut put = |g: usize, a0: usize, res: &[[f32; ROWS]]| {
-        super::kernels::scatter(out, (r0, r1, t), g * ROWS, a0, res);
-    };
+    // SAFETY: `matmul_rows`'s caller owns rows `r0..r1`, and every group below is in them.
+    let put = |g: usize, a0: usize, res: &[[f32; ROWS]]| unsafe { dst.put(g * ROWS, r1, a0, res) };
     for g in r0 / ROWS..r1.div_ceil(ROWS) {
         let mut a = 0;
         while a + TILE <= t {

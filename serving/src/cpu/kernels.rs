@@ -82,9 +82,10 @@ pub(crate) fn detected() -> Isa {
     })
 }
 
-/// Rows `r0..r1` of `w` times every row of `x`, feature-major: `out[(r - r0) * x.rows + a]`.
-/// `r0` must start a row group (a multiple of 16). Shapes that do not fit leave `out`
-/// untouched and return `false`.
+/// Rows `r0..r1` of `w` times every row of `x`, token-major over those rows:
+/// `out[a * (r1 - r0) + (r - r0)]`. `r0` must start a row group (a multiple of 16). Shapes that
+/// do not fit leave `out` untouched and return `false`.
+#[cfg(test)]
 pub(crate) fn matmul_rows(
     isa: Isa,
     w: &QMatrix,
@@ -93,11 +94,26 @@ pub(crate) fn matmul_rows(
     r1: usize,
     out: &mut [f32],
 ) -> bool {
+    if r0 > r1 || out.len() < (r1 - r0) * x.rows {
+        return false;
+    }
+    let dst = Dst::new(out, r1 - r0, r0);
+    // SAFETY: `dst` is this call's only writer, over `out`, which it borrows exclusively.
+    unsafe { rows_into(isa, w, x, r0, r1, &dst) }
+}
+
+/// Rows `r0..r1` of `w` times every row of `x`, written through `dst`; `false` (nothing
+/// written) when the shapes do not fit.
+///
+/// # Safety
+/// No other thread may write or read rows `r0..r1` of `dst` during the call (the tasks of one
+/// product each own their rows).
+unsafe fn rows_into(isa: Isa, w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst) -> bool {
     if x.nb != w.nb
         || r0 > r1
         || r1 > w.rows
         || !r0.is_multiple_of(ROWS)
-        || out.len() < (r1 - r0) * x.rows
+        || !dst.covers(r0, r1, x.rows)
         || x.qs.len() < x.rows * x.nb * QK
         || x.d.len() < x.rows * x.nb
         || x.s.len() < x.rows * x.nb
@@ -108,37 +124,92 @@ pub(crate) fn matmul_rows(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced by `detected` after checking AVX2, FMA and
-        // F16C (tests use it only when `detected` returns it), and the shapes were checked.
-        Isa::Avx2 => unsafe { super::avx2::matmul_rows(w, x, r0, r1, out) },
+        // F16C (tests use it only when `detected` returns it), and the shapes were checked;
+        // the caller owns rows `r0..r1` of `dst`.
+        Isa::Avx2 => unsafe { super::avx2::matmul_rows(w, x, r0, r1, dst) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx512` is only produced by `detected` (and `Isa::available`) after
-        // checking AVX-512 F, BW and VNNI besides AVX2, FMA and F16C; the shapes were checked.
-        Isa::Avx512 => unsafe { super::avx512::matmul_rows(w, x, r0, r1, out) },
-        _ => portable_rows(w, x, r0, r1, out),
+        // checking AVX-512 F, BW and VNNI besides AVX2, FMA and F16C; the shapes were checked;
+        // the caller owns rows `r0..r1` of `dst`.
+        Isa::Avx512 => unsafe { super::avx512::matmul_rows(w, x, r0, r1, dst) },
+        // SAFETY: the caller owns rows `r0..r1` of `dst`.
+        _ => unsafe { portable_rows(w, x, r0, r1, dst) },
     }
     true
 }
 
-/// Writes a SIMD kernel's results for rows `base..base + L` and activation rows `a0..` into
-/// the feature-major `out` of rows `r0..r1` (`out[(r - r0) * t + a]`), dropping padding rows.
-pub(super) fn scatter<const L: usize>(
-    out: &mut [f32],
-    (r0, r1, t): (usize, usize, usize),
-    base: usize,
-    a0: usize,
-    res: &[[f32; L]],
-) {
-    for (c, col) in res.iter().enumerate() {
-        for (lane, v) in col.iter().enumerate() {
-            let r = base + lane;
-            if r < r1 {
-                out[(r - r0) * t + a0 + c] = *v;
+/// Where the kernels of one matrix product write: token-major, `out[a * stride + (r - first)]`
+/// for activation row `a` and weight row `r`. The product's tasks share one `Dst`, each writing
+/// only the weight rows it was given, so results go straight to their place with no transpose
+/// and no element is touched by two tasks.
+#[derive(Clone, Copy)]
+pub(super) struct Dst<'a> {
+    ptr: *mut f32,
+    len: usize,
+    stride: usize,
+    first: usize,
+    _out: std::marker::PhantomData<&'a ()>,
+}
+
+// SAFETY: a `Dst` points into a buffer it borrows mutably for `'a` (so the buffer outlives
+// every task using it and nobody else touches it); the tasks sharing it write disjoint rows,
+// which `put`'s contract requires.
+unsafe impl Send for Dst<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Dst<'_> {}
+
+impl<'a> Dst<'a> {
+    fn new(out: &'a mut [f32], stride: usize, first: usize) -> Self {
+        Self {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            stride,
+            first,
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// Whether rows `r0..r1` of `t` activation rows fall inside the buffer.
+    fn covers(&self, r0: usize, r1: usize, t: usize) -> bool {
+        r0 >= self.first
+            && r1 - self.first <= self.stride
+            && (t == 0 || (t - 1) * self.stride + (r1 - self.first) <= self.len)
+    }
+
+    /// Writes a kernel's results for weight rows `base..base + L` (those below `end`) and
+    /// activation rows `a0..a0 + res.len()`. Positions outside the buffer are dropped.
+    ///
+    /// # Safety
+    /// The calling task must own rows `base..min(base + L, end)`: no other thread writes or
+    /// reads them during the product.
+    #[inline]
+    pub(super) unsafe fn put<const L: usize>(
+        &self,
+        base: usize,
+        end: usize,
+        a0: usize,
+        res: &[[f32; L]],
+    ) {
+        let n = L.min(end.saturating_sub(base));
+        if base < self.first {
+            return;
+        }
+        for (c, col) in res.iter().enumerate() {
+            let at = (a0 + c) * self.stride + (base - self.first);
+            if at + n <= self.len {
+                // SAFETY: `at + n <= len` keeps the copy inside the borrowed buffer, and the
+                // caller owns these rows, so no other thread accesses them.
+                unsafe { std::ptr::copy_nonoverlapping(col.as_ptr(), self.ptr.add(at), n) };
             }
         }
     }
 }
 
-fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) {
+/// The reference kernel, on any CPU.
+///
+/// # Safety
+/// As [`Dst::put`]: the caller owns rows `r0..r1` of `dst`.
+unsafe fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst) {
     let nb = w.nb;
     let t = x.rows;
     let gbb = QMatrix::group_block_bytes(w.qtype);
@@ -172,12 +243,8 @@ fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, out: &mut [f32]) 
                     }
                 }
             }
-            for (lane, v) in acc.iter().enumerate() {
-                let r = g * ROWS + lane;
-                if r < r1 {
-                    out[(r - r0) * t + a] = *v;
-                }
-            }
+            // SAFETY: the caller owns rows `r0..r1`, which hold this group's rows below `r1`.
+            unsafe { dst.put(g * ROWS, r1, a, &[acc]) };
         }
     }
 }
@@ -192,38 +259,19 @@ fn rows_per_task(rows: usize, nb: usize, t: usize, threads: usize) -> usize {
 }
 
 /// `y = x · wᵀ` for all rows of `x`: `out[a * w.rows + r]` (token-major), using the pool.
-/// `scratch` is reused between calls to hold the feature-major partial result.
-pub(crate) fn matmul(
-    pool: &Pool,
-    isa: Isa,
-    w: &QMatrix,
-    x: &QActs,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
+/// Each task's kernel writes its rows of every activation row straight into `out`.
+pub(crate) fn matmul(pool: &Pool, isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let t = x.rows;
     let n = w.rows;
     let chunk = rows_per_task(n, w.nb, t, pool.threads());
-    if t == 1 {
-        pool.run_chunks(&mut out[..n], chunk, &|i, part| {
-            let r0 = i * chunk;
-            let ok = matmul_rows(isa, w, x, r0, r0 + part.len(), part);
-            debug_assert!(ok);
-        });
-        return;
-    }
-    scratch.resize(n * t, 0.0);
-    pool.run_chunks(&mut scratch[..n * t], chunk * t, &|i, part| {
+    let dst = Dst::new(&mut out[..n * t], n, 0);
+    pool.run(n.div_ceil(chunk), &|i| {
         let r0 = i * chunk;
-        let ok = matmul_rows(isa, w, x, r0, r0 + part.len() / t, part);
+        let r1 = (r0 + chunk).min(n);
+        // SAFETY: task `i` alone writes rows `r0..r1` (the tasks' row ranges are disjoint).
+        let ok = unsafe { rows_into(isa, w, x, r0, r1, &dst) };
         debug_assert!(ok);
     });
-    for a in 0..t {
-        let row = &mut out[a * n..(a + 1) * n];
-        for (r, v) in row.iter_mut().enumerate() {
-            *v = scratch[r * t + a];
-        }
-    }
 }
 
 /// Quantizes one block of 32 values to bytes: `q = round_half_even(v · 127 / amax)`, on the
@@ -296,6 +344,11 @@ pub(crate) fn div_round_f16(isa: Isa, x: &mut [f32], d: f32) {
     }
 }
 
+/// `x[i] = f16_round(x[i])` (dividing by one is exact, so this is [`div_round_f16`] by 1).
+pub(crate) fn round_to_f16(isa: Isa, x: &mut [f32]) {
+    div_round_f16(isa, x, 1.0);
+}
+
 /// One query head `q` attending over the keys and values at `slots` of an f16 cache whose rows
 /// are `kvd` wide, starting at column `off`: scaled scores, softmax with probabilities rounded
 /// to f16 (as llama.cpp's CPU path rounds them), and their weighted sum of values into `out`.
@@ -335,6 +388,102 @@ pub(crate) fn attend_head(
                 axpy_f16(isa, out, p, &vc[at..at + hd]);
             }
         }
+    }
+}
+
+/// Attention for consecutive key/value heads and their query groups: `q` holds the query
+/// heads of key/value heads `off / hd ..` (`group` heads each, `hd` values per head, one after
+/// another), key/value head `j` of the call sits at columns `off + j·hd` of the cache rows, and
+/// each query head attends as [`attend_head`] does, into `out` (same shape as `q`). Where the
+/// SIMD path applies (`hd` a multiple of 16) each cached key and value row is read once for
+/// every head of the call; the results equal [`attend_head`]'s bit for bit either way.
+/// `scores` is scratch of at least `(q.len() / hd) · slots.len()` values.
+#[allow(clippy::too_many_arguments)] // The heads' view of the paged cache.
+pub(crate) fn attend_heads(
+    isa: Isa,
+    q: &[f32],
+    hd: usize,
+    group: usize,
+    kc: &[u16],
+    vc: &[u16],
+    slots: &[u32],
+    off: usize,
+    kvd: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (hd, group) = (hd.max(1), group.max(1));
+    let heads = q.len() / hd;
+    let kvh = heads / group;
+    let ctx = slots.len();
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) && hd.is_multiple_of(16) {
+        use super::avx2::attend_heads as simd;
+        let (s, o) = (&mut scores[..heads * ctx], &mut out[..heads * hd]);
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2, FMA and F16C were detected, `hd`
+        // is a multiple of 16, and the slices hold the `kvh·group` heads passed.
+        let done = unsafe {
+            match group {
+                1 => {
+                    simd::<1>(q, hd, kvh, kc, vc, slots, off, kvd, scale, s, o);
+                    true
+                }
+                2 => {
+                    simd::<2>(q, hd, kvh, kc, vc, slots, off, kvd, scale, s, o);
+                    true
+                }
+                3 => {
+                    simd::<3>(q, hd, kvh, kc, vc, slots, off, kvd, scale, s, o);
+                    true
+                }
+                4 => {
+                    simd::<4>(q, hd, kvh, kc, vc, slots, off, kvd, scale, s, o);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if done {
+            return;
+        }
+        // Larger groups: each key/value head's query heads, four at a time.
+        for j in 0..kvh {
+            let mut h = 0;
+            while h < group {
+                let n = (group - h).min(4);
+                let at = (j * group + h) * hd;
+                let (q, o) = (&q[at..at + n * hd], &mut out[at..at + n * hd]);
+                let (s, off) = (&mut scores[..n * ctx], off + j * hd);
+                // SAFETY: as above, for the `n` heads of key/value head `j`.
+                unsafe {
+                    match n {
+                        4 => simd::<4>(q, hd, 1, kc, vc, slots, off, kvd, scale, s, o),
+                        3 => simd::<3>(q, hd, 1, kc, vc, slots, off, kvd, scale, s, o),
+                        2 => simd::<2>(q, hd, 1, kc, vc, slots, off, kvd, scale, s, o),
+                        _ => simd::<1>(q, hd, 1, kc, vc, slots, off, kvd, scale, s, o),
+                    }
+                }
+                h += n;
+            }
+        }
+        return;
+    }
+    for h in 0..heads {
+        let (q, o) = (&q[h * hd..(h + 1) * hd], &mut out[h * hd..(h + 1) * hd]);
+        let off = off + (h / group) * hd;
+        attend_head(
+            isa,
+            q,
+            kc,
+            vc,
+            slots,
+            off,
+            kvd,
+            scale,
+            &mut scores[..ctx],
+            o,
+        );
     }
 }
 
@@ -414,8 +563,7 @@ mod tests {
         let pool = Pool::new(2).unwrap();
         for isa in isas() {
             let mut out = vec![f32::NAN; t * rows];
-            let mut scratch = Vec::new();
-            matmul(&pool, isa, &w, &x, &mut out, &mut scratch);
+            matmul(&pool, isa, &w, &x, &mut out);
             for a in 0..t {
                 for r in 0..rows {
                     let want = dot_ref(&w, r, &x, a);
@@ -479,7 +627,7 @@ mod tests {
         let pool = Pool::new(2).unwrap();
         for isa in isas() {
             let mut out = vec![f32::NAN; t * rows];
-            matmul(&pool, isa, &w, &x, &mut out, &mut Vec::new());
+            matmul(&pool, isa, &w, &x, &mut out);
             for a in 0..t {
                 for r in 0..rows {
                     let want = dot_ref(&w, r, &x, a);
@@ -488,6 +636,35 @@ mod tests {
                         (got - want).abs() <= 1e-4 + 1e-5 * want.abs(),
                         "{isa:?} row {r} act {a}: {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_range_is_written_token_major_and_nothing_else() {
+        // Rows 16..37 of a 40-row matrix (a partial last group) for 5 activation rows: each
+        // path writes exactly `out[a * 21 + (r - 16)]`, and a guard element past the end stays.
+        let (rows, cols, t, r0, r1) = (40, 96, 5, 16, 37);
+        let mut rng = Rng::new(77);
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let w = QMatrix::pack(&PlainQ::quantize(qtype, rows, cols, &rng.vec(rows * cols)));
+            let x = QActs::quantize(&rng.vec(t * cols), t, cols, rounds_sum(qtype));
+            for isa in isas() {
+                let width = r1 - r0;
+                let mut out = vec![f32::NAN; t * width + 1];
+                out[t * width] = 7.0;
+                assert!(matmul_rows(isa, &w, &x, r0, r1, &mut out[..]));
+                assert_eq!(out[t * width], 7.0, "{isa:?} wrote past the range");
+                for a in 0..t {
+                    for r in r0..r1 {
+                        let want = dot_ref(&w, r, &x, a);
+                        let got = out[a * width + (r - r0)];
+                        assert!(
+                            (got - want).abs() <= 1e-4 + 1e-5 * want.abs(),
+                            "{qtype:?} {isa:?} row {r} act {a}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -661,6 +838,78 @@ mod tests {
             );
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 2e-3, "{isa:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_heads_equal_one_head_at_a_time_bit_for_bit() {
+        // The grouped path must not change a single bit (greedy parity with llama.cpp rests
+        // on it): group sizes on and off the specialised ones, one and several key/value heads
+        // per call (starting past column 0), head sizes on and off the 16-wide SIMD path,
+        // short and long contexts.
+        let mut rng = Rng::new(31);
+        for hd in [16usize, 40, 64] {
+            for (group, kvh) in [
+                (1usize, 1usize),
+                (3, 1),
+                (3, 2),
+                (2, 3),
+                (4, 2),
+                (5, 1),
+                (9, 2),
+            ] {
+                let kvd = (kvh + 1) * hd;
+                let slots_n = 70;
+                let kf = rng.vec(slots_n * kvd);
+                let vf = rng.vec(slots_n * kvd);
+                let (mut kc, mut vc) = (vec![0u16; kf.len()], vec![0u16; vf.len()]);
+                to_f16(Isa::Portable, &kf, &mut kc);
+                to_f16(Isa::Portable, &vf, &mut vc);
+                let heads = group * kvh;
+                for ctx in [1usize, 5, 33, 70] {
+                    let q: Vec<f32> = rng.vec(heads * hd).iter().map(|v| v * 4.0).collect();
+                    let slots: Vec<u32> = (0..ctx as u32).map(|i| (i * 13 + 5) % 70).collect();
+                    for isa in isas() {
+                        let mut want = vec![f32::NAN; heads * hd];
+                        let mut scores = vec![0f32; ctx];
+                        for h in 0..heads {
+                            attend_head(
+                                isa,
+                                &q[h * hd..(h + 1) * hd],
+                                &kc,
+                                &vc,
+                                &slots,
+                                hd + (h / group) * hd,
+                                kvd,
+                                0.3,
+                                &mut scores,
+                                &mut want[h * hd..(h + 1) * hd],
+                            );
+                        }
+                        let mut got = vec![f32::NAN; heads * hd];
+                        let mut scores = vec![0f32; heads * ctx];
+                        attend_heads(
+                            isa,
+                            &q,
+                            hd,
+                            group,
+                            &kc,
+                            &vc,
+                            &slots,
+                            hd,
+                            kvd,
+                            0.3,
+                            &mut scores,
+                            &mut got,
+                        );
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa:?} hd {hd} group {group} x{kvh} ctx {ctx}");
+                    }
+                }
             }
         }
     }

@@ -83,7 +83,6 @@ struct Scratch {
     attn: Vec<f32>,
     proj: Vec<f32>,
     ffn: Vec<f32>,
-    mm: Vec<f32>,
 }
 
 /// A model held for the CPU kernels.
@@ -245,7 +244,7 @@ impl CpuModel {
             );
             let width = qd + 2 * kvd;
             s.qkv.resize(t * width, 0.0);
-            self.project(&layer.qkv, &s.acts, &mut s.qkv, &mut s.mm);
+            self.project(&layer.qkv, &s.acts, &mut s.qkv);
             attn::rope_and_store(
                 self.isa,
                 c,
@@ -272,7 +271,7 @@ impl CpuModel {
             );
             quantize_rows(&s.attn, t, qd, rounds_sum(layer.wo.w.qtype), &mut s.acts);
             s.proj.resize(t * h, 0.0);
-            self.project(&layer.wo, &s.acts, &mut s.proj, &mut s.mm);
+            self.project(&layer.wo, &s.acts, &mut s.proj);
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }
@@ -288,7 +287,7 @@ impl CpuModel {
             );
             let inter = c.intermediate;
             s.ffn.resize(t * 2 * inter, 0.0);
-            self.project(&layer.gate_up, &s.acts, &mut s.ffn, &mut s.mm);
+            self.project(&layer.gate_up, &s.acts, &mut s.ffn);
             // SiLU gating fused with the quantization of the down projection's input.
             s.acts.reset(t, inter);
             let round = rounds_sum(layer.down.w.qtype);
@@ -299,7 +298,7 @@ impl CpuModel {
                 kernels::silu_mul(self.isa, gate, up, &mut s.normed);
                 s.acts.quantize_row(r, &s.normed, round);
             }
-            self.project(&layer.down, &s.acts, &mut s.proj, &mut s.mm);
+            self.project(&layer.down, &s.acts, &mut s.proj);
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }
@@ -323,15 +322,15 @@ impl CpuModel {
             &mut s.normed,
         );
         let mut logits = vec![0f32; n * out_w.rows];
-        kernels::matmul(&self.pool, self.isa, out_w, &s.acts, &mut logits, &mut s.mm);
+        kernels::matmul(&self.pool, self.isa, out_w, &s.acts, &mut logits);
         Ok(logits
             .chunks_exact(out_w.rows)
             .map(|row| row[..c.vocab].to_vec())
             .collect())
     }
 
-    fn project(&self, p: &Proj, acts: &QActs, out: &mut [f32], scratch: &mut Vec<f32>) {
-        kernels::matmul(&self.pool, self.isa, &p.w, acts, out, scratch);
+    fn project(&self, p: &Proj, acts: &QActs, out: &mut [f32]) {
+        kernels::matmul(&self.pool, self.isa, &p.w, acts, out);
         if let Some(b) = &p.bias {
             for row in out.chunks_exact_mut(p.w.rows) {
                 for (o, v) in row.iter_mut().zip(b) {
