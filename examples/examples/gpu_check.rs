@@ -1,15 +1,24 @@
-//! The GPU check (scripts/gpu-check runs it): tests every Keel CUDA kernel against its CPU
-//! reference on fresh random inputs at several sizes, measures the device's copy bandwidth,
-//! and prints a table. Exits non-zero when a check fails.
+//! The GPU check (scripts/gpu-check runs it), in three parts:
+//!
+//! - `kernels`: every Keel CUDA kernel against its CPU reference on fresh random inputs at
+//!   several sizes, and the device's copy bandwidth;
+//! - `greedy`: greedy generation on the GPU equals the CPU for a SmolLM2-135M-shaped f32
+//!   model with seeded random weights ([`keel_serving::RandomModel`]), through the engine;
+//! - `decode`: decode tokens/s through the engine at batch 1, 32 and 256 for SmolLM2-135M- and
+//!   Llama-1B-shaped random-weight bf16 models, next to the memory-bandwidth floor.
+//!
+//! It prints a table per part and exits non-zero when a check fails.
 //!
 //! ```text
 //! cargo run --release -p keel-examples --features cuda --example gpu_check -- \
-//!     [--device 0] [--seed N] [--require-gpu] [--quick]
+//!     [--device 0] [--seed N] [--require-gpu] [--quick] [--only kernels|greedy|decode]...
+//!     [--new-tokens 64]
 //! ```
 //!
-//! Without a GPU (or built without the `cuda` feature) it runs the same checks through the
-//! CPU path of the kernels' candle ops, which tests the harness, and says so; `--require-gpu`
-//! makes that a failure instead.
+//! Without a GPU (or built without the `cuda` feature) the kernel part runs the same checks
+//! through the CPU path of the kernels' candle ops, and the greedy and decode parts run on the
+//! CPU against itself on a tiny f32 model: that tests the harness, not the kernels, and it
+//! says so. `--require-gpu` makes a missing GPU a failure instead.
 //!
 //! Error bounds are normwise: max |device − reference| / max |reference| per output. f32
 //! kernels must agree within 1e-5, bf16 within 1e-2. Attention with f16-rounded probabilities
@@ -24,12 +33,22 @@ use anyhow::{Context, bail};
 use keel_serving::cuda_kernels::{
     self as k, AttentionShape, BlockTables, Dtype, KernelDevice, RopeStyle, Rounding, SampleParams,
 };
+use keel_serving::{Device, Engine, GenerateRequest, RandomModel, SamplingParams, StreamEvent};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Kernels,
+    Greedy,
+    Decode,
+}
 
 struct Args {
     device: usize,
     seed: u64,
     require_gpu: bool,
     quick: bool,
+    parts: Vec<Part>,
+    new_tokens: usize,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -42,6 +61,8 @@ fn parse() -> anyhow::Result<Args> {
         seed: now,
         require_gpu: false,
         quick: false,
+        parts: Vec::new(),
+        new_tokens: 64,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,8 +72,18 @@ fn parse() -> anyhow::Result<Args> {
             "--seed" => a.seed = value()?.parse()?,
             "--require-gpu" => a.require_gpu = true,
             "--quick" => a.quick = true,
+            "--new-tokens" => a.new_tokens = value()?.parse::<usize>()?.max(2),
+            "--only" => a.parts.push(match value()?.as_str() {
+                "kernels" => Part::Kernels,
+                "greedy" => Part::Greedy,
+                "decode" => Part::Decode,
+                other => bail!("--only takes kernels, greedy or decode, not {other:?}"),
+            }),
             other => bail!("unknown argument {other:?}"),
         }
+    }
+    if a.parts.is_empty() {
+        a.parts = vec![Part::Kernels, Part::Greedy, Part::Decode];
     }
     Ok(a)
 }
@@ -404,6 +435,254 @@ fn check_sampling(
     Ok(())
 }
 
+/// Without a GPU, the greedy and decode parts run on the CPU against itself on this tiny
+/// f32 model: that tests the harness, not the kernels.
+fn harness_model() -> RandomModel {
+    RandomModel::llama(64, 2, 4, 2, 128, 512).expect("a valid shape")
+}
+
+/// One greedy run's tokens and, per token, the gap between the two most likely tokens'
+/// log-probabilities (when asked for).
+struct Greedy {
+    tokens: Vec<u32>,
+    gaps: Vec<f32>,
+}
+
+/// Runs every prompt at once on `engine`, greedily, `new` tokens each.
+async fn greedy_runs(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    new: usize,
+) -> anyhow::Result<Vec<Greedy>> {
+    let mut streams = Vec::new();
+    for p in prompts {
+        let params = SamplingParams::greedy()
+            .max_tokens(new)
+            .ignore_eos(true)
+            .logprobs(2);
+        streams.push(engine.generate(GenerateRequest::tokens(p.clone()).sampling(params))?);
+    }
+    let mut out = Vec::new();
+    for mut s in streams {
+        let mut g = Greedy {
+            tokens: Vec::new(),
+            gaps: Vec::new(),
+        };
+        while let Some(ev) = s.next().await {
+            if let StreamEvent::Token(d) = ev? {
+                g.tokens.push(d.token());
+                let top = d.top_logprobs();
+                g.gaps.push(match top {
+                    [a, b, ..] => (a.logprob() - b.logprob()).abs(),
+                    _ => f32::INFINITY,
+                });
+            }
+        }
+        out.push(g);
+    }
+    Ok(out)
+}
+
+/// Part (b): greedy tokens on the GPU equal the CPU's for a SmolLM2-shaped f32 random model.
+/// A divergence counts as a failure unless the CPU's two best tokens were within 1e-3 in
+/// log-probability at that step (a near-tie that float summation order may break either way).
+fn check_greedy(
+    args: &Args,
+    rt: &tokio::runtime::Runtime,
+    target: Device,
+) -> anyhow::Result<(String, bool)> {
+    let spec = match target {
+        Device::Cpu => harness_model(),
+        _ => RandomModel::smollm2_135m(),
+    }
+    .seed(args.seed);
+    let mut g = Gen(args.seed ^ 0x5eed);
+    let lens: &[usize] = if args.quick {
+        &[5, 33]
+    } else {
+        &[1, 5, 17, 33, 64, 100]
+    };
+    let new = if args.quick { 16 } else { 32 };
+    let build = |device| {
+        Engine::builder()
+            .random_model(spec.clone())
+            .device(device)
+            .kv_blocks(256)
+            .max_seqs(lens.len())
+            .build()
+    };
+    let t = Instant::now();
+    let cpu = build(Device::Cpu)?;
+    let gpu = build(target)?;
+    let vocab = cpu.model_info().vocab_size;
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| g.below(vocab) as u32).collect())
+        .collect();
+    println!(
+        "greedy: {} parameters, kernels cpu {:?} gpu {:?}",
+        spec.parameters(),
+        cpu.model_info().kernels,
+        gpu.model_info().kernels
+    );
+    let want = rt.block_on(greedy_runs(&cpu, &prompts, new))?;
+    let got = rt.block_on(greedy_runs(&gpu, &prompts, new))?;
+    let mut ok = true;
+    let mut lines = Vec::new();
+    for ((w, gt), n) in want.iter().zip(&got).zip(lens) {
+        let same = w
+            .tokens
+            .iter()
+            .zip(&gt.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let verdict = if same == w.tokens.len() && w.tokens.len() == gt.tokens.len() {
+            "equal".to_string()
+        } else if w.gaps.get(same).is_some_and(|gap| *gap < 1e-3) {
+            format!(
+                "equal for {same} tokens, then a near-tie (gap {:.1e})",
+                w.gaps[same]
+            )
+        } else {
+            ok = false;
+            format!(
+                "DIFFERENT after {same} tokens (gap {:.1e}): cpu {:?} gpu {:?}",
+                w.gaps.get(same).copied().unwrap_or(f32::NAN),
+                &w.tokens[same..(same + 4).min(w.tokens.len())],
+                &gt.tokens[same..(same + 4).min(gt.tokens.len())]
+            )
+        };
+        lines.push(format!("  prompt of {n:>3} tokens, {new} new: {verdict}"));
+    }
+    println!("{}", lines.join("\n"));
+    let summary = format!(
+        "{} prompts, {} ({:.1} s)",
+        prompts.len(),
+        if ok { "ok" } else { "FAIL" },
+        t.elapsed().as_secs_f64()
+    );
+    Ok((summary, ok))
+}
+
+/// One row of the decode table.
+struct DecodeRow {
+    model: &'static str,
+    batch: usize,
+    tokens_per_s: f64,
+    ms_per_step: f64,
+    floor_tokens_per_s: Option<f64>,
+}
+
+/// Part (c): decode tokens/s through the engine for bf16 random models at several batch
+/// sizes, next to the bandwidth floor (weights plus the KV cache read per step, at the copy
+/// bandwidth `bw`).
+fn decode_bench(
+    args: &Args,
+    rt: &tokio::runtime::Runtime,
+    bw: Option<f64>,
+    target: Device,
+) -> anyhow::Result<Vec<DecodeRow>> {
+    let batches: &[usize] = if args.quick { &[1, 32] } else { &[1, 32, 256] };
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let (prompt, new) = (16usize, args.new_tokens);
+    let mut rows = Vec::new();
+    // (name, model, layers, key/value width) for the floor's KV bytes.
+    let models = match target {
+        Device::Cpu => vec![("harness", harness_model(), 2usize, 32usize)],
+        _ => vec![
+            (
+                "SmolLM2-135M",
+                RandomModel::smollm2_135m().dtype(Dtype::Bf16),
+                30,
+                192,
+            ),
+            (
+                "Llama-1B",
+                RandomModel::llama_1b().dtype(Dtype::Bf16),
+                16,
+                512,
+            ),
+        ],
+    };
+    for (name, spec, layers, kv_dim) in models {
+        let spec = spec.seed(args.seed);
+        let params = spec.parameters();
+        let t = Instant::now();
+        let block = 16;
+        let per_seq = (prompt + new).div_ceil(block) + 1;
+        let engine = Engine::builder()
+            .random_model(spec)
+            .device(target)
+            .block_size(block)
+            .kv_blocks(max_batch * per_seq + 16)
+            .max_seqs(max_batch)
+            .max_batch_tokens(max_batch * prompt)
+            .prefix_caching(false)
+            .build()?;
+        println!(
+            "decode: {name} ({params} parameters, {}, kernels {:?}) built in {:.1} s",
+            engine.model_info().weight_type,
+            engine.model_info().kernels,
+            t.elapsed().as_secs_f64()
+        );
+        let mut g = Gen(args.seed ^ 0xdec0de);
+        let vocab = engine.model_info().vocab_size;
+        let run = |batch: usize, new: usize, g: &mut Gen| -> anyhow::Result<(f64, f64)> {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|_| (0..prompt).map(|_| g.below(vocab) as u32).collect())
+                .collect();
+            let done = rt.block_on(async {
+                let mut streams = Vec::new();
+                for p in &prompts {
+                    let params = SamplingParams::greedy().max_tokens(new).ignore_eos(true);
+                    streams.push(
+                        engine.generate(GenerateRequest::tokens(p.clone()).sampling(params))?,
+                    );
+                }
+                let mut out = Vec::new();
+                for s in streams {
+                    out.push(s.collect().await?);
+                }
+                anyhow::Ok(out)
+            })?;
+            // Every sequence decodes in the same steps: from the last first token to the last
+            // token is `new - 1` steps of the whole batch.
+            let first = done
+                .iter()
+                .map(|c| c.summary.timings.time_to_first_token)
+                .max()
+                .unwrap_or_default();
+            let last = done
+                .iter()
+                .map(|c| c.summary.timings.total)
+                .max()
+                .unwrap_or_default();
+            let secs = (last.saturating_sub(first)).as_secs_f64().max(1e-9);
+            let steps = (new - 1) as f64;
+            Ok(((batch as f64 * steps) / secs, secs / steps * 1e3))
+        };
+        run(1, 4, &mut g)?; // warm-up: module loads, cuBLAS handles, allocations
+        for &batch in batches {
+            let (tps, ms) = run(batch, new, &mut g)?;
+            // Bytes a step must move: every bf16 weight once, plus each sequence's K and V
+            // (bf16) at its mean context length.
+            let mean_ctx = (prompt + new / 2) as f64;
+            let kv = batch as f64 * mean_ctx * (layers * kv_dim * 2 * 2) as f64;
+            let bytes = params as f64 * 2.0 + kv;
+            rows.push(DecodeRow {
+                model: name,
+                batch,
+                tokens_per_s: tps,
+                ms_per_step: ms,
+                floor_tokens_per_s: bw.map(|bw| batch as f64 * bw / bytes),
+            });
+            println!("  batch {batch:>3}: {tps:>9.0} tokens/s, {ms:>7.2} ms/step");
+        }
+        drop(engine);
+    }
+    Ok(rows)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = parse()?;
     println!(
@@ -421,24 +700,24 @@ fn main() -> anyhow::Result<()> {
             KernelDevice::cpu()
         }
     };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let mut g = Gen(args.seed);
     let mut rows = Vec::new();
     let start = Instant::now();
-    check_rms(&dev, &mut g, &mut rows, args.quick)?;
-    check_rope(&dev, &mut g, &mut rows, args.quick)?;
-    check_kv(&dev, &mut g, &mut rows, args.quick)?;
-    check_attention(&dev, &mut g, &mut rows, args.quick)?;
-    check_sampling(&dev, &mut g, &mut rows, args.quick)?;
+    let kernels = args.parts.contains(&Part::Kernels);
+    if kernels {
+        check_rms(&dev, &mut g, &mut rows, args.quick)?;
+        check_rope(&dev, &mut g, &mut rows, args.quick)?;
+        check_kv(&dev, &mut g, &mut rows, args.quick)?;
+        check_attention(&dev, &mut g, &mut rows, args.quick)?;
+        check_sampling(&dev, &mut g, &mut rows, args.quick)?;
+    }
     let kernel_secs = start.elapsed().as_secs_f64();
 
-    // (b) Greedy generation on the GPU equals the CPU for a small random-weight model.
-    // NOT RUN: needs the engine to run on a CUDA device with these kernels (issue 8, item 3)
-    // and to build an Engine from an in-memory random-weight configuration. See docs/cuda.md.
-    let greedy = "not run: needs the engine's CUDA path (issue 8, item 3)";
-
-    // (c) Decode throughput next to the bandwidth floor. The floor is measured here; decode
-    // tokens/s needs the engine's CUDA path, like (b).
-    let bandwidth = if dev.is_cuda() {
+    // The bandwidth floor's denominator, for (a)'s report and (c)'s table.
+    let bandwidth = if dev.is_cuda() && (kernels || args.parts.contains(&Part::Decode)) {
         let bytes = if args.quick { 256 << 20 } else { 1 << 30 };
         dev.copy_bandwidth(bytes, 2)?; // warm-up
         Some(dev.copy_bandwidth(bytes, 10)?)
@@ -446,49 +725,103 @@ fn main() -> anyhow::Result<()> {
         None
     };
 
-    println!();
-    println!(
-        "{:<18} {:<5} {:<34} {:>10} {:>8}  {:<4} note",
-        "kernel", "dtype", "size", "error", "bound", "ok"
-    );
-    for r in &rows {
+    // Without a GPU (and without --require-gpu) the engine parts run on the CPU on a tiny
+    // model, which tests the harness.
+    let target = if dev.is_cuda() {
+        Device::Cuda(args.device)
+    } else {
+        Device::Cpu
+    };
+
+    // (b) Greedy generation on the GPU equals the CPU for a random-weight model.
+    let greedy = if args.parts.contains(&Part::Greedy) {
+        Some(check_greedy(&args, &rt, target)?)
+    } else {
+        None
+    };
+
+    // (c) Decode throughput next to the bandwidth floor.
+    let decode = if args.parts.contains(&Part::Decode) {
+        Some(decode_bench(&args, &rt, bandwidth, target)?)
+    } else {
+        None
+    };
+
+    let mut failed = 0;
+    if kernels {
+        println!();
         println!(
-            "{:<18} {:<5} {:<34} {:>10.2e} {:>8.0e}  {:<4} {}",
-            r.kernel,
-            r.dtype,
-            r.size,
-            r.error,
-            r.bound,
-            if r.ok() { "ok" } else { "FAIL" },
-            r.note
+            "{:<18} {:<5} {:<34} {:>10} {:>8}  {:<4} note",
+            "kernel", "dtype", "size", "error", "bound", "ok"
         );
-    }
-    println!();
-    let failed = rows.iter().filter(|r| !r.ok()).count();
-    println!(
-        "kernels: {} checks, {failed} failed ({kernel_secs:.1} s)",
-        rows.len()
-    );
-    println!("greedy GPU = CPU: {greedy}");
-    match bandwidth {
-        Some(bw) => {
-            println!("copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
-            // bf16 weights that every decode step must read, at batch 1.
-            for (name, params) in [("SmolLM2-135M", 135e6), ("Llama-1B", 1.24e9)] {
-                let bytes = params * 2.0;
-                println!(
-                    "  {name}: {:.0} MB of bf16 weights per step, floor {:.0} us/step = {:.0} tokens/s at batch 1",
-                    bytes / 1e6,
-                    bytes / bw * 1e6,
-                    bw / bytes
-                );
-            }
-            println!("decode tokens/s: not run: needs the engine's CUDA path (issue 8, item 3)");
+        for r in &rows {
+            println!(
+                "{:<18} {:<5} {:<34} {:>10.2e} {:>8.0e}  {:<4} {}",
+                r.kernel,
+                r.dtype,
+                r.size,
+                r.error,
+                r.bound,
+                if r.ok() { "ok" } else { "FAIL" },
+                r.note
+            );
         }
-        None => println!("copy bandwidth: not measured on the CPU"),
+        println!();
+        failed = rows.iter().filter(|r| !r.ok()).count();
+        println!(
+            "kernels: {} checks, {failed} failed ({kernel_secs:.1} s)",
+            rows.len()
+        );
+        match bandwidth {
+            Some(bw) => {
+                println!("copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
+                // bf16 weights that every decode step must read, at batch 1.
+                for (name, params) in [
+                    ("SmolLM2-135M", RandomModel::smollm2_135m().parameters()),
+                    ("Llama-1B", RandomModel::llama_1b().parameters()),
+                ] {
+                    let bytes = params as f64 * 2.0;
+                    println!(
+                        "  {name}: {:.0} MB of bf16 weights per step, floor {:.0} us/step = {:.0} tokens/s at batch 1",
+                        bytes / 1e6,
+                        bytes / bw * 1e6,
+                        bw / bytes
+                    );
+                }
+            }
+            None => println!("copy bandwidth: not measured on the CPU"),
+        }
+    }
+    let mut greedy_failed = false;
+    if let Some((summary, ok)) = &greedy {
+        println!("greedy GPU = CPU: {summary}");
+        greedy_failed = !ok;
+    }
+    if let Some(decode) = &decode {
+        println!();
+        println!(
+            "{:<14} {:>5} {:>12} {:>9} {:>14} {:>8}   (Keel engine, random weights (bf16 on a GPU), 16-token prompts, {} new tokens, logits to the host each step)",
+            "model", "batch", "tokens/s", "ms/step", "floor tok/s", "of floor", args.new_tokens
+        );
+        for r in decode {
+            let (floor, share) = match r.floor_tokens_per_s {
+                Some(f) => (
+                    format!("{f:.0}"),
+                    format!("{:.1}%", 100.0 * r.tokens_per_s / f),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            println!(
+                "{:<14} {:>5} {:>12.0} {:>9.2} {:>14} {:>8}",
+                r.model, r.batch, r.tokens_per_s, r.ms_per_step, floor, share
+            );
+        }
     }
     if failed > 0 {
         bail!("{failed} kernel checks failed");
+    }
+    if greedy_failed {
+        bail!("greedy generation on the GPU differs from the CPU");
     }
     Ok(())
 }
