@@ -21,6 +21,7 @@ fn public_types_are_send_and_sync() {
     send_sync::<EngineLoad>();
     send_sync::<ChatTemplate>();
     send_sync::<ModelInfo>();
+    send_sync::<RandomModel>();
     send_sync::<GenerationStream>();
     send::<GenerationStream>();
 }
