@@ -403,10 +403,8 @@ impl Context {
                     return Ok(value);
                 }
                 Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
-                    let base = policy.base_delay(attempt);
                     let r = (self.shared.rt.next_random() >> 11) as f64 / (1u64 << 53) as f64;
-                    let wait = base.mul_f64(1.0 - policy.jitter * r);
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(policy.delay(attempt, r)).await;
                 }
                 Err(e) => {
                     let ev = Event::Step {

@@ -357,14 +357,26 @@ impl RetryPolicy {
         self
     }
 
+    /// The wait before attempt `attempt + 1` with jitter applied, for a uniform draw `r` in
+    /// `0..1`.
+    pub(crate) fn delay(&self, attempt: u32, r: f64) -> Duration {
+        let base = self.base_delay(attempt);
+        // Not `Duration::mul_f64`, which panics when the product rounds past `Duration::MAX`.
+        Duration::try_from_secs_f64(base.as_secs_f64() * (1.0 - self.jitter * r)).unwrap_or(base)
+    }
+
     /// The wait before attempt `attempt + 1` (after `attempt` failures, from 1), before jitter.
     pub(crate) fn base_delay(&self, attempt: u32) -> Duration {
         let exp = self
             .multiplier
             .powi(i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX));
         let secs = self.initial_interval.as_secs_f64() * exp;
-        let max = self.max_interval.as_secs_f64();
-        Duration::from_secs_f64(if secs.is_finite() { secs.min(max) } else { max })
+        // `max_interval` near `Duration::MAX` rounds up as an `f64` to more seconds than a
+        // `Duration` holds, and `from_secs_f64` would panic on it; such a wait is the maximum.
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) => d.min(self.max_interval),
+            Err(_) => self.max_interval,
+        }
     }
 }
 
@@ -451,6 +463,17 @@ mod tests {
         assert_eq!(p.base_delay(3), Duration::from_millis(40));
         assert_eq!(p.base_delay(4), Duration::from_millis(50));
         assert_eq!(p.base_delay(400), Duration::from_millis(50));
+        // A cap beyond what an `f64` of seconds converts back into a `Duration` is no panic.
+        let p = RetryPolicy::default().backoff(Duration::from_secs(1), 2.0, Duration::MAX);
+        assert_eq!(p.base_delay(3), Duration::from_secs(4));
+        assert_eq!(p.base_delay(64), Duration::from_secs(1 << 63));
+        assert_eq!(p.base_delay(65), Duration::MAX);
+        assert_eq!(p.base_delay(u32::MAX), Duration::MAX);
+        assert_eq!(p.delay(u32::MAX, 0.0), Duration::MAX);
+        let p = p.jitter(0.5);
+        assert_eq!(p.delay(3, 0.0), Duration::from_secs(4));
+        assert_eq!(p.delay(3, 0.5), Duration::from_secs(3));
+        assert!(p.delay(u32::MAX, 0.5) < Duration::MAX);
     }
 
     #[test]
