@@ -387,21 +387,7 @@ impl CandleModel {
             });
         }
         // Map each sequence's rows back to the batch's token order.
-        let mut out_start = vec![0usize; seqs.len()];
-        let mut pos = 0usize;
-        for &i in &order {
-            out_start[i] = pos;
-            pos += seqs[i].len;
-        }
-        let perm: Vec<u32> = seqs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| {
-                let base = out_start[i];
-                (0..s.len).map(move |k| (base + k) as u32)
-            })
-            .collect();
-        let identity = perm.iter().enumerate().all(|(k, p)| *p as usize == k);
+        let (perm, identity) = batch_permutation(seqs, &order);
         let perm = Tensor::from_vec(perm, t, dev)?;
 
         let mut x = self.embedding.index_select(&ids, 0)?;
@@ -533,21 +519,7 @@ impl CandleModel {
             .map(|p| p.0)
             .chain(decode.iter().copied())
             .collect();
-        let mut out_start = vec![0usize; seqs.len()];
-        let mut pos = 0usize;
-        for &i in &order {
-            out_start[i] = pos;
-            pos += seqs[i].len;
-        }
-        let perm: Vec<u32> = seqs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| {
-                let base = out_start[i];
-                (0..s.len).map(move |k| (base + k) as u32)
-            })
-            .collect();
-        let identity = perm.iter().enumerate().all(|(k, p)| *p as usize == k);
+        let (perm, identity) = batch_permutation(seqs, &order);
         let perm = Tensor::from_vec(perm, t, dev).map_err(err)?;
         let style = match c.rope_style {
             RopeStyle::Interleaved => kernels::RopeStyle::Interleaved,
@@ -785,6 +757,28 @@ fn causal_mask(start: usize, len: usize, dev: &Device) -> candle_core::Result<Te
         }
     }
     Tensor::from_vec(m, (len, ctx), dev)
+}
+
+/// Where each token of the batch (sequences in `seqs` order) lands when the sequences are
+/// processed in `order`: the row of the reordered batch for every original row, and whether
+/// that is the identity (nothing to permute).
+fn batch_permutation(seqs: &[SeqStep], order: &[usize]) -> (Vec<u32>, bool) {
+    let mut out_start = vec![0usize; seqs.len()];
+    let mut pos = 0usize;
+    for &i in order {
+        out_start[i] = pos;
+        pos += seqs[i].len;
+    }
+    let perm: Vec<u32> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            let base = out_start[i];
+            (0..s.len).map(move |k| (base + k) as u32)
+        })
+        .collect();
+    let identity = perm.iter().enumerate().all(|(k, p)| *p as usize == k);
+    (perm, identity)
 }
 
 #[cfg(test)]
