@@ -3,11 +3,16 @@
 //! through [`super::kernels`] after run-time detection. Memory accesses are bounds-checked per
 //! row or guarded by the loop bounds next to each `unsafe` load.
 //!
-//! The quantized kernel multiplies one half of a group of sixteen weight rows (interleaved by
-//! [`QMatrix::pack`]; a 32-byte vector is half of each 64-byte line, eight rows) by up to four
+//! The quantized kernels multiply row groups of sixteen weight rows (interleaved by
+//! [`QMatrix::pack`]; a 32-byte vector is half of each 64-byte line, eight rows) by a tile of
 //! activation rows per pass over the blocks, so each weight block is unpacked once and used
-//! for every activation row (prefill and batched decode), and each scale multiply and
-//! accumulation serves eight rows at once.
+//! for every row of the tile, and each scale multiply and accumulation serves eight rows at
+//! once. 4-bit weights with several activation rows take the whole group and three activation
+//! rows per pass ([`group2`]: each broadcast of activation bytes feeds both halves); one
+//! activation row (decode) and 8-bit weights take one half and up to four rows ([`group`]).
+//! On Zen 3 the vector units retire about three integer operations per cycle, so what bounds
+//! these loops is the count of widening, adding and scaling operations per multiply, not the
+//! multiplies themselves; those two tile shapes measured fastest for their formats.
 
 use std::arch::x86_64::*;
 
@@ -16,6 +21,9 @@ use super::quant::{LINE, QActs, QK, QMatrix, QType, ROWS};
 
 /// Rows one 256-bit vector serves: half of a [`ROWS`] group.
 const HALF: usize = 8;
+
+/// Activation rows per tile of [`group2`].
+const TILE2: usize = 3;
 
 /// How far ahead of the block being multiplied the kernel prefetches weights, in bytes:
 /// decode streams every weight from memory once, and the hardware prefetcher alone leaves
@@ -34,13 +42,15 @@ fn hsum(v: __m256) -> f32 {
 
 /// Half `half` (rows `16g + 8·half ..`, eight output features) of row group `g` times
 /// activation rows `a0..a0 + C`: returns the eight dot products for each of the `C` activation
-/// rows. `super::kernels` checks every shape before calling; the group's and the activation
-/// rows' slices are cut once here, and the loop reads inside them through raw pointers.
-/// The first half prefetches the group's weights; the second finds them in cache.
+/// rows. `super::kernels` checks every shape before calling (`a0 + C <= x.rows`, the buffers
+/// cover `x.rows × nb` blocks, `g` is a group of `w`). The first half prefetches the group's
+/// weights; the second finds them in cache.
 ///
-/// The loop takes one 32-byte weight vector at a time (unpacked to low and high nibbles for
-/// 4-bit weights) and multiplies it into every activation row's accumulator, so a block holds
-/// only two weight vectors, `C` integer sums and `C` float sums in registers.
+/// Activations are block-major ([`QActs`]), so block `b` of the tile's rows is one run of
+/// `32·C` bytes and `C` scales at `b·t + a0`: one pointer per block, everything else a constant
+/// offset, which leaves the sixteen vector registers to the arithmetic. The loop takes one
+/// 32-byte weight vector at a time (unpacked to low and high nibbles for 4-bit weights) and
+/// multiplies it into every activation row's integer sum.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn group<const C: usize, const NIBBLES: bool>(
@@ -51,99 +61,95 @@ fn group<const C: usize, const NIBBLES: bool>(
     a0: usize,
 ) -> [[f32; HALF]; C] {
     let nb = w.nb;
+    let t = x.rows;
     let gbb = QMatrix::group_block_bytes(w.qtype);
-    let wq = &w.qs[g * nb * gbb..(g + 1) * nb * gbb];
-    let wd = &w.d[g * nb * ROWS..(g + 1) * nb * ROWS];
+    let wq = w.qs[g * nb * gbb..(g + 1) * nb * gbb].as_ptr();
+    let wd = w.d[g * nb * ROWS..(g + 1) * nb * ROWS].as_ptr();
     let mins = w.qtype == QType::Q4_1;
     let wc = if mins {
-        &w.c[g * nb * ROWS..(g + 1) * nb * ROWS]
+        w.c[g * nb * ROWS..(g + 1) * nb * ROWS].as_ptr()
     } else {
-        &[][..]
+        wd
     };
-    // Activation rows `a0..a0 + C`, each `nb` blocks: quants, scales and block sums.
-    let xq = x.qs[a0 * nb * QK..(a0 + C) * nb * QK].as_ptr();
-    let xd = x.d[a0 * nb..(a0 + C) * nb].as_ptr();
-    let xs = x.s[a0 * nb..(a0 + C) * nb].as_ptr();
-    // Four activation bytes `4k..4k + 4` of block `b` of row `c`, broadcast to every lane.
-    let bcast = |c: usize, b: usize, k: usize| {
-        // SAFETY: `c < C`, `b < nb` and `k < 8`, so the four bytes at
-        // `(c·nb + b)·32 + 4k` lie inside the `C·nb·32` bytes `xq` was cut to.
-        _mm256_set1_epi32(unsafe {
-            xq.add((c * nb + b) * QK + 4 * k)
-                .cast::<i32>()
-                .read_unaligned()
-        })
-    };
-    let scale_d = |c: usize, b: usize| {
-        // SAFETY: `c < C` and `b < nb` index inside the `C·nb` scales `xd` was cut to.
-        _mm256_set1_ps(unsafe { *xd.add(c * nb + b) })
-    };
-    let scale_s = |c: usize, b: usize| {
-        // SAFETY: `c < C` and `b < nb` index inside the `C·nb` block sums `xs` was cut to.
-        _mm256_set1_ps(unsafe { *xs.add(c * nb + b) })
-    };
+    let xq = x.qs[..nb * t * QK].as_ptr();
+    let xd = x.d[..nb * t].as_ptr();
+    let xs = x.s[..nb * t].as_ptr();
     let minus8 = _mm256_set1_ps(-8.0);
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(0x0f);
-    let zero = _mm256_setzero_si256();
     let mut acc = [_mm256_setzero_ps(); C];
     for b in 0..nb {
-        let blk = &wq[b * gbb..(b + 1) * gbb];
+        // The tile's entries for block `b`: index `b·t + a0 + c` for `c < C`.
+        let j = b * t + a0;
+        // SAFETY: `b < nb` and `a0 + C <= t`, so the `32·C` bytes at `32·j` lie inside the
+        // `nb·t·32` bytes `xq` was cut to.
+        let q = unsafe { xq.add(j * QK) };
+        // Four activation bytes `4k..4k + 4` of row `c`, broadcast to every lane.
+        // SAFETY: `c < C` and `k < 8`: inside the tile's bytes (see above).
+        let bcast = |c: usize, k: usize| unsafe {
+            _mm256_set1_epi32(q.add(c * QK + 4 * k).cast::<i32>().read_unaligned())
+        };
+        // SAFETY: `j + c < nb·t`, inside the scales `xd` and `xs` were cut to.
+        let scale_d = |c: usize| unsafe { _mm256_set1_ps(*xd.add(j + c)) };
+        // SAFETY: as above.
+        let scale_s = |c: usize| unsafe { _mm256_set1_ps(*xs.add(j + c)) };
+        // SAFETY: `b < nb`: the block's `gbb` bytes lie inside the group's `nb·gbb`.
+        let blk = unsafe { wq.add(b * gbb + 32 * half) };
         if half == 0 {
             // A hint only: addresses past the end are never dereferenced.
-            let ahead = wq.as_ptr().wrapping_add(b * gbb + PREFETCH_BYTES);
+            let ahead = wq.wrapping_add(b * gbb + PREFETCH_BYTES);
             for line in (0..gbb).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             }
         }
         let sc = b * ROWS + HALF * half;
         // SAFETY: `wd` holds `nb * 16` f16 values and `half < 2`, so 8 at `sc` are in bounds.
-        let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd[sc..sc + HALF].as_ptr().cast())) };
+        let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd.add(sc).cast())) };
         if NIBBLES {
             // Eight products of at most 2·15·127 each fit an i16 lane (30480 < 32767).
-            let mut sum = [zero; C];
-            for j in 0..4 {
-                let at = LINE * j + 32 * half;
-                // SAFETY: `blk` holds 256 bytes; 32 at `at` (j < 4, half < 2) are in bounds.
-                let raw = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
+            let mut sum = [_mm256_setzero_si256(); C];
+            for jj in 0..4 {
+                // SAFETY: 32 bytes at `64·jj` of this half's start lie inside the 256-byte
+                // block (`jj < 4`, `half < 2`).
+                let raw = unsafe { _mm256_loadu_si256(blk.add(LINE * jj).cast()) };
                 let lo = _mm256_and_si256(raw, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
                 for (c, s) in sum.iter_mut().enumerate() {
                     let p = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, bcast(c, b, 2 * j)),
-                        _mm256_maddubs_epi16(hi, bcast(c, b, 2 * j + 1)),
+                        _mm256_maddubs_epi16(lo, bcast(c, 2 * jj)),
+                        _mm256_maddubs_epi16(hi, bcast(c, 2 * jj + 1)),
                     );
-                    *s = _mm256_add_epi16(*s, p);
+                    *s = if jj == 0 { p } else { _mm256_add_epi16(*s, p) };
                 }
             }
             let cv = if mins {
                 // SAFETY: `wc` holds `nb * 16` f16 values, so 8 at `sc` are in bounds.
-                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wc[sc..sc + HALF].as_ptr().cast())) }
+                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wc.add(sc).cast())) }
             } else {
                 _mm256_mul_ps(dv, minus8)
             };
             for (c, a) in acc.iter_mut().enumerate() {
                 let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[c], ones));
-                *a = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), scale_d(c, b), *a);
-                *a = _mm256_fmadd_ps(cv, scale_s(c, b), *a);
+                *a = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), scale_d(c), *a);
+                *a = _mm256_fmadd_ps(cv, scale_s(c), *a);
             }
         } else {
-            let mut sum = [zero; C];
+            let mut sum = [_mm256_setzero_si256(); C];
             for k in 0..8 {
-                let at = LINE * k + 32 * half;
-                // SAFETY: `blk` holds 512 bytes; 32 at `at` (k < 8, half < 2) are in bounds.
-                let wk = unsafe { _mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()) };
+                // SAFETY: 32 bytes at `64·k` of this half's start lie inside the 512-byte
+                // block (`k < 8`, `half < 2`).
+                let wk = unsafe { _mm256_loadu_si256(blk.add(LINE * k).cast()) };
                 // Signed × signed: |w| × (a with w's sign); one product pair is at most
                 // 2·128·127 = 32512, so it fits before widening.
                 let mag = _mm256_sign_epi8(wk, wk);
                 for (c, s) in sum.iter_mut().enumerate() {
-                    let p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(bcast(c, b, k), wk));
+                    let p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(bcast(c, k), wk));
                     *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
                 }
             }
             for (c, a) in acc.iter_mut().enumerate() {
                 let f = _mm256_cvtepi32_ps(sum[c]);
-                *a = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), scale_d(c, b), *a);
+                *a = _mm256_fmadd_ps(_mm256_mul_ps(f, dv), scale_d(c), *a);
             }
         }
     }
@@ -151,6 +157,144 @@ fn group<const C: usize, const NIBBLES: bool>(
     for c in 0..C {
         // SAFETY: `out[c]` is an array of 8 floats.
         unsafe { _mm256_storeu_ps(out[c].as_mut_ptr(), acc[c]) };
+    }
+    out
+}
+
+/// A whole row group `g` (sixteen output features, both halves) times activation rows
+/// `a0..a0 + C`, for tiles of several activation rows: each broadcast of four activation bytes
+/// then feeds two multiplies (one per half) instead of one. Same contract as [`group`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn group2<const C: usize, const NIBBLES: bool>(
+    w: &QMatrix,
+    g: usize,
+    x: &QActs,
+    a0: usize,
+) -> [[f32; ROWS]; C] {
+    let nb = w.nb;
+    let t = x.rows;
+    let gbb = QMatrix::group_block_bytes(w.qtype);
+    let wq = w.qs[g * nb * gbb..(g + 1) * nb * gbb].as_ptr();
+    let wd = w.d[g * nb * ROWS..(g + 1) * nb * ROWS].as_ptr();
+    let mins = w.qtype == QType::Q4_1;
+    let wc = if mins {
+        w.c[g * nb * ROWS..(g + 1) * nb * ROWS].as_ptr()
+    } else {
+        wd
+    };
+    let xq = x.qs[..nb * t * QK].as_ptr();
+    let xd = x.d[..nb * t].as_ptr();
+    let xs = x.s[..nb * t].as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); 2]; C];
+    for b in 0..nb {
+        let j = b * t + a0;
+        // SAFETY: `b < nb` and `a0 + C <= t`, so the `32·C` bytes at `32·j` lie inside the
+        // `nb·t·32` bytes `xq` was cut to.
+        let q = unsafe { xq.add(j * QK) };
+        // SAFETY: `c < C` and `k < 8`: inside the tile's bytes (see above).
+        let bcast = |c: usize, k: usize| unsafe {
+            _mm256_set1_epi32(q.add(c * QK + 4 * k).cast::<i32>().read_unaligned())
+        };
+        // SAFETY: `b < nb`: the block's `gbb` bytes lie inside the group's `nb·gbb`.
+        let blk = unsafe { wq.add(b * gbb) };
+        let ahead = wq.wrapping_add(b * gbb + PREFETCH_BYTES);
+        for line in (0..gbb).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        }
+        let mut f = [[_mm256_setzero_ps(); 2]; C];
+        if NIBBLES {
+            let mut sum = [[_mm256_setzero_si256(); 2]; C];
+            for jj in 0..4 {
+                // SAFETY: 64 bytes at `64·jj` lie inside the 256-byte block (`jj < 4`).
+                let raw = unsafe {
+                    [
+                        _mm256_loadu_si256(blk.add(LINE * jj).cast()),
+                        _mm256_loadu_si256(blk.add(LINE * jj + 32).cast()),
+                    ]
+                };
+                let lo = [_mm256_and_si256(raw[0], low), _mm256_and_si256(raw[1], low)];
+                let hi = [
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw[0]), low),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw[1]), low),
+                ];
+                for (c, s) in sum.iter_mut().enumerate() {
+                    let (bl, bh) = (bcast(c, 2 * jj), bcast(c, 2 * jj + 1));
+                    for h in 0..2 {
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo[h], bl),
+                            _mm256_maddubs_epi16(hi[h], bh),
+                        );
+                        s[h] = if jj == 0 {
+                            p
+                        } else {
+                            _mm256_add_epi16(s[h], p)
+                        };
+                    }
+                }
+            }
+            for c in 0..C {
+                for h in 0..2 {
+                    f[c][h] = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[c][h], ones));
+                }
+            }
+        } else {
+            let mut sum = [[_mm256_setzero_si256(); 2]; C];
+            for k in 0..8 {
+                // SAFETY: 64 bytes at `64·k` lie inside the 512-byte block (`k < 8`).
+                let wk = unsafe {
+                    [
+                        _mm256_loadu_si256(blk.add(LINE * k).cast()),
+                        _mm256_loadu_si256(blk.add(LINE * k + 32).cast()),
+                    ]
+                };
+                let mag = [
+                    _mm256_sign_epi8(wk[0], wk[0]),
+                    _mm256_sign_epi8(wk[1], wk[1]),
+                ];
+                for (c, s) in sum.iter_mut().enumerate() {
+                    let a = bcast(c, k);
+                    for h in 0..2 {
+                        let p = _mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(a, wk[h]));
+                        s[h] = _mm256_add_epi32(s[h], _mm256_madd_epi16(p, ones));
+                    }
+                }
+            }
+            for c in 0..C {
+                for h in 0..2 {
+                    f[c][h] = _mm256_cvtepi32_ps(sum[c][h]);
+                }
+            }
+        }
+        for h in 0..2 {
+            let sc = b * ROWS + HALF * h;
+            // SAFETY: `wd` and `wc` hold `nb * 16` f16 values, so 8 at `sc` are in bounds.
+            let dv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wd.add(sc).cast())) };
+            let cv = if mins {
+                // SAFETY: as above.
+                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(wc.add(sc).cast())) }
+            } else {
+                _mm256_mul_ps(dv, _mm256_set1_ps(-8.0))
+            };
+            for c in 0..C {
+                // SAFETY: `j + c < nb·t`, inside the scales `xd` and `xs` were cut to.
+                let (da, sa) = unsafe { (*xd.add(j + c), *xs.add(j + c)) };
+                let a = &mut acc[c][h];
+                *a = _mm256_fmadd_ps(_mm256_mul_ps(f[c][h], dv), _mm256_set1_ps(da), *a);
+                if NIBBLES {
+                    *a = _mm256_fmadd_ps(cv, _mm256_set1_ps(sa), *a);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; ROWS]; C];
+    for c in 0..C {
+        for h in 0..2 {
+            // SAFETY: `out[c]` is an array of 16 floats; 8 at `8h` are in bounds.
+            unsafe { _mm256_storeu_ps(out[c][HALF * h..].as_mut_ptr(), acc[c][h]) };
+        }
     }
     out
 }
@@ -171,6 +315,23 @@ fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, d
     let t = x.rows;
     // SAFETY: `matmul_rows`'s caller owns rows `r0..r1`, and every `base` below is in them.
     let put = |base: usize, a0: usize, res: &[[f32; HALF]]| unsafe { dst.put(base, r1, a0, res) };
+    // SAFETY: as above.
+    let put2 = |g: usize, a0: usize, res: &[[f32; ROWS]]| unsafe { dst.put(g * ROWS, r1, a0, res) };
+    if NIBBLES && t >= 2 {
+        for g in r0 / ROWS..r1.div_ceil(ROWS) {
+            let mut a = 0;
+            while a + TILE2 <= t {
+                put2(g, a, &group2::<TILE2, NIBBLES>(w, g, x, a));
+                a += TILE2;
+            }
+            match t - a {
+                0 => {}
+                1 => put2(g, a, &group2::<1, NIBBLES>(w, g, x, a)),
+                _ => put2(g, a, &group2::<2, NIBBLES>(w, g, x, a)),
+            }
+        }
+        return;
+    }
     for g in r0 / ROWS..r1.div_ceil(ROWS) {
         for half in 0..ROWS / HALF {
             let base = g * ROWS + HALF * half;
@@ -402,7 +563,7 @@ pub(super) fn div_round_f16(x: &mut [f32], d: f32) {
 
 /// Cache positions ahead of the one being read whose key (or value) row is prefetched: the
 /// rows of a sequence sit in scattered blocks, which the hardware prefetcher follows poorly.
-const ATTN_AHEAD: usize = 4;
+const ATTN_AHEAD: usize = 16;
 
 /// Prefetches the `bytes` bytes of a cache row from `row` on. A hint only: it never faults.
 #[inline]
@@ -444,10 +605,11 @@ pub(super) fn attend_heads<const M: usize>(
     let out = &mut out[..heads * hd];
     for (p, &slot) in slots.iter().enumerate() {
         if let Some(&next) = slots.get(p + ATTN_AHEAD) {
-            prefetch_row(
-                kc.as_ptr().wrapping_add(next as usize * kvd + off),
-                2 * width,
-            );
+            // The values of the same row too: the value pass below then finds them in cache
+            // instead of waiting on memory at every position.
+            let at = next as usize * kvd + off;
+            prefetch_row(kc.as_ptr().wrapping_add(at), 2 * width);
+            prefetch_row(vc.as_ptr().wrapping_add(at), 2 * width);
         }
         let at = slot as usize * kvd + off;
         let row = &kc[at..at + width];
@@ -479,15 +641,6 @@ pub(super) fn attend_heads<const M: usize>(
         for d in (0..hd).step_by(16) {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for (p, &slot) in slots.iter().enumerate() {
-                if j == 0
-                    && d == 0
-                    && let Some(&next) = slots.get(p + ATTN_AHEAD)
-                {
-                    prefetch_row(
-                        vc.as_ptr().wrapping_add(next as usize * kvd + off),
-                        2 * width,
-                    );
-                }
                 let at = slot as usize * kvd + off + j * hd + d;
                 let v = &vc[at..at + 16];
                 // SAFETY: `v` holds 16 values, two groups of 8.

@@ -63,14 +63,10 @@ fn group<const C: usize, const NIBBLES: bool>(
     } else {
         &[][..]
     };
-    let xq: [&[[i8; QK]]; C] = std::array::from_fn(|c| {
-        x.qs[(a0 + c) * nb * QK..(a0 + c + 1) * nb * QK]
-            .as_chunks::<QK>()
-            .0
-    });
-    let xd: [&[f32]; C] = std::array::from_fn(|c| &x.d[(a0 + c) * nb..(a0 + c + 1) * nb]);
-    let xs: [&[f32]; C] = std::array::from_fn(|c| &x.s[(a0 + c) * nb..(a0 + c + 1) * nb]);
-    let xsum: [&[i32]; C] = std::array::from_fn(|c| &x.sums[(a0 + c) * nb..(a0 + c + 1) * nb]);
+    // Activations are block-major: entry `(a, b)` is at `b·t + a` (see `QActs::at`).
+    let t = x.rows;
+    let xq = x.qs[..nb * t * QK].as_chunks::<QK>().0;
+    let (xd, xs, xsum) = (&x.d[..nb * t], &x.s[..nb * t], &x.sums[..nb * t]);
     let low = _mm512_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(i8::MIN);
     let minus8 = _mm512_set1_ps(-8.0);
@@ -112,14 +108,15 @@ fn group<const C: usize, const NIBBLES: bool>(
         } else {
             _mm512_mul_ps(dv, minus8)
         };
-        for c in 0..C {
-            let a = &xq[c][b];
+        for (c, acc) in acc.iter_mut().enumerate() {
+            let j = b * t + a0 + c;
+            let a = &xq[j];
             // 8-bit weights were offset by +128: start the sum at −128·Σa so it ends exact.
             // Every partial sum stays far inside i32 (32 products of at most 255·128).
             let init = if NIBBLES {
                 zero
             } else {
-                _mm512_set1_epi32(-128 * xsum[c][b])
+                _mm512_set1_epi32(-128 * xsum[j])
             };
             // Two chains of four, so consecutive `vpdpbusd`s do not wait on each other.
             let mut lo = _mm512_dpbusd_epi32(init, wv[0], bcast(a, 0));
@@ -129,9 +126,9 @@ fn group<const C: usize, const NIBBLES: bool>(
                 hi = _mm512_dpbusd_epi32(hi, wv[k + 1], bcast(a, k + 1));
             }
             let f = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-            acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(f, dv), _mm512_set1_ps(xd[c][b]), acc[c]);
+            *acc = _mm512_fmadd_ps(_mm512_mul_ps(f, dv), _mm512_set1_ps(xd[j]), *acc);
             if NIBBLES {
-                acc[c] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xs[c][b]), acc[c]);
+                *acc = _mm512_fmadd_ps(cv, _mm512_set1_ps(xs[j]), *acc);
             }
         }
     }

@@ -219,7 +219,8 @@ unsafe fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst)
             let mut acc = [0f32; ROWS];
             for b in 0..nb {
                 let blk = &w.qs[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
-                let y = &x.qs[(a * nb + b) * QK..(a * nb + b + 1) * QK];
+                let j = x.at(a, b);
+                let y = &x.qs[j * QK..(j + 1) * QK];
                 let mut isum = [0i32; ROWS];
                 for k in 0..QK / 4 {
                     for (lane, s) in isum.iter_mut().enumerate() {
@@ -234,7 +235,7 @@ unsafe fn portable_rows(w: &QMatrix, x: &QActs, r0: usize, r1: usize, dst: &Dst)
                         }
                     }
                 }
-                let (da, sa) = (x.d[a * nb + b], x.s[a * nb + b]);
+                let (da, sa) = (x.d[j], x.s[j]);
                 for (lane, v) in acc.iter_mut().enumerate() {
                     let (d, c) = w.scales(g * ROWS + lane, b);
                     *v += isum[lane] as f32 * d * da;
@@ -751,6 +752,31 @@ mod tests {
             let (amax, sum) = quantize_ints(&src, &mut q);
             assert_eq!((amax, q[0], q[1], q[2]), (127.0, 127, 2, -4));
             assert_eq!(sum, 127 + 2 - 4);
+        }
+    }
+
+    #[test]
+    fn quantizing_by_block_spans_across_the_pool_equals_row_by_row() {
+        let pool = Pool::new(2).unwrap();
+        let mut rng = Rng::new(12);
+        // Batches below and above the split threshold, block counts that do not divide evenly.
+        for (rows, cols) in [(1, 32), (3, 96), (16, 576), (17, 1536), (40, 160)] {
+            let x: Vec<f32> = rng.vec(rows * cols).iter().map(|v| v * 5.0).collect();
+            for round in [false, true] {
+                let want = QActs::quantize(&x, rows, cols, round);
+                let mut got = QActs::default();
+                // Poison a previous, larger use of the buffers.
+                got.reset(rows + 3, cols + 64);
+                got.qs.fill(99);
+                super::super::quantize_with(&pool, &mut got, rows, cols, round, &|a, b, buf| {
+                    buf.copy_from_slice(&x[a * cols + b * QK..a * cols + (b + 1) * QK]);
+                });
+                assert_eq!((got.rows, got.nb), (want.rows, want.nb));
+                assert_eq!(got.qs[..rows * cols], want.qs[..], "{rows}x{cols}");
+                assert_eq!(got.d[..rows * cols / QK], want.d[..]);
+                assert_eq!(got.s[..rows * cols / QK], want.s[..]);
+                assert_eq!(got.sums[..rows * cols / QK], want.sums[..]);
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use std::sync::{Mutex, PoisonError};
 
 use kernels::Isa;
 use pool::Pool;
-use quant::{PlainQ, QActs, QMatrix, QType, rounds_sum};
+use quant::{PlainQ, QActs, QK, QMatrix, QType, rounds_sum};
 
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, SeqStep, rope_table};
@@ -77,7 +77,6 @@ impl Proj {
 #[derive(Debug, Default)]
 struct Scratch {
     x: Vec<f32>,
-    normed: Vec<f32>,
     acts: QActs,
     qkv: Vec<f32>,
     attn: Vec<f32>,
@@ -234,13 +233,13 @@ impl CpuModel {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             norm_quantize(
+                &self.pool,
                 &s.x,
                 &layer.attn_norm,
                 t,
                 eps,
                 layer.qkv.w.qtype,
                 &mut s.acts,
-                &mut s.normed,
             );
             let width = qd + 2 * kvd;
             s.qkv.resize(t * width, 0.0);
@@ -269,7 +268,15 @@ impl CpuModel {
                 li,
                 &mut s.attn,
             );
-            quantize_rows(&s.attn, t, qd, rounds_sum(layer.wo.w.qtype), &mut s.acts);
+            let attn_out = &s.attn;
+            quantize_with(
+                &self.pool,
+                &mut s.acts,
+                t,
+                qd,
+                rounds_sum(layer.wo.w.qtype),
+                &|a, b, buf| buf.copy_from_slice(&attn_out[a * qd + b * QK..a * qd + (b + 1) * QK]),
+            );
             s.proj.resize(t * h, 0.0);
             self.project(&layer.wo, &s.acts, &mut s.proj);
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
@@ -277,27 +284,31 @@ impl CpuModel {
             }
             // Feed-forward block.
             norm_quantize(
+                &self.pool,
                 &s.x,
                 &layer.ffn_norm,
                 t,
                 eps,
                 layer.gate_up.w.qtype,
                 &mut s.acts,
-                &mut s.normed,
             );
             let inter = c.intermediate;
             s.ffn.resize(t * 2 * inter, 0.0);
             self.project(&layer.gate_up, &s.acts, &mut s.ffn);
             // SiLU gating fused with the quantization of the down projection's input.
-            s.acts.reset(t, inter);
-            let round = rounds_sum(layer.down.w.qtype);
-            s.normed.resize(inter, 0.0);
-            for r in 0..t {
-                let row = &s.ffn[r * 2 * inter..(r + 1) * 2 * inter];
-                let (gate, up) = row.split_at(inter);
-                kernels::silu_mul(self.isa, gate, up, &mut s.normed);
-                s.acts.quantize_row(r, &s.normed, round);
-            }
+            let (ffn, isa) = (&s.ffn, self.isa);
+            quantize_with(
+                &self.pool,
+                &mut s.acts,
+                t,
+                inter,
+                rounds_sum(layer.down.w.qtype),
+                &|a, b, buf| {
+                    let gate = a * 2 * inter + b * QK;
+                    let up = gate + inter;
+                    kernels::silu_mul(isa, &ffn[gate..gate + QK], &ffn[up..up + QK], buf);
+                },
+            );
             self.project(&layer.down, &s.acts, &mut s.proj);
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
@@ -313,13 +324,13 @@ impl CpuModel {
         }
         let out_w = self.output.as_ref().unwrap_or(&self.embedding);
         norm_quantize(
+            &self.pool,
             &last,
             &self.norm,
             n,
             eps,
             out_w.qtype,
             &mut s.acts,
-            &mut s.normed,
         );
         let mut logits = vec![0f32; n * out_w.rows];
         kernels::matmul(&self.pool, self.isa, out_w, &s.acts, &mut logits);
@@ -344,35 +355,64 @@ impl CpuModel {
 /// RMSNorm of each of `t` rows of `x`, scaled by `w`, quantized straight into `acts` for a
 /// projection of format `target` (the normalised rows are never stored whole).
 fn norm_quantize(
+    pool: &Pool,
     x: &[f32],
     w: &[f32],
     t: usize,
     eps: f32,
     target: QType,
     acts: &mut QActs,
-    normed: &mut Vec<f32>,
 ) {
     let h = w.len();
-    acts.reset(t, h);
-    normed.resize(h, 0.0);
-    let round = rounds_sum(target);
-    for r in 0..t {
-        let row = &x[r * h..(r + 1) * h];
-        // Sum of squares in f64, as GGML accumulates it.
-        let ss: f64 = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
-        let scale = 1.0 / ((ss / h as f64) as f32 + eps).sqrt();
-        for ((o, v), g) in normed.iter_mut().zip(row).zip(w) {
-            *o = v * scale * g;
+    let scales: Vec<f32> = (0..t)
+        .map(|r| {
+            let row = &x[r * h..(r + 1) * h];
+            // Sum of squares in f64, as GGML accumulates it.
+            let ss: f64 = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+            1.0 / ((ss / h as f64) as f32 + eps).sqrt()
+        })
+        .collect();
+    quantize_with(pool, acts, t, h, rounds_sum(target), &|a, b, buf| {
+        let (row, g) = (
+            &x[a * h + b * QK..a * h + (b + 1) * QK],
+            &w[b * QK..(b + 1) * QK],
+        );
+        for ((o, v), g) in buf.iter_mut().zip(row).zip(g) {
+            *o = v * scales[a] * g;
         }
-        acts.quantize_row(r, normed, round);
-    }
+    });
 }
 
-fn quantize_rows(x: &[f32], t: usize, cols: usize, round: bool, acts: &mut QActs) {
-    acts.reset(t, cols);
-    for r in 0..t {
-        acts.quantize_row(r, &x[r * cols..(r + 1) * cols], round);
-    }
+/// Quantizes `rows` rows of `cols` values into `acts`, block `b` of row `a` produced by
+/// `src(a, b, buf)` (so a norm or a gating fuses into the pass). Large batches split by block
+/// ranges across the pool; each task owns its blocks of every row.
+fn quantize_with(
+    pool: &Pool,
+    acts: &mut QActs,
+    rows: usize,
+    cols: usize,
+    round: bool,
+    src: &(dyn Fn(usize, usize, &mut [f32; QK]) + Sync),
+) {
+    acts.reset(rows, cols);
+    let nb = cols / QK;
+    // A block takes tens of nanoseconds; below a few hundred, handing work over costs more.
+    let tasks = if rows * nb >= 256 {
+        2 * pool.threads()
+    } else {
+        1
+    };
+    let spans: Vec<Mutex<quant::BlockSpan<'_>>> = acts
+        .spans(nb.div_ceil(tasks.clamp(1, nb.max(1))))
+        .into_iter()
+        .map(Mutex::new)
+        .collect();
+    pool.run(spans.len(), &|i| {
+        spans[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fill(round, src);
+    });
 }
 
 /// Whether a GGUF tensor type can be multiplied by these kernels.

@@ -359,16 +359,21 @@ pub(crate) fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
-/// `rows` activation rows of `cols` values quantized to 8 bits per block of 32.
+/// `rows` activation rows of `cols` values quantized to 8 bits per block of 32, stored
+/// block-major: block `b` of every row comes before block `b + 1` of any, so entry `(a, b)`
+/// sits at index [`QActs::at`]`(a, b) = b·rows + a` of `d`, `s` and `sums` and its 32 quants at
+/// `qs[32·at(a, b)..]`. A kernel multiplying one weight block by a tile of activation rows then
+/// finds the tile's bytes and scales at fixed offsets from one pointer, and a block range of all
+/// rows is one contiguous piece, which is how quantization splits across threads.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QActs {
     pub(crate) rows: usize,
     pub(crate) nb: usize,
-    /// Scale per block (f16-rounded), row-major.
+    /// Scale per block (f16-rounded).
     pub(crate) d: Vec<f32>,
-    /// `d · Σ q` per block (see [`quantize_block`]), row-major.
+    /// `d · Σ q` per block (see [`quantize_block`]).
     pub(crate) s: Vec<f32>,
-    /// `Σ q` per block, exact, row-major (the AVX-512 kernel's offset for 8-bit weights).
+    /// `Σ q` per block, exact (the AVX-512 kernel's offset for 8-bit weights).
     pub(crate) sums: Vec<i32>,
     pub(crate) qs: Vec<i8>,
 }
@@ -384,18 +389,55 @@ impl QActs {
         self.qs.resize(rows * cols, 0);
     }
 
-    /// Quantizes one row in place. `round_sum` mirrors GGML's Q8_1 (which stores the block sum
-    /// in f16, used with Q4_1 weights); Q8_0 activations keep it exact.
+    /// Index of block `b` of row `a` in `d`, `s` and `sums` (its quants start at 32 times it).
+    #[inline]
+    pub(crate) fn at(&self, a: usize, b: usize) -> usize {
+        b * self.rows + a
+    }
+
+    /// Quantizes one row in place (tests; the forward pass fills [`BlockSpan`]s). `round_sum`
+    /// mirrors GGML's Q8_1 (which stores the block sum in f16, used with Q4_1 weights); Q8_0
+    /// activations keep it exact.
+    #[cfg(test)]
     pub(crate) fn quantize_row(&mut self, row: usize, x: &[f32], round_sum: bool) {
-        let nb = self.nb;
-        for b in 0..nb {
+        for b in 0..self.nb {
+            let j = self.at(row, b);
             let src = &x[b * QK..(b + 1) * QK];
-            let dst = &mut self.qs[(row * nb + b) * QK..(row * nb + b + 1) * QK];
+            let dst = &mut self.qs[j * QK..(j + 1) * QK];
             let (d, s, sum) = quantize_block(src, dst, round_sum);
-            self.d[row * nb + b] = d;
-            self.s[row * nb + b] = s;
-            self.sums[row * nb + b] = sum;
+            self.d[j] = d;
+            self.s[j] = s;
+            self.sums[j] = sum;
         }
+    }
+
+    /// The buffers of consecutive runs of `blocks_per_span` blocks of every row, each for one
+    /// thread to fill (see [`BlockSpan::fill`]); the spans never overlap.
+    pub(crate) fn spans(&mut self, blocks_per_span: usize) -> Vec<BlockSpan<'_>> {
+        let per = blocks_per_span.max(1);
+        let n = self.rows * per;
+        let rows = self.rows;
+        let mut out = Vec::new();
+        if n == 0 {
+            return out;
+        }
+        let parts = self
+            .qs
+            .chunks_mut(n * QK)
+            .zip(self.d.chunks_mut(n))
+            .zip(self.s.chunks_mut(n))
+            .zip(self.sums.chunks_mut(n));
+        for (i, (((qs, d), s), sums)) in parts.enumerate() {
+            out.push(BlockSpan {
+                rows,
+                b0: i * per,
+                qs,
+                d,
+                s,
+                sums,
+            });
+        }
+        out
     }
 
     /// Quantizes `rows` rows of `cols` values.
@@ -407,6 +449,46 @@ impl QActs {
             a.quantize_row(r, &x[r * cols..(r + 1) * cols], round_sum);
         }
         a
+    }
+}
+
+/// Blocks `b0..` of every row of a [`QActs`] (as many as its buffers hold), lent to one thread.
+#[derive(Debug)]
+pub(crate) struct BlockSpan<'a> {
+    rows: usize,
+    /// The first block of the span.
+    b0: usize,
+    qs: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    sums: &'a mut [i32],
+}
+
+impl BlockSpan<'_> {
+    /// Blocks in the span.
+    fn blocks(&self) -> usize {
+        self.d.len() / self.rows.max(1)
+    }
+
+    /// Quantizes every row's blocks of the span: `src(a, b, buf)` writes the 32 values of block
+    /// `b` of row `a` (with whatever transform the caller fuses in) into `buf`.
+    pub(crate) fn fill(
+        &mut self,
+        round_sum: bool,
+        src: &(dyn Fn(usize, usize, &mut [f32; QK]) + Sync),
+    ) {
+        let mut buf = [0f32; QK];
+        for k in 0..self.blocks() {
+            for a in 0..self.rows {
+                src(a, self.b0 + k, &mut buf);
+                let j = k * self.rows + a;
+                let dst = &mut self.qs[j * QK..(j + 1) * QK];
+                let (d, s, sum) = quantize_block(&buf, dst, round_sum);
+                self.d[j] = d;
+                self.s[j] = s;
+                self.sums[j] = sum;
+            }
+        }
     }
 }
 
@@ -439,7 +521,7 @@ pub(crate) fn rounds_sum(qtype: QType) -> bool {
 pub(crate) fn dot_ref(w: &QMatrix, r: usize, x: &QActs, a: usize) -> f32 {
     let mut total = 0f32;
     for b in 0..w.nb {
-        let j = a * x.nb + b;
+        let j = x.at(a, b);
         let y = &x.qs[j * QK..(j + 1) * QK];
         let (d, c) = w.scales(r, b);
         let mut s = 0i32;
