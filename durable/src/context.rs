@@ -403,8 +403,8 @@ impl Context {
                     return Ok(value);
                 }
                 Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
-                    let r = (self.shared.rt.next_random() >> 11) as f64 / (1u64 << 53) as f64;
-                    tokio::time::sleep(policy.delay(attempt, r)).await;
+                    let random = self.shared.rt.next_random();
+                    tokio::time::sleep(policy.jittered_delay(attempt, random)).await;
                 }
                 Err(e) => {
                     let ev = Event::Step {

@@ -1,26 +1,68 @@
-//! Fault injection for tests (the `fault-injection` feature): journal flushes that fail on
-//! demand, so a test can put a disk error in the middle of a run.
+//! Fault injection for tests (the `fault-injection` feature): journal writes and flushes
+//! that fail on demand, so a test can put a disk error in the middle of a run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Makes a journal flush fail on demand; test support behind the `fault-injection` feature.
+/// Makes a journal write or flush fail on demand; test support behind the `fault-injection`
+/// feature.
 ///
 /// Attach it with [`RuntimeBuilder::fault_injector`](crate::RuntimeBuilder::fault_injector)
-/// and arm it with [`FaultInjector::fail_flush`]. The armed flush runs sled's `flush()` and
-/// then reports an [`std::io::Error`] (kind `Other`) instead of syncing the files, which is
-/// what an `fdatasync` failing with `EIO` looks like: the writes it covers have reached the
-/// kernel, and are found on disk when the journal is opened again, but no commit it covers is
-/// reported done. The journal then stops taking writes, as after any real failure (see
+/// and arm it with [`FaultInjector::fail_flush`] or [`FaultInjector::fail_write`]; the two
+/// count separately.
+///
+/// An armed flush runs sled's `flush()` and then reports an [`std::io::Error`] (kind `Other`)
+/// instead of syncing the files, which is what an `fdatasync` failing with `EIO` looks like:
+/// the writes it covers have reached the kernel, and are found on disk when the journal is
+/// opened again, but no commit it covers is reported done.
+///
+/// An armed write is refused before it reaches sled and reports the same kind of error, as
+/// sled does when it cannot write its log: nothing of it is applied, neither in memory nor on
+/// disk, whether it is a single key or a multi-key batch.
+///
+/// Either way the journal then stops taking writes, as after any real failure (see
 /// [`Error::JournalFailed`](crate::Error::JournalFailed)).
 ///
 /// The feature exists for tests and is not a stable API. Production builds should not turn
-/// it on; an unarmed injector costs one atomic load per flush.
+/// it on; an unarmed injector costs one atomic load per flush and per write.
 #[derive(Debug, Clone, Default)]
 pub struct FaultInjector {
-    /// 0: disarmed; `n > 0`: the `n`-th flush from now fails.
-    countdown: Arc<AtomicU64>,
+    flushes: Countdown,
+    writes: Countdown,
+}
+
+/// One armable countdown and how often it fired.
+#[derive(Debug, Clone, Default)]
+struct Countdown {
+    /// 0: disarmed; `n > 0`: the `n`-th event from now fails.
+    left: Arc<AtomicU64>,
     fired: Arc<AtomicU64>,
+}
+
+impl Countdown {
+    fn arm(&self, after: u64) {
+        self.left.store(after.saturating_add(1), Ordering::SeqCst);
+    }
+
+    fn disarm(&self) {
+        self.left.store(0, Ordering::SeqCst);
+    }
+
+    fn fired(&self) -> u64 {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Counts one event; true if this one must fail.
+    fn fire(&self) -> bool {
+        let hit = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+            == Ok(1);
+        if hit {
+            self.fired.fetch_add(1, Ordering::SeqCst);
+        }
+        hit
+    }
 }
 
 impl FaultInjector {
@@ -29,34 +71,48 @@ impl FaultInjector {
         Self::default()
     }
 
-    /// Arms the injector: `after` more flushes succeed, and the one after them fails.
+    /// Arms the flush fault: `after` more flushes succeed, and the one after them fails.
     ///
     /// `fail_flush(0)` fails the next flush. Arming again replaces the previous setting.
     pub fn fail_flush(&self, after: u64) {
-        self.countdown
-            .store(after.saturating_add(1), Ordering::SeqCst);
+        self.flushes.arm(after);
     }
 
-    /// Disarms the injector; no flush fails because of it any more.
+    /// Arms the write fault: `after` more journal writes succeed, and the one after them is
+    /// refused without applying anything.
+    ///
+    /// A write is one atomic change the runtime hands to sled: a journaled step, signal
+    /// delivery or child start (with the keys that go with it), a workflow's start, status
+    /// change or outcome, a sent signal, or a cancellation request (every record it marks).
+    /// `fail_write(0)` fails the next one. Arming again replaces the previous setting.
+    pub fn fail_write(&self, after: u64) {
+        self.writes.arm(after);
+    }
+
+    /// Disarms both faults; no flush or write fails because of this injector any more.
     pub fn disarm(&self) {
-        self.countdown.store(0, Ordering::SeqCst);
+        self.flushes.disarm();
+        self.writes.disarm();
     }
 
     /// How many flushes the injector has failed so far.
     pub fn fired(&self) -> u64 {
-        self.fired.load(Ordering::SeqCst)
+        self.flushes.fired()
+    }
+
+    /// How many writes the injector has refused so far.
+    pub fn fired_writes(&self) -> u64 {
+        self.writes.fired()
     }
 
     /// Counts one flush; true if this one must fail.
     pub(crate) fn fire(&self) -> bool {
-        let hit = self
-            .countdown
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
-            == Ok(1);
-        if hit {
-            self.fired.fetch_add(1, Ordering::SeqCst);
-        }
-        hit
+        self.flushes.fire()
+    }
+
+    /// Counts one write; true if this one must fail.
+    pub(crate) fn fire_write(&self) -> bool {
+        self.writes.fire()
     }
 }
 
@@ -80,5 +136,29 @@ mod tests {
         f.fail_flush(0);
         assert!(f.clone().fire(), "clones share the setting");
         assert_eq!(f.fired(), 2);
+        assert_eq!(f.fired_writes(), 0);
+    }
+
+    #[test]
+    fn fails_exactly_the_armed_write_and_counts_apart_from_flushes() {
+        let f = FaultInjector::new();
+        assert!(!f.fire_write(), "an unarmed injector never fires");
+        f.fail_write(1);
+        // Flushes neither consume the write countdown nor fire because of it.
+        assert!(!f.fire());
+        assert_eq!(
+            [f.fire_write(), f.fire_write(), f.fire_write()],
+            [false, true, false]
+        );
+        assert_eq!((f.fired(), f.fired_writes()), (0, 1));
+        f.fail_write(0);
+        f.fail_flush(0);
+        assert!(f.clone().fire_write(), "clones share the setting");
+        assert!(f.fire(), "the flush countdown is armed on its own");
+        assert_eq!((f.fired(), f.fired_writes()), (1, 2));
+        f.fail_write(0);
+        f.disarm();
+        assert!(!f.fire_write());
+        assert_eq!(f.fired_writes(), 2);
     }
 }

@@ -549,7 +549,7 @@ impl Journal {
         })
     }
 
-    /// Attaches a fault injector to the flush path (test support).
+    /// Attaches a fault injector to the write and flush paths (test support).
     #[cfg(feature = "fault-injection")]
     pub(crate) fn inject(&self, faults: crate::fault::FaultInjector) {
         let _ = self.group.faults.set(faults);
@@ -595,6 +595,29 @@ impl Journal {
         self.failed_error(&f, context)
     }
 
+    /// Applies `writes` to sled in one atomic write (an `insert` or an `apply_batch`, so all
+    /// of it or none). Every `Writes` reaches sled through here, which is where an armed
+    /// `FaultInjector` refuses one (test support, the `fault-injection` feature).
+    fn apply_writes(&self, writes: Writes) -> sled::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        if !writes.ops.is_empty() {
+            self.injected_write()?;
+        }
+        writes.apply_to(&self.db)
+    }
+
+    /// `Err` (an I/O error, as sled reports a failed log write) when the fault injector
+    /// fails this write; nothing has been written then.
+    #[cfg(feature = "fault-injection")]
+    fn injected_write(&self) -> sled::Result<()> {
+        if self.group.faults.get().is_some_and(|f| f.fire_write()) {
+            return Err(sled::Error::Io(std::io::Error::other(
+                "injected write failure (keel-durable's fault-injection feature)",
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies `writes` atomically and returns once a flush that covers them has completed.
     ///
     /// Nothing is applied once the journal has failed; a write that fails stops the journal
@@ -602,7 +625,7 @@ impl Journal {
     /// writes are not known to be durable, though they may still be found on disk later.
     pub(crate) async fn commit(&self, writes: Writes) -> Result<()> {
         self.check(|| "writing to the journal".into())?;
-        if let Err(e) = writes.apply_to(&self.db) {
+        if let Err(e) = self.apply_writes(writes) {
             return Err(self.write_failed(&e, "writing to the journal".into()));
         }
         self.sync().await
@@ -633,8 +656,7 @@ impl Journal {
     /// Applies writes without waiting for a flush (for bookkeeping that a later commit covers).
     pub(crate) fn apply(&self, writes: Writes) -> Result<()> {
         self.check(|| "writing to the journal".into())?;
-        writes
-            .apply_to(&self.db)
+        self.apply_writes(writes)
             .map_err(|e| self.write_failed(&e, "writing to the journal".into()))
     }
 
@@ -665,6 +687,9 @@ impl Journal {
     pub(crate) fn create(&self, id: &str, rec: &Record) -> Result<Option<Record>> {
         let v = to_json("workflow record", rec)?;
         self.check(|| format!("creating workflow {id:?}"))?;
+        #[cfg(feature = "fault-injection")]
+        self.injected_write()
+            .map_err(|e| self.write_failed(&e, format!("creating workflow {id:?}")))?;
         match self
             .db
             .compare_and_swap(rec_key(id), None::<&[u8]>, Some(v))

@@ -59,7 +59,7 @@
 //!
 //! # Feature flags
 //! - `fault-injection` (off by default; test support, not a stable API): `FaultInjector`
-//!   and `RuntimeBuilder::fault_injector`, which make a journal flush fail on demand.
+//!   and `RuntimeBuilder::fault_injector`, which make a journal write or flush fail on demand.
 #![forbid(unsafe_code)]
 
 mod context;

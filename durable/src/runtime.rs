@@ -111,8 +111,8 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Attaches a [`FaultInjector`](crate::FaultInjector) to the journal's flushes, so a test
-    /// can make one fail (test support, only with the `fault-injection` feature).
+    /// Attaches a [`FaultInjector`](crate::FaultInjector) to the journal's writes and flushes,
+    /// so a test can make one fail (test support, only with the `fault-injection` feature).
     #[cfg(feature = "fault-injection")]
     pub fn fault_injector(mut self, faults: &crate::fault::FaultInjector) -> Self {
         self.faults = Some(faults.clone());
@@ -282,13 +282,7 @@ impl Inner {
     }
 
     pub(crate) fn next_random(&self) -> u64 {
-        // splitmix64: small, fast, and good enough for jitter and journaled random values.
-        let mut s = lock(&self.rng);
-        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        crate::types::splitmix64(&mut lock(&self.rng))
     }
 
     /// Makes a workflow runnable again: at once if suspended, after its current execution if
@@ -1130,7 +1124,11 @@ impl Runtime {
         let v = to_json(&format!("signal {name:?}"), value)?;
         let mut w = Writes::default();
         w.put(self.inner.journal.signal_key(id.as_str(), name)?, v);
-        self.inner.journal.commit(w).await?;
+        self.inner
+            .journal
+            .commit(w)
+            .await
+            .map_err(|e| e.during(|| format!("journaling signal {name:?} for workflow {id}")))?;
         self.inner.wake(id.as_str());
         Ok(())
     }
@@ -1185,7 +1183,13 @@ impl Runtime {
             stack.extend(children.remove(&x).unwrap_or_default());
             touched.push(x);
         }
-        inner.journal.commit(w).await?;
+        // One write for the workflow and all its descendants: after a failure, either every
+        // one of them has the request on disk or none has.
+        inner
+            .journal
+            .commit(w)
+            .await
+            .map_err(|e| e.during(|| format!("journaling the cancellation of workflow {id}")))?;
         {
             let mut s = lock(&inner.sched);
             for x in &touched {
