@@ -25,6 +25,10 @@ const HALF: usize = 8;
 /// Activation rows per tile of [`group2`].
 const TILE2: usize = 3;
 
+/// Activation rows multiplied by all of a task's weight rows before the next rows start: 48
+/// rows of 576 values are 27 KiB of quants, about a core's L1 data cache.
+const ROW_SLICE: usize = 48;
+
 /// How far ahead of the block being multiplied the kernel prefetches weights, in bytes:
 /// decode streams every weight from memory once, and the hardware prefetcher alone leaves
 /// one core at about 60% of the bandwidth it reaches with these hints.
@@ -163,7 +167,9 @@ fn group<const C: usize, const NIBBLES: bool>(
 
 /// A whole row group `g` (sixteen output features, both halves) times activation rows
 /// `a0..a0 + C`, for tiles of several activation rows: each broadcast of four activation bytes
-/// then feeds two multiplies (one per half) instead of one. Same contract as [`group`].
+/// then feeds two multiplies (one per half) instead of one. Same contract as [`group`]. It
+/// prefetches nothing: with several activation rows per weight block the loop is bound by
+/// arithmetic, and prefetching the next group measured no faster.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn group2<const C: usize, const NIBBLES: bool>(
@@ -200,10 +206,6 @@ fn group2<const C: usize, const NIBBLES: bool>(
         };
         // SAFETY: `b < nb`: the block's `gbb` bytes lie inside the group's `nb·gbb`.
         let blk = unsafe { wq.add(b * gbb) };
-        let ahead = wq.wrapping_add(b * gbb + PREFETCH_BYTES);
-        for line in (0..gbb).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-        }
         let mut f = [[_mm256_setzero_ps(); 2]; C];
         if NIBBLES {
             let mut sum = [[_mm256_setzero_si256(); 2]; C];
@@ -318,16 +320,21 @@ fn rows_for<const NIBBLES: bool>(w: &QMatrix, x: &QActs, r0: usize, r1: usize, d
     // SAFETY: as above.
     let put2 = |g: usize, a0: usize, res: &[[f32; ROWS]]| unsafe { dst.put(g * ROWS, r1, a0, res) };
     if NIBBLES && t >= 2 {
-        for g in r0 / ROWS..r1.div_ceil(ROWS) {
-            let mut a = 0;
-            while a + TILE2 <= t {
-                put2(g, a, &group2::<TILE2, NIBBLES>(w, g, x, a));
-                a += TILE2;
-            }
-            match t - a {
-                0 => {}
-                1 => put2(g, a, &group2::<1, NIBBLES>(w, g, x, a)),
-                _ => put2(g, a, &group2::<2, NIBBLES>(w, g, x, a)),
+        // Long batches (prefill) go through the task's groups a slice of activation rows at a
+        // time, so the slice stays in the core's caches while the weights stream past it.
+        for a_lo in (0..t).step_by(ROW_SLICE) {
+            let a_hi = (a_lo + ROW_SLICE).min(t);
+            for g in r0 / ROWS..r1.div_ceil(ROWS) {
+                let mut a = a_lo;
+                while a + TILE2 <= a_hi {
+                    put2(g, a, &group2::<TILE2, NIBBLES>(w, g, x, a));
+                    a += TILE2;
+                }
+                match a_hi - a {
+                    0 => {}
+                    1 => put2(g, a, &group2::<1, NIBBLES>(w, g, x, a)),
+                    _ => put2(g, a, &group2::<2, NIBBLES>(w, g, x, a)),
+                }
             }
         }
         return;
@@ -418,8 +425,34 @@ pub(super) fn to_f16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// `f16(x)` back to f32, rounding to nearest even (as `half::f16::from_f32` does).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn round_f16(x: f32) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+        _mm_set_ss(x),
+    )))
+}
+
+/// [`quantize_ints`] plus the block's f16-rounded scale and sum term, as
+/// `super::quant::block_scales` computes them: `(d, s, Σq)`. Callable only where AVX2, FMA
+/// and F16C exist; `src` and `dst` hold at least 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32, i32) {
+    let (amax, sum) = quantize_ints(src, dst);
+    let d = amax / 127.0;
+    let dr = round_f16(d);
+    let s = if round_sum {
+        round_f16(d * sum as f32)
+    } else {
+        dr * sum as f32
+    };
+    (dr, s, sum)
+}
+
 /// Quantizes 32 values to bytes, `round_half_even(v · 127 / amax)`, returning `(amax, Σ q)`.
 /// Callable only where AVX2 and FMA exist; `src` and `dst` hold at least 32 values.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(super) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     let src = &src[..QK];
@@ -488,6 +521,33 @@ fn exp8(x: __m256) -> __m256 {
         _mm256_set1_epi32(127),
     ));
     _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+}
+
+/// `Σ x[i]²` in f64 with eight lanes, lane `i mod 8` taking element `i` (the products of
+/// f32 values are exact in f64), the lanes added in [`super::kernels::sum_squares`]'s fixed
+/// order, then the tail. Callable only where AVX2 and FMA exist.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn sum_squares(x: &[f32]) -> f64 {
+    let n = x.len();
+    let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` elements are in bounds.
+        let v = unsafe { _mm256_loadu_ps(x[i..].as_ptr()) };
+        let a = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let b = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+        lo = _mm256_fmadd_pd(a, a, lo);
+        hi = _mm256_fmadd_pd(b, b, hi);
+        i += 8;
+    }
+    // Lanes k and k + 4, then (0 + 2) + (1 + 3), as the portable path adds them.
+    let l = _mm256_add_pd(lo, hi);
+    let h = _mm_add_pd(_mm256_castpd256_pd128(l), _mm256_extractf128_pd::<1>(l));
+    let mut s = _mm_cvtsd_f64(h) + _mm_cvtsd_f64(_mm_unpackhi_pd(h, h));
+    for v in &x[i..] {
+        s += f64::from(*v) * f64::from(*v);
+    }
+    s
 }
 
 /// `out[i] = silu(gate[i]) · up[i]`, `silu(g) = g / (1 + e^−g)`. Callable only where AVX2 and

@@ -277,6 +277,7 @@ pub(crate) fn matmul(pool: &Pool, isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f
 
 /// Quantizes one block of 32 values to bytes: `q = round_half_even(v · 127 / amax)`, on the
 /// detected instruction set. Returns `(amax, Σ q)`; both paths give identical bytes.
+#[cfg(test)]
 pub(crate) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     match detected() {
         #[cfg(target_arch = "x86_64")]
@@ -286,6 +287,25 @@ pub(crate) fn quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
         },
         _ => portable_quantize_ints(src, dst),
     }
+}
+
+/// [`super::quant::quantize_block`] on the detected instruction set: the AVX2 path keeps the
+/// f16 roundings of the scale and sum in F16C registers; both give identical results.
+pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32, i32) {
+    match detected() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2, FMA and F16C were detected.
+        Isa::Avx2 | Isa::Avx512 if src.len() >= QK && dst.len() >= QK => unsafe {
+            super::avx2::quantize_block(src, dst, round_sum)
+        },
+        _ => portable_quantize_block(src, dst, round_sum),
+    }
+}
+
+fn portable_quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32, i32) {
+    let (amax, sum) = portable_quantize_ints(src, dst);
+    let (d, s) = super::quant::block_scales(amax, sum, round_sum);
+    (d, s, sum)
 }
 
 fn portable_quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
@@ -298,6 +318,31 @@ fn portable_quantize_ints(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
         sum += r;
     }
     (amax, sum)
+}
+
+/// `Σ x[i]²` accumulated in f64 (as GGML's RMSNorm does), in eight lanes (lane `i mod 8`
+/// takes element `i`) added in a fixed order, so every instruction set returns the same bits.
+pub(crate) fn sum_squares(isa: Isa, x: &[f32]) -> f64 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 and FMA were detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::sum_squares(x) },
+        _ => {
+            let mut lanes = [0f64; 8];
+            let body = x.len() / 8 * 8;
+            for chunk in x[..body].chunks_exact(8) {
+                for (l, v) in lanes.iter_mut().zip(chunk) {
+                    *l += f64::from(*v) * f64::from(*v);
+                }
+            }
+            let l: [f64; 4] = std::array::from_fn(|k| lanes[k] + lanes[k + 4]);
+            let mut s = (l[0] + l[2]) + (l[1] + l[3]);
+            for v in &x[body..] {
+                s += f64::from(*v) * f64::from(*v);
+            }
+            s
+        }
+    }
 }
 
 /// `out[i] = silu(gate[i]) · up[i]` (SwiGLU's gating).
@@ -609,6 +654,10 @@ mod tests {
         check(QType::Q4_1, 1536, 576, 1, 99);
         check(QType::Q4_1, 576, 1536, 6, 100);
         check(QType::Q8_0, 300, 576, 2, 101);
+        // Batches longer than the AVX2 kernel's row slice, ending inside a tile.
+        check(QType::Q4_1, 48, 576, 100, 102);
+        check(QType::Q4_0, 17, 64, 49, 103);
+        check(QType::Q8_0, 33, 96, 50, 104);
     }
 
     #[test]
@@ -736,13 +785,22 @@ mod tests {
     #[test]
     fn block_quantization_is_identical_on_every_path() {
         let mut rng = Rng::new(11);
-        for scale in [0.0f32, 1e-3, 1.0, 40.0] {
+        for scale in [0.0f32, 1e-7, 1e-3, 0.37, 1.0, 40.0, 6.5e4] {
             let src: Vec<f32> = rng.vec(QK).iter().map(|v| v * scale).collect();
             let (mut a, mut b) = (vec![0i8; QK], vec![0i8; QK]);
             let pa = portable_quantize_ints(&src, &mut a);
             let pb = quantize_ints(&src, &mut b);
             assert_eq!(pa, pb);
             assert_eq!(a, b);
+            for round in [false, true] {
+                let (da, sa, qa) = portable_quantize_block(&src, &mut a, round);
+                let (db, sb, qb) = quantize_block(&src, &mut b, round);
+                assert_eq!(
+                    (da.to_bits(), sa.to_bits(), qa),
+                    (db.to_bits(), sb.to_bits(), qb)
+                );
+                assert_eq!(a, b);
+            }
             // Halfway cases round to even.
             let mut src = vec![0f32; QK];
             src[0] = 127.0;
@@ -776,6 +834,23 @@ mod tests {
                 assert_eq!(got.d[..rows * cols / QK], want.d[..]);
                 assert_eq!(got.s[..rows * cols / QK], want.s[..]);
                 assert_eq!(got.sums[..rows * cols / QK], want.sums[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn sums_of_squares_are_identical_on_every_path_and_near_the_plain_sum() {
+        let mut rng = Rng::new(13);
+        for n in [0, 1, 7, 8, 9, 31, 576, 1000] {
+            let x: Vec<f32> = rng.vec(n).iter().map(|v| v * 30.0).collect();
+            let plain: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+            let got: Vec<f64> = isas().into_iter().map(|isa| sum_squares(isa, &x)).collect();
+            for g in &got {
+                assert_eq!(g.to_bits(), got[0].to_bits(), "n={n}: {got:?}");
+                assert!(
+                    (g - plain).abs() <= 1e-12 * plain.max(1.0),
+                    "n={n}: {g} vs {plain}"
+                );
             }
         }
     }

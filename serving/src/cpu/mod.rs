@@ -234,6 +234,7 @@ impl CpuModel {
             // Attention block.
             norm_quantize(
                 &self.pool,
+                self.isa,
                 &s.x,
                 &layer.attn_norm,
                 t,
@@ -285,6 +286,7 @@ impl CpuModel {
             // Feed-forward block.
             norm_quantize(
                 &self.pool,
+                self.isa,
                 &s.x,
                 &layer.ffn_norm,
                 t,
@@ -325,6 +327,7 @@ impl CpuModel {
         let out_w = self.output.as_ref().unwrap_or(&self.embedding);
         norm_quantize(
             &self.pool,
+            self.isa,
             &last,
             &self.norm,
             n,
@@ -354,8 +357,10 @@ impl CpuModel {
 
 /// RMSNorm of each of `t` rows of `x`, scaled by `w`, quantized straight into `acts` for a
 /// projection of format `target` (the normalised rows are never stored whole).
+#[allow(clippy::too_many_arguments)] // One fused step of the forward pass.
 fn norm_quantize(
     pool: &Pool,
+    isa: Isa,
     x: &[f32],
     w: &[f32],
     t: usize,
@@ -368,17 +373,15 @@ fn norm_quantize(
         .map(|r| {
             let row = &x[r * h..(r + 1) * h];
             // Sum of squares in f64, as GGML accumulates it.
-            let ss: f64 = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+            let ss = kernels::sum_squares(isa, row);
             1.0 / ((ss / h as f64) as f32 + eps).sqrt()
         })
         .collect();
     quantize_with(pool, acts, t, h, rounds_sum(target), &|a, b, buf| {
-        let (row, g) = (
-            &x[a * h + b * QK..a * h + (b + 1) * QK],
-            &w[b * QK..(b + 1) * QK],
-        );
-        for ((o, v), g) in buf.iter_mut().zip(row).zip(g) {
-            *o = v * scales[a] * g;
+        let (row, g) = (&x[a * h + b * QK..][..QK], &w[b * QK..][..QK]);
+        let scale = scales[a];
+        for k in 0..QK {
+            buf[k] = row[k] * scale * g[k];
         }
     });
 }

@@ -494,9 +494,14 @@ impl BlockSpan<'_> {
 
 /// Quantizes one block: scale `amax/127` (stored f16-rounded), values rounded half to even
 /// after scaling by `127/amax`, as GGML's vectorised quantizer does. Returns `(d, d·Σq, Σq)`.
-/// The integer part runs on the detected instruction set ([`super::kernels::quantize_ints`]).
+/// Runs on the detected instruction set ([`super::kernels::quantize_block`]); every path
+/// gives the same bits as [`block_scales`] over [`super::kernels::quantize_ints`].
 pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f32, f32, i32) {
-    let (amax, sum) = super::kernels::quantize_ints(src, dst);
+    super::kernels::quantize_block(src, dst, round_sum)
+}
+
+/// A block's stored scale and sum term from its `amax` and `Σq`: `(round_f16(amax/127), s)`.
+pub(crate) fn block_scales(amax: f32, sum: i32, round_sum: bool) -> (f32, f32) {
     let d = amax / 127.0;
     let dr = round_f16(d);
     // Q8_1 keeps GGML's f16 `d·Σq` (unrounded `d`); otherwise the sum serves the Q4_0 offset
@@ -506,7 +511,7 @@ pub(crate) fn quantize_block(src: &[f32], dst: &mut [i8], round_sum: bool) -> (f
     } else {
         dr * sum as f32
     };
-    (dr, s, sum)
+    (dr, s)
 }
 
 /// Whether activations for weights of this type keep an f16-rounded block sum (GGML pairs
