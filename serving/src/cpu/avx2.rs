@@ -640,8 +640,10 @@ fn prefetch_row(row: *const u16, bytes: usize) {
 /// as `q`). Each position's cached key and value rows are read once for all the heads, the
 /// next rows prefetched, and the sums kept in registers. Per head, every float operation and
 /// its order are `attend_head`'s, so the results are bit-identical. `scores` is scratch of at
-/// least `kvh·M·slots.len()`; `hd` must be a multiple of 16 (the caller checks it with the
-/// shapes). Callable only where AVX2, FMA and F16C exist.
+/// least `kvh·M·slots.len()`; `hd` must be a multiple of 16 and every slot's row inside both
+/// caches (the caller checks both; checked again here once, and the call writes nothing
+/// otherwise), so the loops read through unchecked pointers. Callable only where AVX2, FMA and
+/// F16C exist.
 #[allow(clippy::too_many_arguments)] // The heads' view of the paged cache.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn attend_heads<const M: usize>(
@@ -663,27 +665,39 @@ pub(super) fn attend_heads<const M: usize>(
     let q = &q[..heads * hd];
     let scores = &mut scores[..heads * ctx];
     let out = &mut out[..heads * hd];
+    // Every row the loops below read through raw pointers, checked once here: slot `s`'s
+    // heads are the `width` values at `s·kvd + off` of both caches.
+    let top = slots.iter().map(|&s| s as usize).max().unwrap_or(0);
+    let fits = |c: &[u16]| top * kvd + off + width <= c.len();
+    if hd % 16 != 0 || !fits(kc) || !fits(vc) {
+        return;
+    }
+    let (kp, vp, qp) = (kc.as_ptr(), vc.as_ptr(), q.as_ptr());
     for (p, &slot) in slots.iter().enumerate() {
         if let Some(&next) = slots.get(p + ATTN_AHEAD) {
             // The values of the same row too: the value pass below then finds them in cache
             // instead of waiting on memory at every position.
             let at = next as usize * kvd + off;
-            prefetch_row(kc.as_ptr().wrapping_add(at), 2 * width);
-            prefetch_row(vc.as_ptr().wrapping_add(at), 2 * width);
+            prefetch_row(kp.wrapping_add(at), 2 * width);
+            prefetch_row(vp.wrapping_add(at), 2 * width);
         }
         let at = slot as usize * kvd + off;
-        let row = &kc[at..at + width];
         for j in 0..kvh {
-            let k = &row[j * hd..(j + 1) * hd];
-            let qj = &q[j * M * hd..(j + 1) * M * hd];
+            // SAFETY: `at + width` is inside `kc` (checked above) and `j·hd + hd <= width`;
+            // query head `jM + h` is inside `q` (`heads·hd` values).
+            let (k, qj) = unsafe { (kp.add(at + j * hd), qp.add(j * M * hd)) };
             let mut acc = [_mm256_setzero_ps(); M];
-            for i in (0..hd).step_by(8) {
-                // SAFETY: `i + 8 <= hd = k.len()`.
-                let kv = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(k[i..i + 8].as_ptr().cast())) };
-                for (h, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: `h·hd + i + 8 <= M·hd = qj.len()`.
-                    let qv = unsafe { _mm256_loadu_ps(qj[h * hd + i..h * hd + i + 8].as_ptr()) };
-                    *a = _mm256_fmadd_ps(qv, kv, *a);
+            // Sixteen dimensions per turn, each lane's products still added in order.
+            for i in (0..hd).step_by(16) {
+                // SAFETY: `i + 16 <= hd`: inside the head's keys and each query head.
+                unsafe {
+                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(i).cast()));
+                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(i + 8).cast()));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let qh = qj.add(h * hd + i);
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qh), k0, *a);
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(8)), k1, *a);
+                    }
                 }
             }
             for (h, a) in acc.iter().enumerate() {
@@ -696,24 +710,23 @@ pub(super) fn attend_heads<const M: usize>(
         let sum = exp_sub_sum(sh, max);
         div_round_f16(sh, sum);
     }
+    let sp = scores.as_ptr();
     // Values, sixteen dimensions of a group's heads at a time.
     for j in 0..kvh {
         for d in (0..hd).step_by(16) {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for (p, &slot) in slots.iter().enumerate() {
-                let at = slot as usize * kvd + off + j * hd + d;
-                let v = &vc[at..at + 16];
-                // SAFETY: `v` holds 16 values, two groups of 8.
-                let (v0, v1) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(v[..8].as_ptr().cast())),
-                        _mm256_cvtph_ps(_mm_loadu_si128(v[8..].as_ptr().cast())),
-                    )
-                };
-                for (h, a) in acc.iter_mut().enumerate() {
-                    let pv = _mm256_set1_ps(scores[(j * M + h) * ctx + p]);
-                    a[0] = _mm256_fmadd_ps(pv, v0, a[0]);
-                    a[1] = _mm256_fmadd_ps(pv, v1, a[1]);
+                // SAFETY: the row is inside `vc` (checked above) and `j·hd + d + 16 <= width`;
+                // `(jM + h)·ctx + p` is inside `scores` (`heads·ctx` values).
+                unsafe {
+                    let v = vp.add(slot as usize * kvd + off + j * hd + d);
+                    let v0 = _mm256_cvtph_ps(_mm_loadu_si128(v.cast()));
+                    let v1 = _mm256_cvtph_ps(_mm_loadu_si128(v.add(8).cast()));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let pv = _mm256_set1_ps(*sp.add((j * M + h) * ctx + p));
+                        a[0] = _mm256_fmadd_ps(pv, v0, a[0]);
+                        a[1] = _mm256_fmadd_ps(pv, v1, a[1]);
+                    }
                 }
             }
             for (h, a) in acc.iter().enumerate() {
