@@ -669,7 +669,7 @@ pub(super) fn attend_heads<const M: usize>(
     // heads are the `width` values at `s·kvd + off` of both caches.
     let top = slots.iter().map(|&s| s as usize).max().unwrap_or(0);
     let fits = |c: &[u16]| top * kvd + off + width <= c.len();
-    if hd % 16 != 0 || !fits(kc) || !fits(vc) {
+    if !hd.is_multiple_of(16) || !fits(kc) || !fits(vc) {
         return;
     }
     let (kp, vp, qp) = (kc.as_ptr(), vc.as_ptr(), q.as_ptr());
