@@ -6,7 +6,8 @@
 //!     [--model PATH] [--requests 16] [--concurrency 16] [--input-tokens 50] [--output-tokens 50]
 //!     [--max-seqs 32] [--max-batch-tokens 256] [--dequantize] [--kernels auto|candle] [--threads N]
 //!     [--same-prompt] [--no-prefix-cache]
-//!     [--floor]   (also measure the machine's memory read bandwidth: the decode ceiling)
+//!     [--floor]   (also measure the machine's memory read bandwidth, the decode ceiling, and
+//!                  the AVX2 byte-multiply rate, the batched kernels' compute ceiling)
 //! ```
 #![allow(clippy::print_stdout)] // a CLI program reports on stdout
 
@@ -289,8 +290,77 @@ fn main() -> anyhow::Result<()> {
             single,
             100.0 * single * bytes / (gbs * 1e9)
         );
+        if let Some((peak, mixed)) = byte_multiply_rates(threads) {
+            println!(
+                "  vpmaddubsw peak      {:>9.0} G multiply-adds/s with {threads} threads (independent multiplies only)",
+                peak
+            );
+            println!(
+                "  with an add each     {:>9.0} G multiply-adds/s (each multiply's result added into an accumulator)",
+                mixed
+            );
+        }
     }
     Ok(())
+}
+
+/// The compute ceiling of the AVX2 byte kernels on this machine: `threads` threads each run
+/// eight independent chains of `vpmaddubsw` (32 multiply-adds each) on a broadcast operand, alone
+/// and with each result added into an accumulator (the kernels' shape), in G multiply-adds/s.
+/// `None` without AVX2.
+fn byte_multiply_rates(threads: usize) -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return None;
+        }
+        let rate = |mixed: bool| {
+            let n = 20_000_000usize;
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads.max(1) {
+                    // SAFETY: AVX2 was detected above.
+                    s.spawn(move || std::hint::black_box(unsafe { multiply_chains(n, mixed) }));
+                }
+            });
+            (threads.max(1) * n * 8 * 32) as f64 / t0.elapsed().as_secs_f64() / 1e9
+        };
+        Some((rate(false), rate(true)))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+/// Eight independent `vpmaddubsw` chains, `n` rounds; with `mixed`, each product is added into
+/// its chain's accumulator instead of feeding the next multiply.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn multiply_chains(n: usize, mixed: bool) -> i64 {
+    use std::arch::x86_64::*;
+    let words: [i32; 32] = std::array::from_fn(|i| i as i32 + 1);
+    let a = _mm256_set1_epi8(3);
+    let mut acc = [_mm256_set1_epi16(1); 8];
+    if mixed {
+        for i in 0..n {
+            for (k, v) in acc.iter_mut().enumerate() {
+                let b = _mm256_set1_epi32(words[k * 4 + (i & 3)]);
+                *v = _mm256_add_epi16(*v, _mm256_maddubs_epi16(a, b));
+            }
+        }
+    } else {
+        for i in 0..n {
+            for (k, v) in acc.iter_mut().enumerate() {
+                let b = _mm256_set1_epi32(words[k * 4 + (i & 3)]);
+                *v = _mm256_maddubs_epi16(*v, b);
+            }
+        }
+    }
+    acc.iter()
+        .map(|v| i64::from(_mm256_extract_epi16::<0>(*v)))
+        .sum()
 }
 
 /// A STREAM-style read: `threads` threads each sum their share of a buffer of `bytes`; the
