@@ -221,6 +221,8 @@ pub(crate) enum KvLayout {
 pub(crate) struct KvCache {
     store: Store,
     block_size: usize,
+    /// Slots in every layer (`blocks · block_size`).
+    slots: usize,
 }
 
 /// Where the keys and values live.
@@ -261,6 +263,7 @@ impl KvCache {
                 return Ok(Self {
                     store: Store::Host { layers, kv_dim },
                     block_size,
+                    slots,
                 });
             }
         };
@@ -273,6 +276,7 @@ impl KvCache {
         Ok(Self {
             store: Store::Tensors(v),
             block_size,
+            slots,
         })
     }
 
@@ -288,6 +292,11 @@ impl KvCache {
 
     pub(crate) fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    /// Slots per layer: every slot a step names must be below this.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.slots
     }
 
     /// Layer `i`'s key and value tensors (the candle path).

@@ -288,7 +288,10 @@ impl Model {
     ) -> Result<Vec<Vec<f32>>> {
         match &self.imp {
             Imp::Candle(m) => match m.path {
-                CandlePath::Ops => m.forward_inner(tokens, seqs, cache).map_err(exec),
+                CandlePath::Ops => {
+                    check_step(&m.config, tokens, seqs, cache.slot_count())?;
+                    m.forward_inner(tokens, seqs, cache).map_err(exec)
+                }
                 CandlePath::Kernels => m.forward_kernels(tokens, seqs, cache),
             },
             Imp::Cpu(m) => {
@@ -299,6 +302,47 @@ impl Model {
             }
         }
     }
+}
+
+/// Checks a step before candle's own forward pass indexes with it: the sequences cover the
+/// tokens exactly, every position has a cache slot inside the cache and lies inside the
+/// context, and every token is in the vocabulary. (The kernel paths check the same inside.)
+fn check_step(c: &ModelConfig, tokens: &[u32], seqs: &[SeqStep], slots: usize) -> Result<()> {
+    let bad = |reason: String| Err(Error::Execution { reason });
+    let covered: usize = seqs.iter().map(|s| s.len).sum();
+    if covered != tokens.len() {
+        return bad(format!(
+            "{} tokens but the sequences cover {covered}",
+            tokens.len()
+        ));
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        let ctx = s.start_pos.saturating_add(s.len);
+        if ctx > c.context {
+            return bad(format!(
+                "sequence {i} reaches position {ctx}, beyond the context of {}",
+                c.context
+            ));
+        }
+        let Some(named) = s.slots.get(..ctx) else {
+            return bad(format!(
+                "sequence {i}: {} cache slots for a context of {ctx}",
+                s.slots.len()
+            ));
+        };
+        if let Some(slot) = named.iter().find(|&&slot| slot as usize >= slots) {
+            return bad(format!(
+                "sequence {i}: cache slot {slot} is outside the cache of {slots}"
+            ));
+        }
+    }
+    if let Some(tok) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        return bad(format!(
+            "token id {tok} is outside the vocabulary of {}",
+            c.vocab
+        ));
+    }
+    Ok(())
 }
 
 impl CandleModel {
@@ -986,5 +1030,60 @@ mod tests {
             m.forward(&[3], &[outside_far], &mut cache),
             Err(Error::CacheIndexOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn bad_steps_are_typed_errors_on_the_candle_path() {
+        let m = model(&tiny(2), false);
+        let c = &m.config;
+        let mut cache =
+            KvCache::new(c.layers, 4, BLOCK, c.kv_dim(), &Device::Cpu, m.host_kv()).unwrap();
+        let good = SeqStep {
+            start_pos: 0,
+            len: 2,
+            slots: vec![0, 1],
+            want_logits: true,
+        };
+        let bad_steps = [
+            // Too few slots for the context.
+            (
+                vec![1, 2],
+                SeqStep {
+                    slots: vec![0],
+                    ..good.clone()
+                },
+            ),
+            // A slot outside the cache.
+            (
+                vec![1, 2],
+                SeqStep {
+                    slots: vec![0, 4 * BLOCK as u32],
+                    ..good.clone()
+                },
+            ),
+            // Tokens the sequences do not cover.
+            (vec![1, 2, 3], good.clone()),
+            // A token outside the vocabulary.
+            (vec![1, c.vocab as u32], good.clone()),
+            // Positions beyond the context.
+            (
+                vec![1, 2],
+                SeqStep {
+                    start_pos: c.context - 1,
+                    ..good.clone()
+                },
+            ),
+        ];
+        for (tokens, step) in bad_steps {
+            assert!(
+                matches!(
+                    m.forward(&tokens, std::slice::from_ref(&step), &mut cache),
+                    Err(Error::Execution { .. })
+                ),
+                "{tokens:?} {step:?}"
+            );
+        }
+        // The cache still serves a well-formed step afterwards.
+        assert_eq!(m.forward(&[1, 2], &[good], &mut cache).unwrap().len(), 1);
     }
 }
