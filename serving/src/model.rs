@@ -5,6 +5,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::cpu::CpuModel;
+use crate::cuda::cuda_kernels::SampleParams;
 use crate::cuda::cuda_kernels::{self as kernels, AttentionShape, BlockTables, Rounding};
 use crate::cuda::ops;
 use crate::error::{Error, Result, exec};
@@ -171,6 +172,15 @@ enum CandlePath {
     Kernels,
 }
 
+/// What a step returns for one sequence that wants a token.
+#[derive(Debug)]
+pub(crate) enum RowOutput {
+    /// Its logits, for the host sampler.
+    Logits(Vec<f32>),
+    /// The token the device sampler picked (only ids cross to the host).
+    Token(u32),
+}
+
 /// One sequence's slice of a batched forward step.
 #[derive(Debug, Clone)]
 pub(crate) struct SeqStep {
@@ -275,6 +285,82 @@ impl Model {
         if let Imp::Candle(m) = &mut self.imp {
             m.path = CandlePath::Kernels;
         }
+    }
+
+    /// Whether [`Model::forward_step`] can pick tokens where the logits are: Keel's kernel
+    /// path, whose sampling kernel runs on the CUDA device (and as its CPU reference on the CPU).
+    pub(crate) fn samples_on_device(&self) -> bool {
+        matches!(&self.imp, Imp::Candle(m) if m.path == CandlePath::Kernels)
+    }
+
+    /// [`Model::forward`], with the tokens of some sequences picked by the device sampler:
+    /// `sample` holds one entry per sequence with `want_logits`, in order, `Some` for those to
+    /// sample on the device (which needs [`Model::samples_on_device`]). Only their ids come back;
+    /// the others get their logits.
+    pub(crate) fn forward_step(
+        &self,
+        tokens: &[u32],
+        seqs: &[SeqStep],
+        cache: &mut KvCache,
+        sample: &[Option<SampleParams>],
+    ) -> Result<Vec<RowOutput>> {
+        let wanted = seqs.iter().filter(|s| s.want_logits).count();
+        if sample.len() != wanted {
+            return Err(Error::Execution {
+                reason: format!(
+                    "{} sampling settings for {wanted} sequences that want a token",
+                    sample.len()
+                ),
+            });
+        }
+        let on_device = sample.iter().any(Option::is_some);
+        let m = match &self.imp {
+            Imp::Candle(m) if on_device && m.path == CandlePath::Kernels => m,
+            _ if on_device => {
+                return Err(Error::Execution {
+                    reason: "this model samples on the host only".into(),
+                });
+            }
+            _ => {
+                let rows = self.forward(tokens, seqs, cache)?;
+                return Ok(rows.into_iter().map(RowOutput::Logits).collect());
+            }
+        };
+        let Some(logits) = m.kernel_logits(tokens, seqs, cache)? else {
+            return Ok(Vec::new());
+        };
+        let err = |e: candle_core::Error| ops::backend_error(e, &m.device);
+        let (dev_rows, host_rows): (Vec<u32>, Vec<u32>) =
+            (0..wanted as u32).partition(|&i| sample[i as usize].is_some());
+        let params: Vec<SampleParams> = sample.iter().flatten().copied().collect();
+        let pick = |rows: &[u32]| {
+            Tensor::from_slice(rows, rows.len(), &m.device)
+                .and_then(|idx| logits.index_select(&idx, 0))
+                .map_err(err)
+        };
+        let ids = if dev_rows.len() == wanted {
+            ops::sample(&logits, &params)?
+        } else {
+            ops::sample(&pick(&dev_rows)?, &params)?
+        };
+        let mut host = if host_rows.is_empty() {
+            Vec::new()
+        } else {
+            pick(&host_rows)?.to_vec2::<f32>().map_err(err)?
+        }
+        .into_iter();
+        let mut ids = ids.into_iter();
+        let mut out = Vec::with_capacity(wanted);
+        for s in sample {
+            let row = match s {
+                Some(_) => ids.next().map(RowOutput::Token),
+                None => host.next().map(RowOutput::Logits),
+            };
+            out.push(row.ok_or_else(|| Error::Execution {
+                reason: "the sampler returned fewer rows than the step has".into(),
+            })?);
+        }
+        Ok(out)
     }
 
     /// Runs one batched step: `tokens` holds every sequence's new tokens back to back, in the
@@ -490,12 +576,28 @@ impl CandleModel {
         seqs: &[SeqStep],
         cache: &mut KvCache,
     ) -> Result<Vec<Vec<f32>>> {
+        match self.kernel_logits(tokens, seqs, cache)? {
+            Some(logits) => logits
+                .to_vec2::<f32>()
+                .map_err(|e| ops::backend_error(e, &self.device)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The kernel path's step up to the logits, `[rows, vocab]` f32 on the model's device
+    /// (`None` when no sequence wants logits).
+    fn kernel_logits(
+        &self,
+        tokens: &[u32],
+        seqs: &[SeqStep],
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>> {
         let c = &self.config;
         let dev = &self.device;
         let err = |e: candle_core::Error| ops::backend_error(e, dev);
         let t = tokens.len();
         if t == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let bs = cache.block_size();
         let bad = |reason: String| Error::Execution { reason };
@@ -630,7 +732,7 @@ impl CandleModel {
             delta = mlp().map_err(err)?;
         }
         if logit_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let n = logit_rows.len();
         let rows = Tensor::from_slice(&logit_rows, n, dev).map_err(err)?;
@@ -641,7 +743,7 @@ impl CandleModel {
             .forward(&last)
             .and_then(|l| l.to_dtype(DType::F32))
             .map_err(err)?;
-        logits.to_vec2::<f32>().map_err(err)
+        Ok(Some(logits))
     }
 
     /// Attention for a group of decoding sequences padded to one context length.
@@ -1030,6 +1132,91 @@ mod tests {
             m.forward(&[3], &[outside_far], &mut cache),
             Err(Error::CacheIndexOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn device_sampling_picks_per_row_and_returns_the_other_rows_logits() {
+        let m = model(&tiny(6), true);
+        assert!(m.samples_on_device());
+        let c = &m.config;
+        let cache = || KvCache::new(c.layers, 8, BLOCK, c.kv_dim(), &Device::Cpu, m.host_kv());
+        // Two sequences prefilled in one step, both wanting a token.
+        let steps = vec![
+            SeqStep {
+                start_pos: 0,
+                len: 3,
+                slots: vec![0, 1, 2],
+                want_logits: true,
+            },
+            SeqStep {
+                start_pos: 0,
+                len: 2,
+                slots: vec![BLOCK as u32, BLOCK as u32 + 1],
+                want_logits: true,
+            },
+        ];
+        let tokens = [5, 9, 17, 40, 41];
+        let logits = m.forward(&tokens, &steps, &mut cache().unwrap()).unwrap();
+        let best =
+            |row: &[f32]| (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
+        let greedy = Some(SampleParams::greedy());
+        // Both rows on the device, then the first on the device and the second on the host.
+        let out = m
+            .forward_step(&tokens, &steps, &mut cache().unwrap(), &[greedy, greedy])
+            .unwrap();
+        let ids: Vec<u32> = out
+            .iter()
+            .map(|r| match r {
+                RowOutput::Token(t) => *t,
+                RowOutput::Logits(_) => panic!("a row asked for the device came back as logits"),
+            })
+            .collect();
+        assert_eq!(ids, vec![best(&logits[0]), best(&logits[1])]);
+        let out = m
+            .forward_step(&tokens, &steps, &mut cache().unwrap(), &[greedy, None])
+            .unwrap();
+        assert!(matches!(&out[0], RowOutput::Token(t) if *t == best(&logits[0])));
+        assert!(matches!(&out[1], RowOutput::Logits(l) if *l == logits[1]));
+        // Hot sampling with a draw near 1 and near 0 picks from the kept candidates.
+        let hot = |u| Some(SampleParams::new(1.0, 5, 1.0, 0.0, u).unwrap());
+        for u in [0.0, 0.999] {
+            let out = m
+                .forward_step(&tokens, &steps, &mut cache().unwrap(), &[hot(u), hot(u)])
+                .unwrap();
+            for (r, row) in out.iter().zip(&logits) {
+                let RowOutput::Token(t) = r else {
+                    panic!("expected a token")
+                };
+                let mut top: Vec<u32> = (0..row.len() as u32).collect();
+                top.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+                assert!(top[..5].contains(t), "token {t} is not among the top 5");
+            }
+        }
+        // The settings must match the sequences that want a token.
+        assert!(matches!(
+            m.forward_step(&tokens, &steps, &mut cache().unwrap(), &[greedy]),
+            Err(Error::Execution { .. })
+        ));
+        // A model without the kernel path samples on the host only.
+        let plain = model(&tiny(6), false);
+        assert!(!plain.samples_on_device());
+        let mut plain_cache = KvCache::new(
+            c.layers,
+            8,
+            BLOCK,
+            c.kv_dim(),
+            &Device::Cpu,
+            plain.host_kv(),
+        )
+        .unwrap();
+        assert!(matches!(
+            plain.forward_step(&tokens, &steps, &mut plain_cache, &[greedy, None]),
+            Err(Error::Execution { .. })
+        ));
+        let host = plain
+            .forward_step(&tokens, &steps, &mut plain_cache, &[None, None])
+            .unwrap();
+        assert!(host.iter().all(|r| matches!(r, RowOutput::Logits(_))));
     }
 
     #[test]

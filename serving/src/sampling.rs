@@ -137,6 +137,15 @@ impl SamplingParams {
         self.max_tokens
     }
 
+    /// Whether the device sampler can pick this request's tokens: it applies temperature,
+    /// top-k, top-p and min-p, but no penalties and no log-probabilities.
+    pub(crate) fn device_sampleable(&self) -> bool {
+        self.repetition_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+            && self.logprobs.is_none()
+    }
+
     /// Checks every parameter's range.
     ///
     /// # Errors
@@ -307,6 +316,39 @@ impl Sampler {
             token,
             logprob,
             top,
+        }
+    }
+
+    /// This token's settings for the device sampler (`cuda::ops::sample`), when the request
+    /// needs nothing it lacks (no penalties, no log-probabilities); the uniform draw comes from
+    /// this sequence's generator, one per sampled token as on the host (none for greedy). The
+    /// device applies the host's rule in the same order, so a draw picks the same token up to
+    /// float summation order; a seed therefore repeats its output on either path, not across
+    /// them. The caller must then [`Sampler::record`] the token the device picked.
+    pub(crate) fn device_params(
+        &mut self,
+        p: &SamplingParams,
+    ) -> Option<crate::cuda::cuda_kernels::SampleParams> {
+        use crate::cuda::cuda_kernels::SampleParams;
+        if !p.device_sampleable() {
+            return None;
+        }
+        if p.temperature == 0.0 {
+            return Some(SampleParams::greedy());
+        }
+        let top_k = u32::try_from(p.top_k).unwrap_or(u32::MAX);
+        // The largest f32 below 1: an f64 draw just under 1 rounds to 1.0 as f32.
+        let u = (self.rng.next_f64() as f32).min(1.0 - f32::EPSILON / 2.0);
+        SampleParams::new(p.temperature, top_k, p.top_p, p.min_p, u).ok()
+    }
+
+    /// Records a token picked by the device sampler, as [`Sampler::sample`] records its own.
+    pub(crate) fn record(&mut self, token: u32) -> Sampled {
+        *self.counts.entry(token).or_insert(0) += 1;
+        Sampled {
+            token,
+            logprob: None,
+            top: Vec::new(),
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::error::{Error, Result};
 use crate::kv::{BlockPool, KvCache, blocks_for};
 use crate::metrics::{LoadCounters, MetricsState};
-use crate::model::{Model, SeqStep};
+use crate::model::{Model, RowOutput, SeqStep};
 use crate::request::{FinishReason, StreamEvent, Summary, Timings, TokenDelta, Usage};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -423,7 +423,24 @@ impl Scheduler {
                 want_logits: s.computed + chunk == s.tokens.len(),
             });
         }
-        let result = self.model.forward(&tokens, &steps, &mut self.cache);
+        // Requests without penalties or log-probabilities get their token picked where the
+        // logits are (on a GPU only ids then cross to the host); each draws its uniform from its
+        // own generator, so a sequence's path never depends on what else is in the batch.
+        let device = self.model.samples_on_device();
+        let mut sample = Vec::new();
+        for (&(idx, _), step) in plan.iter().zip(&steps) {
+            if step.want_logits {
+                let s = &mut self.running[idx];
+                sample.push(if device && s.params.device_sampleable() {
+                    s.sampler.device_params(&s.params)
+                } else {
+                    None
+                });
+            }
+        }
+        let result = self
+            .model
+            .forward_step(&tokens, &steps, &mut self.cache, &sample);
         let mut logits = match result {
             Ok(l) => l.into_iter(),
             Err(e) => {
@@ -468,10 +485,13 @@ impl Scheduler {
             if !step.want_logits {
                 continue;
             }
-            let Some(mut row) = logits.next() else {
-                continue;
+            let sampled = match logits.next() {
+                Some(RowOutput::Logits(mut row)) => {
+                    s.sampler.sample(&s.params, &mut row, &s.tokens)
+                }
+                Some(RowOutput::Token(token)) => s.sampler.record(token),
+                None => continue,
             };
-            let sampled = s.sampler.sample(&s.params, &mut row, &s.tokens);
             generated += 1;
             if let Some(done) = self.on_token(idx, sampled, now) {
                 finished.push((idx, done));

@@ -260,10 +260,9 @@ fn attention_inner(
 }
 
 /// Picks one token per row of `logits` (`[rows, vocab]`) ([`reference::sample`]); only the
-/// ids come back to the host.
-// The engine still samples on the host (its sampler applies penalties and log-probabilities;
-// docs/cuda.md), so only tests call this; gpu_check uses the poisoned variant.
-#[cfg_attr(not(test), allow(dead_code))]
+/// ids come back to the host. The engine uses it for requests without penalties or
+/// log-probabilities on the kernel path (`Model::forward_step`); gpu_check uses the poisoned
+/// variant.
 pub(crate) fn sample(logits: &Tensor, params: &[SampleParams]) -> Result<Vec<u32>> {
     sample_inner(logits, params, false)
 }
