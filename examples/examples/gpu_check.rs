@@ -3,7 +3,8 @@
 //! - `kernels`: every Keel CUDA kernel against its CPU reference on fresh random inputs at
 //!   several sizes, and the device's copy bandwidth;
 //! - `greedy`: greedy generation on the GPU equals the CPU for a SmolLM2-135M-shaped f32
-//!   model with seeded random weights ([`keel_serving::RandomModel`]), through the engine;
+//!   model with seeded random weights ([`keel_serving::RandomModel`]), through the engine,
+//!   once with the host sampler and once with the device sampling kernel;
 //! - `decode`: decode tokens/s through the engine at batch 1, 32 and 256 for SmolLM2-135M- and
 //!   Llama-1B-shaped random-weight bf16 models, next to the memory-bandwidth floor.
 //!
@@ -449,17 +450,18 @@ struct Greedy {
 }
 
 /// Runs every prompt at once on `engine`, greedily, `new` tokens each.
+/// With `logprobs` the engine samples on the host (and the gaps are known); without, on the
+/// kernel path it picks each token with the device sampling kernel.
 async fn greedy_runs(
     engine: &Engine,
     prompts: &[Vec<u32>],
     new: usize,
+    logprobs: bool,
 ) -> anyhow::Result<Vec<Greedy>> {
     let mut streams = Vec::new();
     for p in prompts {
-        let params = SamplingParams::greedy()
-            .max_tokens(new)
-            .ignore_eos(true)
-            .logprobs(2);
+        let params = SamplingParams::greedy().max_tokens(new).ignore_eos(true);
+        let params = if logprobs { params.logprobs(2) } else { params };
         streams.push(engine.generate(GenerateRequest::tokens(p.clone()).sampling(params))?);
     }
     let mut out = Vec::new();
@@ -525,34 +527,38 @@ fn check_greedy(
         cpu.model_info().kernels,
         gpu.model_info().kernels
     );
-    let want = rt.block_on(greedy_runs(&cpu, &prompts, new))?;
-    let got = rt.block_on(greedy_runs(&gpu, &prompts, new))?;
+    let want = rt.block_on(greedy_runs(&cpu, &prompts, new, true))?;
     let mut ok = true;
     let mut lines = Vec::new();
-    for ((w, gt), n) in want.iter().zip(&got).zip(lens) {
-        let same = w
-            .tokens
-            .iter()
-            .zip(&gt.tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let verdict = if same == w.tokens.len() && w.tokens.len() == gt.tokens.len() {
-            "equal".to_string()
-        } else if w.gaps.get(same).is_some_and(|gap| *gap < 1e-3) {
-            format!(
-                "equal for {same} tokens, then a near-tie (gap {:.1e})",
-                w.gaps[same]
-            )
-        } else {
-            ok = false;
-            format!(
-                "DIFFERENT after {same} tokens (gap {:.1e}): cpu {:?} gpu {:?}",
-                w.gaps.get(same).copied().unwrap_or(f32::NAN),
-                &w.tokens[same..(same + 4).min(w.tokens.len())],
-                &gt.tokens[same..(same + 4).min(gt.tokens.len())]
-            )
-        };
-        lines.push(format!("  prompt of {n:>3} tokens, {new} new: {verdict}"));
+    // The GPU twice: sampling on the host (log-probabilities asked for), then on the device.
+    for (label, logprobs) in [("host sampler", true), ("device sampler", false)] {
+        lines.push(format!("  gpu, {label}:"));
+        let got = rt.block_on(greedy_runs(&gpu, &prompts, new, logprobs))?;
+        for ((w, gt), n) in want.iter().zip(&got).zip(lens) {
+            let same = w
+                .tokens
+                .iter()
+                .zip(&gt.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let verdict = if same == w.tokens.len() && w.tokens.len() == gt.tokens.len() {
+                "equal".to_string()
+            } else if w.gaps.get(same).is_some_and(|gap| *gap < 1e-3) {
+                format!(
+                    "equal for {same} tokens, then a near-tie (gap {:.1e})",
+                    w.gaps[same]
+                )
+            } else {
+                ok = false;
+                format!(
+                    "DIFFERENT after {same} tokens (gap {:.1e}): cpu {:?} gpu {:?}",
+                    w.gaps.get(same).copied().unwrap_or(f32::NAN),
+                    &w.tokens[same..(same + 4).min(w.tokens.len())],
+                    &gt.tokens[same..(same + 4).min(gt.tokens.len())]
+                )
+            };
+            lines.push(format!("    prompt of {n:>3} tokens, {new} new: {verdict}"));
+        }
     }
     println!("{}", lines.join("\n"));
     let summary = format!(
