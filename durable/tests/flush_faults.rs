@@ -16,26 +16,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::faults::{Faulty, Shared, reached, runs, seen, seen_ok};
 use common::{id, start};
 use keel_durable::{
     Context, Durability, Error, FaultInjector, ListFilter, Runtime, RuntimeBuilder, StepError,
 };
-
-/// What the steps did and what the workflow code saw, across runtimes.
-#[derive(Default)]
-struct Ledger {
-    /// One entry per call of a step closure: (workflow, step, value returned).
-    ran: Vec<(String, String, u64)>,
-    /// One entry per operation in workflow code: (workflow, operation, what it returned).
-    saw: Vec<(String, String, Result<u64, String>)>,
-}
-
-type Shared = Arc<Mutex<Ledger>>;
 
 /// Makes step `step` of workflow `workflow` arm the injector from inside its closure, so the
 /// flush that journals that very step fails.
@@ -102,29 +92,7 @@ fn builder(dir: &Path, durability: Durability) -> RuntimeBuilder {
     Runtime::builder(dir).durability(durability).concurrency(16)
 }
 
-/// One test's journal directory, ledger and fault injector, for the runtime that meets the
-/// failure and the one that opens the directory again afterwards.
-struct Faulty {
-    dir: tempfile::TempDir,
-    durability: Durability,
-    ledger: Shared,
-    faults: FaultInjector,
-}
-
 impl Faulty {
-    fn new(durability: Durability) -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            durability,
-            ledger: Shared::default(),
-            faults: FaultInjector::new(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Opens the runtime that meets the failure: the `chain` workflow, the injector attached.
     async fn open(&self, trigger: Option<Trigger>) -> Runtime {
         let b = builder(self.path(), self.durability);
@@ -153,19 +121,6 @@ fn assert_each_step_ran_once(ledger: &Shared, n: usize) {
         assert_eq!(*k, 1, "step {s} of {w} ran {k} times");
     }
     assert_eq!(runs.len(), n);
-}
-
-/// Waits until the code of workflow `w` has seen operation `op` succeed, that is, until the
-/// operation's flush has completed (the journal alone would also show writes whose flush is
-/// still running, and the tests count flushes).
-async fn reached(ledger: &Shared, w: &str, op: &str) {
-    for _ in 0..2000 {
-        if seen(ledger, w, op).iter().any(Result::is_ok) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("workflow {w} never completed {op}");
 }
 
 /// Asserts `e` is the journal failure, naming `dir`, with an `io::Error` as its root cause.
@@ -203,35 +158,6 @@ async fn abandoned(rt: &Runtime, ids: &BTreeSet<String>) {
         "not every workflow of {ids:?} was abandoned: {:?}",
         rt.issues()
     );
-}
-
-/// Every (workflow, step) and how many times its closure ran.
-fn runs(ledger: &Shared) -> BTreeMap<(String, String), usize> {
-    let mut out = BTreeMap::new();
-    for (w, s, _) in &ledger.lock().unwrap().ran {
-        *out.entry((w.clone(), s.clone())).or_default() += 1;
-    }
-    out
-}
-
-/// The (workflow, operation) pairs the code saw succeed, with their values.
-fn seen_ok(ledger: &Shared) -> BTreeMap<(String, String), u64> {
-    let mut out = BTreeMap::new();
-    for (w, s, r) in &ledger.lock().unwrap().saw {
-        if let Ok(v) = r {
-            out.insert((w.clone(), s.clone()), *v);
-        }
-    }
-    out
-}
-
-fn seen(ledger: &Shared, w: &str, op: &str) -> Vec<Result<u64, String>> {
-    let l = ledger.lock().unwrap();
-    l.saw
-        .iter()
-        .filter(|(x, s, _)| x == w && s == op)
-        .map(|(_, _, r)| r.clone())
-        .collect()
 }
 
 async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability: Durability) {

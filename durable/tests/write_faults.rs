@@ -19,27 +19,17 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::faults::{Faulty, Shared, reached, runs, seen, seen_ok};
 use common::{id, start};
 use keel_durable::{
     Context, Durability, Error, FaultInjector, ListFilter, Runtime, RuntimeBuilder, StepError,
     WorkflowStatus,
 };
-
-/// What the steps did and what the workflow code saw, across runtimes.
-#[derive(Default)]
-struct Ledger {
-    /// One entry per call of a step closure: (workflow, step, value returned).
-    ran: Vec<(String, String, u64)>,
-    /// One entry per operation in workflow code: (workflow, operation, what it returned).
-    saw: Vec<(String, String, Result<u64, String>)>,
-}
-
-type Shared = Arc<Mutex<Ledger>>;
 
 /// Makes step `step` of workflow `workflow` arm the write fault from inside its closure:
 /// `after` more writes succeed (the step's own journaling is the first of them), then one fails.
@@ -160,29 +150,7 @@ fn expected(n: u64, go: u64) -> u64 {
     n * (n + 1) / 2 + go
 }
 
-/// One test's journal directory, ledger and fault injector, for the runtime that meets the
-/// failure and the ones that open the directory again afterwards.
-struct Faulty {
-    dir: tempfile::TempDir,
-    durability: Durability,
-    ledger: Shared,
-    faults: FaultInjector,
-}
-
 impl Faulty {
-    fn new(durability: Durability) -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            durability,
-            ledger: Shared::default(),
-            faults: FaultInjector::new(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
     fn builder(&self, trigger: Option<&Trigger>) -> RuntimeBuilder {
         let b = Runtime::builder(self.path())
             .durability(self.durability)
@@ -237,17 +205,6 @@ fn assert_one_write_failed(t: &Faulty, rt: &Runtime) {
     assert_eq!(rt.stats().failed_flushes, 0);
 }
 
-/// Waits until the code of workflow `w` has seen operation `op` succeed.
-async fn reached(ledger: &Shared, w: &str, op: &str) {
-    for _ in 0..2000 {
-        if seen(ledger, w, op).iter().any(Result::is_ok) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("workflow {w} never completed {op}");
-}
-
 /// Waits until every workflow in `ids` is listed as abandoned by `rt.issues()`, and checks
 /// that no workflow was recorded as failed because of the journal.
 async fn abandoned(rt: &Runtime, ids: &[&str]) {
@@ -274,34 +231,6 @@ async fn abandoned(rt: &Runtime, ids: &[&str]) {
         "not every workflow of {ids:?} was abandoned: {:?}",
         rt.issues()
     );
-}
-
-/// Every (workflow, step) and how many times its closure ran.
-fn runs(ledger: &Shared) -> BTreeMap<(String, String), usize> {
-    let mut out = BTreeMap::new();
-    for (w, s, _) in &ledger.lock().unwrap().ran {
-        *out.entry((w.clone(), s.clone())).or_default() += 1;
-    }
-    out
-}
-
-fn seen_ok(ledger: &Shared) -> BTreeMap<(String, String), u64> {
-    let mut out = BTreeMap::new();
-    for (w, s, r) in &ledger.lock().unwrap().saw {
-        if let Ok(v) = r {
-            out.insert((w.clone(), s.clone()), *v);
-        }
-    }
-    out
-}
-
-fn seen(ledger: &Shared, w: &str, op: &str) -> Vec<Result<u64, String>> {
-    let l = ledger.lock().unwrap();
-    l.saw
-        .iter()
-        .filter(|(x, s, _)| x == w && s == op)
-        .map(|(_, _, r)| r.clone())
-        .collect()
 }
 
 /// The journal of `w` as `kind name` strings.

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: open a runtime with a running worker.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub(crate) mod faults;
+
 use std::path::Path;
 
 use keel_durable::{Runtime, RuntimeBuilder, WorkflowId};
