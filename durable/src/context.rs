@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::journal::{Event, Record, Writes, ev_key, rec_key, step_ok_json, to_json};
+use crate::journal::{Event, Journal, Record, Writes, ev_key, rec_key, step_ok_json, to_json};
 use crate::runtime::Inner;
 use crate::types::{
     RetryPolicy, StepError, WorkflowId, WorkflowStatus, ms_to_time, now_ms, time_to_ms,
@@ -46,6 +46,10 @@ struct State {
 
 struct Shared {
     rt: Arc<Inner>,
+    /// The journal generation this execution started on. It never writes to another: after
+    /// that journal fails, every operation fails, and the runtime reopens the directory only
+    /// once every execution of the failed generation (and so this reference) is gone.
+    journal: Arc<Journal>,
     id: WorkflowId,
     state: Mutex<State>,
 }
@@ -112,6 +116,7 @@ impl Ask<'_> {
 impl Context {
     pub(crate) fn new(
         rt: Arc<Inner>,
+        journal: Arc<Journal>,
         id: WorkflowId,
         history: Vec<(u64, Event)>,
         suspend: oneshot::Sender<Suspend>,
@@ -119,6 +124,7 @@ impl Context {
         Self {
             shared: Arc::new(Shared {
                 rt,
+                journal,
                 id,
                 state: Mutex::new(State {
                     history: history.into_iter().collect(),
@@ -215,7 +221,6 @@ impl Context {
     fn position(&self, ask: &Ask<'_>) -> Result<(u64, Option<Event>)> {
         if let Err(e) = self
             .shared
-            .rt
             .journal
             .check(|| format!("{} of workflow {}", ask.describe(), self.shared.id))
         {
@@ -263,7 +268,7 @@ impl Context {
     /// journal failed, abandons this execution (see [`Context::fail`]). `what` names the
     /// journaled operation in the error.
     async fn commit(&self, writes: Writes, what: impl FnOnce() -> String) -> Result<()> {
-        match self.shared.rt.journal.commit(writes).await {
+        match self.shared.journal.commit(writes).await {
             Ok(()) => Ok(()),
             Err(e) => self
                 .fail(e.during(|| format!("journaling {} of workflow {}", what(), self.shared.id))),
@@ -532,7 +537,7 @@ impl Context {
         }
         self.check_cancel(index).await?;
         let id = self.shared.id.as_str();
-        match self.shared.rt.journal.first_signal(id, name) {
+        match self.shared.journal.first_signal(id, name) {
             Err(e) => return self.fail(e),
             Ok(Some((key, value))) => {
                 let mut w = Writes::default();
@@ -731,7 +736,12 @@ impl Context {
             return Err(Error::UnknownWorkflow { name: name.into() });
         }
         let child_id = format!("{}/{index}", self.shared.id.as_str());
-        if let Some(existing) = rt.journal.record(&child_id)? {
+        let journal = &self.shared.journal;
+        let existing = match journal.record(&child_id) {
+            Ok(r) => r,
+            Err(e) => return self.fail(e),
+        };
+        if let Some(existing) = existing {
             return self.fail(Error::IdConflict {
                 id: WorkflowId::from_trusted(child_id),
                 existing: existing.name,
@@ -749,7 +759,18 @@ impl Context {
             status: WorkflowStatus::Running,
             created_ms: now,
             updated_ms: now,
-            seq: rt.journal.next_seq()?,
+            seq: match journal.next_seq() {
+                Ok(seq) => seq,
+                Err(e) => {
+                    let what = || {
+                        format!(
+                            "the start of child {child_id:?} of workflow {}",
+                            self.shared.id
+                        )
+                    };
+                    return self.fail(e.during(what));
+                }
+            },
             queue: None,
             parent: Some(self.shared.id.as_str().to_string()),
             cancel_requested: false,
@@ -792,7 +813,7 @@ impl Context {
             }) => (status, output, error),
             _ => {
                 self.check_cancel(index).await?;
-                let rec = match self.shared.rt.journal.record(cid) {
+                let rec = match self.shared.journal.record(cid) {
                     Ok(Some(r)) => r,
                     Ok(None) => {
                         return Err(Error::NotFound {

@@ -43,28 +43,58 @@ pub enum Error {
         #[source]
         source: StorageError,
     },
-    /// A write to the journal, or the flush that makes writes durable, failed; the journal
+    /// A write to the journal, or the flush that makes writes durable, failed; that journal
     /// has stopped taking writes (fail-stop).
     ///
     /// The operation that returned this is not done: a step that returns it is not reported
     /// as completed, and neither is a start, signal or cancellation. Its writes may or may not
-    /// have reached the disk, so after the journal is opened again it is either journaled (and
-    /// a step replays without running again) or absent (and a step runs again). Every later
-    /// operation on this runtime, reads included, returns this error too, because no later
-    /// flush could prove that earlier writes are durable: sled 0.34 refuses all writes after
-    /// an I/O error in its log, and after a failed `fsync` Linux may already have dropped the
-    /// unwritten pages. Executions in flight are abandoned, not failed (see
-    /// [`Runtime::issues`](crate::Runtime::issues)); drop the runtime and open the directory
-    /// again, and every unfinished workflow resumes from what is on disk.
-    #[error(
-        "journal {path:?} failed while {context}; it takes no more writes until a runtime opens it again"
-    )]
+    /// have reached the disk, so once the journal is open again it is either journaled (and a
+    /// step replays without running again) or absent (and a step runs again). The failed
+    /// journal is never written or read again, because no later flush could prove that
+    /// earlier writes are durable: sled 0.34 refuses all writes after an I/O error in its log,
+    /// and after a failed `fsync` Linux may already have dropped the unwritten pages.
+    /// Executions in flight are abandoned, not failed (see
+    /// [`Runtime::issues`](crate::Runtime::issues)).
+    ///
+    /// What happens next depends on the [`ReopenPolicy`](crate::ReopenPolicy). By default the
+    /// runtime closes the failed journal and opens the directory again by itself, and every
+    /// unfinished workflow resumes from what is on disk; meanwhile calls return
+    /// [`Error::Recovering`]. With [`ReopenPolicy::off`](crate::ReopenPolicy::off), or once
+    /// every attempt has failed (the context then says so), every later operation on this
+    /// runtime returns this error too; drop the runtime and open the directory again.
+    ///
+    /// Retrying is safe for a start (the ID is the idempotency key) and a cancellation (it
+    /// only marks records), not blindly for a signal: each send is a new buffered signal, so
+    /// a send that reached the disk and is sent again is delivered twice (look at
+    /// [`Runtime::pending_signals`](crate::Runtime::pending_signals) and
+    /// [`Runtime::history`](crate::Runtime::history) first).
+    #[error("journal {path:?} failed while {context}; the operation is not done")]
     JournalFailed {
         /// The journal directory.
         path: PathBuf,
         /// What the runtime was doing when it met the failure (the workflow, the operation).
         context: String,
         /// The first failure, with the `std::io::Error` (and its kind) as its source.
+        #[source]
+        source: StorageError,
+    },
+    /// The journal failed and the runtime is opening the directory again (see
+    /// [`RuntimeBuilder::reopen`](crate::RuntimeBuilder::reopen)); nothing was done, and the
+    /// same call can be made again once the journal is open.
+    ///
+    /// Queries ([`Runtime::status`](crate::Runtime::status), `list`, `history`, ...) and
+    /// commands (`start`, `signal`, `cancel`) return this at once instead of waiting;
+    /// [`Handle::result`](crate::Handle::result) waits across the reopen instead. If every
+    /// attempt fails, calls return [`Error::JournalFailed`] from then on.
+    #[error(
+        "journal {path:?} failed and is being opened again (attempt {attempt}); nothing was done, try again"
+    )]
+    Recovering {
+        /// The journal directory.
+        path: PathBuf,
+        /// The reopen attempt in progress or about to start, from 1.
+        attempt: u32,
+        /// The failure that stopped the journal.
         #[source]
         source: StorageError,
     },

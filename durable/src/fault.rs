@@ -8,8 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// feature.
 ///
 /// Attach it with [`RuntimeBuilder::fault_injector`](crate::RuntimeBuilder::fault_injector)
-/// and arm it with [`FaultInjector::fail_flush`] or [`FaultInjector::fail_write`]; the two
-/// count separately.
+/// and arm it with [`FaultInjector::fail_flush`], [`FaultInjector::fail_write`] or
+/// [`FaultInjector::fail_sequence`] (each counts on its own), or make every flush or write
+/// fail with [`FaultInjector::fail_every_flush`] or [`FaultInjector::fail_every_write`]. The
+/// injector stays attached to every journal generation the runtime opens after a failure
+/// (see [`RuntimeBuilder::reopen`](crate::RuntimeBuilder::reopen)), so a test can let the
+/// runtime heal and then inject another failure.
 ///
 /// An armed flush runs sled's `flush()` and then reports an [`std::io::Error`] (kind `Other`)
 /// instead of syncing the files, which is what an `fdatasync` failing with `EIO` looks like:
@@ -20,6 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// sled does when it cannot write its log: nothing of it is applied, neither in memory nor on
 /// disk, whether it is a single key or a multi-key batch.
 ///
+/// An armed sequence number (sled's `generate_id`, which a start, a child start and a sent
+/// signal each take before they write) fails the same way.
+///
 /// Either way the journal then stops taking writes, as after any real failure (see
 /// [`Error::JournalFailed`](crate::Error::JournalFailed)).
 ///
@@ -29,19 +36,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct FaultInjector {
     flushes: Countdown,
     writes: Countdown,
+    sequences: Countdown,
 }
 
 /// One armable countdown and how often it fired.
 #[derive(Debug, Clone, Default)]
 struct Countdown {
-    /// 0: disarmed; `n > 0`: the `n`-th event from now fails.
+    /// 0: disarmed; [`EVERY`]: every event fails; otherwise the `n`-th event from now fails.
     left: Arc<AtomicU64>,
     fired: Arc<AtomicU64>,
 }
 
+/// The countdown value that makes every event fail until disarmed.
+const EVERY: u64 = u64::MAX;
+
 impl Countdown {
     fn arm(&self, after: u64) {
-        self.left.store(after.saturating_add(1), Ordering::SeqCst);
+        // `EVERY - 1` more successes is as good as forever, and keeps `EVERY` distinct.
+        self.left
+            .store(after.saturating_add(1).min(EVERY - 1), Ordering::SeqCst);
+    }
+
+    fn arm_every(&self) {
+        self.left.store(EVERY, Ordering::SeqCst);
     }
 
     fn disarm(&self) {
@@ -54,10 +71,15 @@ impl Countdown {
 
     /// Counts one event; true if this one must fail.
     fn fire(&self) -> bool {
-        let hit = self
+        let hit = match self
             .left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
-            == Ok(1);
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| match c {
+                EVERY => None,
+                c => c.checked_sub(1),
+            }) {
+            Ok(before) => before == 1,
+            Err(c) => c == EVERY,
+        };
         if hit {
             self.fired.fetch_add(1, Ordering::SeqCst);
         }
@@ -89,10 +111,30 @@ impl FaultInjector {
         self.writes.arm(after);
     }
 
-    /// Disarms both faults; no flush or write fails because of this injector any more.
+    /// Arms the sequence-number fault: `after` more sequence numbers are handed out, and
+    /// taking the one after them fails. `fail_sequence(0)` fails the next one.
+    pub fn fail_sequence(&self, after: u64) {
+        self.sequences.arm(after);
+    }
+
+    /// Makes every flush fail from now on, until [`FaultInjector::disarm`]: a disk that does
+    /// not come back. Replaces a [`FaultInjector::fail_flush`] setting.
+    pub fn fail_every_flush(&self) {
+        self.flushes.arm_every();
+    }
+
+    /// Makes every journal write be refused from now on, until [`FaultInjector::disarm`].
+    /// Replaces a [`FaultInjector::fail_write`] setting.
+    pub fn fail_every_write(&self) {
+        self.writes.arm_every();
+    }
+
+    /// Disarms every fault; no flush, write or sequence number fails because of this
+    /// injector any more.
     pub fn disarm(&self) {
         self.flushes.disarm();
         self.writes.disarm();
+        self.sequences.disarm();
     }
 
     /// How many flushes the injector has failed so far.
@@ -103,6 +145,16 @@ impl FaultInjector {
     /// How many writes the injector has refused so far.
     pub fn fired_writes(&self) -> u64 {
         self.writes.fired()
+    }
+
+    /// How many sequence numbers the injector has failed so far.
+    pub fn fired_sequences(&self) -> u64 {
+        self.sequences.fired()
+    }
+
+    /// Counts one sequence number; true if this one must fail.
+    pub(crate) fn fire_sequence(&self) -> bool {
+        self.sequences.fire()
     }
 
     /// Counts one flush; true if this one must fail.
@@ -160,5 +212,29 @@ mod tests {
         f.disarm();
         assert!(!f.fire_write());
         assert_eq!(f.fired_writes(), 2);
+    }
+
+    #[test]
+    fn every_event_fails_until_disarmed_and_sequences_count_apart() {
+        let f = FaultInjector::new();
+        f.fail_every_write();
+        assert!((0..5).all(|_| f.fire_write()));
+        assert!(!f.fire() && !f.fire_sequence());
+        assert_eq!(f.fired_writes(), 5);
+        f.fail_write(1);
+        assert_eq!([f.fire_write(), f.fire_write()], [false, true]);
+        f.fail_every_flush();
+        f.fail_sequence(0);
+        assert_eq!([f.fire(), f.fire()], [true, true]);
+        assert_eq!([f.fire_sequence(), f.fire_sequence()], [true, false]);
+        f.disarm();
+        assert!(!f.fire() && !f.fire_write() && !f.fire_sequence());
+        assert_eq!(
+            (f.fired(), f.fired_writes(), f.fired_sequences()),
+            (2, 6, 1)
+        );
+        // A countdown armed near the top never turns into "every event".
+        f.fail_write(u64::MAX);
+        assert!(!f.fire_write());
     }
 }

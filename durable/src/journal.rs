@@ -254,7 +254,7 @@ impl Writes {
 /// Kept as kind and text rather than as the `io::Error` itself because every waiter of the
 /// failed flush, and every later caller, gets its own copy.
 #[derive(Debug, Clone)]
-struct Failure {
+pub(crate) struct Failure {
     kind: std::io::ErrorKind,
     message: String,
 }
@@ -277,8 +277,24 @@ impl Failure {
         }
     }
 
-    fn source(&self) -> StorageError {
+    /// A fresh copy of the failure, as the source of an error.
+    pub(crate) fn source(&self) -> StorageError {
         StorageError::from_io(std::io::Error::new(self.kind, self.message.clone()))
+    }
+
+    /// [`Error::JournalFailed`] for journal `dir`, `context` naming the operation.
+    pub(crate) fn error(&self, dir: &Path, context: String) -> Error {
+        Error::JournalFailed {
+            path: dir.to_path_buf(),
+            context,
+            source: self.source(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -299,9 +315,26 @@ pub struct JournalStats {
     /// Flushes run by a committing task itself rather than by the committer thread (see
     /// [`Durability`]); these happen while a single workflow commits alone.
     pub inline_flushes: u64,
-    /// Flushes that failed: 0 or 1, because the first failure stops the journal (see
-    /// [`Error::JournalFailed`]).
+    /// Flushes that failed. A failure stops the journal it happened in (see
+    /// [`Error::JournalFailed`]), so this is 0 or 1 per journal generation: at most 1 with
+    /// [`ReopenPolicy::off`](crate::ReopenPolicy::off), at most `reopens + 1` otherwise.
     pub failed_flushes: u64,
+    /// How many times the runtime closed its failed journal and opened the directory again
+    /// by itself (see [`RuntimeBuilder::reopen`](crate::RuntimeBuilder::reopen)).
+    pub reopens: u64,
+}
+
+impl JournalStats {
+    /// The sum of two sets of counters (a closed journal generation's and the next one's).
+    pub(crate) fn plus(self, o: Self) -> Self {
+        Self {
+            commits: self.commits + o.commits,
+            flushes: self.flushes + o.flushes,
+            inline_flushes: self.inline_flushes + o.inline_flushes,
+            failed_flushes: self.failed_flushes + o.failed_flushes,
+            reopens: self.reopens + o.reopens,
+        }
+    }
 }
 
 /// Group-commit state shared by every committing task and the committer thread.
@@ -326,7 +359,8 @@ struct Group {
     inline_flushes: AtomicU64,
     failed_flushes: AtomicU64,
     /// Set by the first write or flush that fails; from then on nothing is written or
-    /// reported durable (see [`Error::JournalFailed`] for why there is no retry).
+    /// reported durable (see [`Error::JournalFailed`] for why this journal never retries;
+    /// the runtime may open the directory again as a new journal).
     failed: OnceLock<Failure>,
     /// Turns `true` when `failed` is set, to wake whoever waits for a workflow's result.
     failed_tx: watch::Sender<bool>,
@@ -420,8 +454,12 @@ impl Group {
     }
 }
 
-/// The open journal. Dropping it (and the runtime that owns it) closes the database and
-/// releases the directory lock once the committer thread has drained.
+/// One open generation of the journal: the sled database, its group committer and a share
+/// of the directory lock.
+///
+/// Dropping it closes the database once the committer thread has drained, and releases the
+/// directory lock unless someone else still holds a share of it: the runtime keeps one while
+/// it reopens a failed journal, so no other runtime can take the directory in between.
 pub(crate) struct Journal {
     // Field order matters: the database closes before the lock file is released, so a
     // runtime that takes the lock next never finds sled's own file lock still held.
@@ -431,7 +469,9 @@ pub(crate) struct Journal {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The journal directory, for errors.
     dir: PathBuf,
-    _lock: File,
+    /// Which generation this is: 0 for the journal `open` made, then one more per reopen.
+    generation: u64,
+    lock: Arc<File>,
 }
 
 impl Drop for Journal {
@@ -446,7 +486,14 @@ impl Drop for Journal {
 }
 
 impl Journal {
+    /// Takes the directory lock and opens generation 0 of the journal.
     pub(crate) fn open(dir: &Path, durability: Durability) -> Result<Self> {
+        let lock = Self::lock(dir)?;
+        Self::open_locked(dir, durability, Arc::new(lock), 0)
+    }
+
+    /// Creates the directory and takes its lock file's OS lock.
+    fn lock(dir: &Path) -> Result<File> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating journal directory {dir:?}"), e))?;
         let lock_path = dir.join("keel.lock");
@@ -468,6 +515,22 @@ impl Journal {
                 return Err(Error::io(format!("locking {lock_path:?}"), e));
             }
         }
+        Ok(lock)
+    }
+
+    /// Opens the database of a directory whose lock `lock` is already held, as journal
+    /// generation `generation`.
+    ///
+    /// sled 0.34 takes an exclusive `flock` of its own log file (`journal/db`) as well, so
+    /// every handle of the previous generation must have been dropped first; if one is still
+    /// open (sled's I/O threads can hold one for a moment after the last `Db` is gone), this
+    /// fails with [`Error::Storage`] and can be tried again.
+    pub(crate) fn open_locked(
+        dir: &Path,
+        durability: Durability,
+        lock: Arc<File>,
+        generation: u64,
+    ) -> Result<Self> {
         let db_dir = dir.join("journal");
         // sled 0.34 panics on some kinds of damaged files instead of returning an error;
         // a damaged journal must surface as `Error::Corrupt`, never bring the host down.
@@ -545,8 +608,36 @@ impl Journal {
             committer: Some(tx),
             thread: Some(thread),
             dir: dir.to_path_buf(),
-            _lock: lock,
+            generation,
+            lock,
         })
+    }
+
+    /// A share of the directory lock, to keep it held after this journal is dropped.
+    pub(crate) fn lock_share(&self) -> Arc<File> {
+        Arc::clone(&self.lock)
+    }
+
+    /// Which generation of the journal this is (0 for the one the runtime opened first).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The failure that stopped this journal, if one has.
+    pub(crate) fn failure(&self) -> Option<Failure> {
+        self.group.failed.get().cloned()
+    }
+
+    /// Whether a write or flush has failed.
+    pub(crate) fn has_failed(&self) -> bool {
+        self.group.failed.get().is_some()
+    }
+
+    /// Whether at least one flush of this journal succeeded (a journal whose first flush
+    /// fails did not recover from the failure that made the runtime open it).
+    pub(crate) fn has_flushed(&self) -> bool {
+        let g = &self.group;
+        g.flushes.load(Ordering::Relaxed) > g.failed_flushes.load(Ordering::Relaxed)
     }
 
     /// Attaches a fault injector to the write and flush paths (test support).
@@ -562,15 +653,12 @@ impl Journal {
             flushes: g.flushes.load(Ordering::Relaxed),
             inline_flushes: g.inline_flushes.load(Ordering::Relaxed),
             failed_flushes: g.failed_flushes.load(Ordering::Relaxed),
+            reopens: 0,
         }
     }
 
     fn failed_error(&self, f: &Failure, context: String) -> Error {
-        Error::JournalFailed {
-            path: self.dir.clone(),
-            context,
-            source: f.source(),
-        }
+        f.error(&self.dir, context)
     }
 
     /// `Err(JournalFailed)` once a write or flush has failed; `context` names the operation.
@@ -660,11 +748,21 @@ impl Journal {
             .map_err(|e| self.write_failed(&e, "writing to the journal".into()))
     }
 
+    /// A new sequence number, unique in this journal (sled's `generate_id`, which persists
+    /// its counter and can fail like a write; a failure stops the journal like one).
     pub(crate) fn next_seq(&self) -> Result<u64> {
-        self.check(|| "generating a sequence number".into())?;
+        let what = || "generating a sequence number".to_string();
+        self.check(what)?;
+        #[cfg(feature = "fault-injection")]
+        if self.group.faults.get().is_some_and(|f| f.fire_sequence()) {
+            let e = sled::Error::Io(std::io::Error::other(
+                "injected sequence-number failure (keel-durable's fault-injection feature)",
+            ));
+            return Err(self.write_failed(&e, what()));
+        }
         self.db
             .generate_id()
-            .map_err(|e| Error::sled("generating a sequence number", e))
+            .map_err(|e| self.write_failed(&e, what()))
     }
 
     pub(crate) fn record(&self, id: &str) -> Result<Option<Record>> {

@@ -77,6 +77,6 @@ pub use fault::FaultInjector;
 pub use journal::JournalStats;
 pub use runtime::{Handle, Issue, Runtime, RuntimeBuilder, Worker};
 pub use types::{
-    Durability, HistoryEntry, ListFilter, PendingSignal, QueueConfig, RetryPolicy, StartOptions,
-    StepError, WorkflowId, WorkflowInfo, WorkflowStatus,
+    Durability, HistoryEntry, ListFilter, PendingSignal, QueueConfig, ReopenPolicy, RetryPolicy,
+    StartOptions, StepError, WorkflowId, WorkflowInfo, WorkflowStatus,
 };

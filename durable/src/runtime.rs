@@ -7,7 +7,8 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -18,10 +19,10 @@ use tokio::task::JoinSet;
 
 use crate::context::{CatchUnwind, Context, Suspend};
 use crate::error::{Error, Result};
-use crate::journal::{Journal, JournalStats, Record, Writes, to_json};
+use crate::journal::{Failure, Journal, JournalStats, Record, Writes, to_json};
 use crate::types::{
-    Durability, HistoryEntry, ListFilter, PendingSignal, QueueConfig, StartOptions, WorkflowId,
-    WorkflowInfo, WorkflowStatus, ms_to_time, now_ms,
+    Durability, HistoryEntry, ListFilter, PendingSignal, QueueConfig, ReopenPolicy, StartOptions,
+    WorkflowId, WorkflowInfo, WorkflowStatus, ms_to_time, now_ms,
 };
 
 pub(crate) type BoxFut = Pin<Box<dyn Future<Output = std::result::Result<Value, String>> + Send>>;
@@ -34,6 +35,7 @@ pub struct RuntimeBuilder {
     concurrency: usize,
     registry: HashMap<String, Erased>,
     queues: HashMap<String, QueueConfig>,
+    reopen: ReopenPolicy,
     #[cfg(feature = "fault-injection")]
     faults: Option<crate::fault::FaultInjector>,
 }
@@ -46,6 +48,7 @@ impl fmt::Debug for RuntimeBuilder {
             .field("concurrency", &self.concurrency)
             .field("workflows", &self.registry.keys().collect::<Vec<_>>())
             .field("queues", &self.queues)
+            .field("reopen", &self.reopen)
             .finish()
     }
 }
@@ -111,8 +114,25 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets whether and how the runtime opens its journal directory again by itself after a
+    /// disk error; the default is [`ReopenPolicy::default`] (on).
+    ///
+    /// With reopening on, a failed write or flush still fails the operations it covered with
+    /// [`Error::JournalFailed`] and abandons the executions in flight, but then the worker
+    /// closes the failed journal and opens the directory again, and every unfinished workflow
+    /// resumes from disk without the host doing anything; calls made meanwhile return
+    /// [`Error::Recovering`], and [`Handle::result`] waits across it. The worker does this, so
+    /// it must be running (see [`Runtime::worker`]). [`ReopenPolicy::off`] keeps the runtime
+    /// fail-stop: it stays failed until the host drops it and opens the directory again.
+    pub fn reopen(mut self, policy: ReopenPolicy) -> Self {
+        self.reopen = policy;
+        self
+    }
+
     /// Attaches a [`FaultInjector`](crate::FaultInjector) to the journal's writes and flushes,
     /// so a test can make one fail (test support, only with the `fault-injection` feature).
+    /// The injector stays attached to every journal generation the runtime opens after a
+    /// failure.
     #[cfg(feature = "fault-injection")]
     pub fn fault_injector(mut self, faults: &crate::fault::FaultInjector) -> Self {
         self.faults = Some(faults.clone());
@@ -141,9 +161,10 @@ impl RuntimeBuilder {
                 what: format!("opening the journal panicked: {e}"),
             })??;
         #[cfg(feature = "fault-injection")]
-        if let Some(faults) = self.faults {
-            journal.inject(faults);
+        if let Some(faults) = &self.faults {
+            journal.inject(faults.clone());
         }
+        let journal = Arc::new(journal);
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let (done_tx, _) = watch::channel(0u64);
         let (shutdown_tx, _) = watch::channel(false);
@@ -171,7 +192,15 @@ impl RuntimeBuilder {
             })
             .collect();
         let inner = Arc::new(Inner {
-            journal,
+            path: self.path,
+            durability: self.durability,
+            reopen: self.reopen,
+            #[cfg(feature = "fault-injection")]
+            faults: self.faults,
+            slot: RwLock::new(Slot::Open(Arc::clone(&journal))),
+            state_tx: watch::channel(0).0,
+            attempts: AtomicU32::new(0),
+            retired: Mutex::new(JournalStats::default()),
             registry: self.registry,
             queue_names: self.queues.keys().cloned().collect(),
             concurrency: self.concurrency,
@@ -195,7 +224,7 @@ impl RuntimeBuilder {
         });
         let rt = Runtime { inner };
         let recover = rt.clone();
-        tokio::task::spawn_blocking(move || recover.recover())
+        tokio::task::spawn_blocking(move || recover.recover(&journal))
             .await
             .map_err(|e| Error::Corrupt {
                 what: format!("recovery panicked: {e}"),
@@ -251,8 +280,51 @@ struct Sched {
     issues: Vec<Issue>,
 }
 
+/// Where the runtime's journal stands: open (healthy, or failed and not yet taken for
+/// reopening), being reopened, or given up on.
+enum Slot {
+    Open(Arc<Journal>),
+    /// The worker is closing the failed journal and opening the directory again.
+    Reopening {
+        attempt: u32,
+        failure: Failure,
+        /// The failed journal's counters when it was taken out of the slot.
+        stats: JournalStats,
+    },
+    /// Every attempt failed; the runtime stays failed until the host drops it.
+    GaveUp {
+        failure: Failure,
+        attempts: u32,
+        last: String,
+        /// Keeps the directory locked, as a failed open journal would, until the runtime is
+        /// dropped.
+        _lock: Arc<std::fs::File>,
+    },
+}
+
+/// How long a reopen attempt waits, after its backoff, for the last users of the failed
+/// journal to drop it. The executions are aborted before, so what is left are calls in
+/// progress on it, which end at once on a failed journal, or a [`Context`] that workflow code
+/// kept outside its execution.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
 pub(crate) struct Inner {
-    pub(crate) journal: Journal,
+    path: PathBuf,
+    durability: Durability,
+    reopen: ReopenPolicy,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<crate::fault::FaultInjector>,
+    /// The current journal generation. Each execution takes its own reference when it starts
+    /// and uses only that, so an execution of a failed generation can never write into the
+    /// next one; public calls take a reference per call.
+    slot: RwLock<Slot>,
+    /// Bumped whenever the slot changes, the worker stops or shutdown begins, so that
+    /// [`Handle::result`] re-reads where the journal stands.
+    state_tx: watch::Sender<u64>,
+    /// Reopen attempts in a row that did not heal the journal (see [`ReopenPolicy`]).
+    attempts: AtomicU32,
+    /// Counters of the closed journal generations, and the reopen count.
+    retired: Mutex<JournalStats>,
     registry: HashMap<String, Erased>,
     queue_names: HashSet<String>,
     concurrency: usize,
@@ -266,6 +338,14 @@ pub(crate) struct Inner {
     rng: Mutex<u64>,
 }
 
+fn push_issue(s: &mut Sched, issue: Issue) {
+    // The same damaged record is met by every scan, every wake and every reopen; report it
+    // once.
+    if !s.issues.contains(&issue) {
+        s.issues.push(issue);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the data half-updated in a way
     // that matters more than stopping, and workflow panics are caught outside them.
@@ -273,6 +353,135 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// The current journal, for one call or one execution.
+    ///
+    /// # Errors
+    /// [`Error::Recovering`] while the worker reopens a failed journal, or is about to;
+    /// [`Error::JournalFailed`] once it gave up or stopped before it could. A failed journal
+    /// that will not be reopened (reopening off) is returned, and answers with its failure.
+    pub(crate) fn current(&self) -> Result<Arc<Journal>> {
+        let slot = self.slot.read().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Slot::Open(j) => match j.failure() {
+                Some(f) if self.will_reopen() => {
+                    let next = if j.has_flushed() {
+                        1
+                    } else {
+                        self.attempts.load(Ordering::SeqCst) + 1
+                    };
+                    Err(self.recovering(next.min(self.reopen.max_attempts), &f))
+                }
+                _ => Ok(Arc::clone(j)),
+            },
+            Slot::Reopening {
+                attempt, failure, ..
+            } => {
+                if self.will_reopen() {
+                    Err(self.recovering(*attempt, failure))
+                } else {
+                    Err(failure.error(
+                        &self.path,
+                        "the runtime was opening it again when its worker stopped".into(),
+                    ))
+                }
+            }
+            Slot::GaveUp {
+                failure,
+                attempts,
+                last,
+                ..
+            } => Err(failure.error(
+                &self.path,
+                format!(
+                    "the runtime gave up opening it again after {attempts} failed attempt(s) \
+                     (the last: {last})"
+                ),
+            )),
+        }
+    }
+
+    fn recovering(&self, attempt: u32, failure: &Failure) -> Error {
+        Error::Recovering {
+            path: self.path.clone(),
+            attempt,
+            source: failure.source(),
+        }
+    }
+
+    /// Whether a failed journal will be reopened: the policy allows it, the worker that does
+    /// it is running, and no shutdown has begun. (The slot is checked by the caller.)
+    fn will_reopen(&self) -> bool {
+        self.reopen.is_enabled()
+            && lock(&self.ready_rx).is_none()
+            && !*self.worker_done.borrow()
+            && !*self.shutdown_tx.borrow()
+    }
+
+    /// A failure that a read met because the journal failed under it: retryable
+    /// ([`Error::Recovering`]) when the journal is about to be reopened, since a read does
+    /// nothing; other errors pass.
+    fn refused(&self, e: Error) -> Error {
+        match e {
+            Error::JournalFailed { .. } => match self.current() {
+                Err(r @ Error::Recovering { .. }) => r,
+                _ => e,
+            },
+            other => other,
+        }
+    }
+
+    /// Runs a read on the current journal; see [`Inner::refused`].
+    fn read<T>(&self, f: impl FnOnce(&Journal) -> Result<T>) -> Result<T> {
+        let j = self.current()?;
+        f(&j).map_err(|e| self.refused(e))
+    }
+
+    fn set_slot(&self, slot: Slot) {
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
+        self.state_tx.send_modify(|n| *n += 1);
+    }
+
+    /// The current journal if it is open and has failed.
+    fn failed_journal(&self) -> Option<Arc<Journal>> {
+        match &*self.slot.read().unwrap_or_else(|p| p.into_inner()) {
+            Slot::Open(j) if j.has_failed() => Some(Arc::clone(j)),
+            _ => None,
+        }
+    }
+
+    /// A receiver that sees `true` once the current journal fails (`None` if none is open).
+    fn failure_watch(&self) -> Option<watch::Receiver<bool>> {
+        match &*self.slot.read().unwrap_or_else(|p| p.into_inner()) {
+            Slot::Open(j) => Some(j.failure_watch()),
+            _ => None,
+        }
+    }
+
+    fn stats(&self) -> JournalStats {
+        let retired = *lock(&self.retired);
+        match &*self.slot.read().unwrap_or_else(|p| p.into_inner()) {
+            Slot::Open(j) => retired.plus(j.stats()),
+            Slot::Reopening { stats, .. } => retired.plus(*stats),
+            Slot::GaveUp { .. } => retired,
+        }
+    }
+
+    /// Forgets every execution, timer and queue slot, before recovery from a reopened
+    /// journal rebuilds them from disk; the issues found so far stay.
+    fn reset_sched(&self) {
+        let mut s = lock(&self.sched);
+        s.running.clear();
+        s.suspended.clear();
+        s.timers.clear();
+        s.slots.clear();
+        s.cancelled.clear();
+        for q in s.queues.values_mut() {
+            q.active = 0;
+            q.pending.clear();
+            q.armed = false;
+        }
+    }
+
     pub(crate) fn is_registered(&self, name: &str) -> bool {
         self.registry.contains_key(name)
     }
@@ -305,11 +514,7 @@ impl Inner {
             workflow: workflow.map(str::to_string),
             message,
         };
-        let mut s = lock(&self.sched);
-        // The same damaged record is met by every scan and every wake; report it once.
-        if !s.issues.contains(&issue) {
-            s.issues.push(issue);
-        }
+        push_issue(&mut lock(&self.sched), issue);
     }
 
     /// Moves queued workflows to the ready channel while the queue's limits allow.
@@ -398,24 +603,49 @@ impl Handle {
     ///
     /// Works for workflows that finished before this runtime was opened too: the output is
     /// read from the journal. A worker must be running for unfinished workflows to progress.
+    /// While the runtime reopens a failed journal (see [`RuntimeBuilder::reopen`]), this
+    /// keeps waiting, and returns the workflow's real outcome once it finishes from the
+    /// reopened journal.
     ///
     /// # Errors
     /// [`Error::WorkflowFailed`] if it failed, [`Error::Cancelled`] if it was cancelled,
     /// [`Error::Payload`] if its output does not deserialise into `O`,
     /// [`Error::NotFound`] if the ID does not exist; [`Error::JournalFailed`] as soon as the
-    /// journal fails, also while waiting: the outcome is then known only after a runtime
-    /// opens the journal again.
+    /// journal fails if it will not be reopened ([`ReopenPolicy::off`], no worker running, a
+    /// shutdown begun), or once the runtime gives up reopening it: the outcome is then known
+    /// only after a runtime opens the journal again.
     pub async fn result<O: DeserializeOwned>(&self) -> Result<O> {
-        let mut rx = self.inner.done_tx.subscribe();
-        let mut failed = self.inner.journal.failure_watch();
+        let inner = &self.inner;
+        let mut done = inner.done_tx.subscribe();
+        let mut state = inner.state_tx.subscribe();
+        // The senders live in `inner`, which `self` keeps alive, so waiting cannot fail.
+        let closed = |_| Error::ShutDown;
         loop {
-            let rec = self
-                .inner
-                .journal
-                .record(self.id.as_str())?
-                .ok_or_else(|| Error::NotFound {
-                    id: self.id.clone(),
-                })?;
+            state.borrow_and_update();
+            let (read, mut failed) = match inner.current() {
+                // The journal is not kept across the wait: a reopen waits for every
+                // reference to the failed one to go.
+                Ok(j) => (j.record(self.id.as_str()), j.failure_watch()),
+                Err(Error::Recovering { .. }) => {
+                    state.changed().await.map_err(closed)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let rec = match read {
+                Ok(Some(rec)) => rec,
+                Ok(None) => {
+                    return Err(Error::NotFound {
+                        id: self.id.clone(),
+                    });
+                }
+                // The worker is about to take the failed journal and reopen it.
+                Err(Error::JournalFailed { .. }) if inner.will_reopen() => {
+                    state.changed().await.map_err(closed)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match rec.status {
                 WorkflowStatus::Succeeded => {
                     return serde_json::from_value(rec.output.unwrap_or(Value::Null)).map_err(
@@ -438,11 +668,13 @@ impl Handle {
                     });
                 }
                 WorkflowStatus::Enqueued | WorkflowStatus::Running => {
+                    // Any of these means the record must be read again: it may have finished,
+                    // its journal may have failed (or been closed after a reopen), or the
+                    // runtime may have moved on with reopening.
                     tokio::select! {
-                        changed = rx.changed() => changed.map_err(|_| Error::ShutDown)?,
-                        // The next read of the record reports the failure. The sender lives
-                        // as long as the journal, which `self` keeps alive.
+                        changed = done.changed() => changed.map_err(closed)?,
                         _ = failed.changed() => {}
+                        changed = state.changed() => changed.map_err(closed)?,
                     }
                 }
             }
@@ -470,12 +702,17 @@ pub struct Worker {
 }
 
 /// Marks the worker as gone when the worker (run or not) is dropped, so `shutdown` never
-/// waits for a worker that will not run.
-struct WorkerGuard(watch::Sender<bool>);
+/// waits for a worker that will not run, and wakes result waiters, since a failed journal is
+/// no longer going to be reopened.
+struct WorkerGuard {
+    done: watch::Sender<bool>,
+    state: watch::Sender<u64>,
+}
 
 impl Drop for WorkerGuard {
     fn drop(&mut self) {
-        self.0.send_replace(true);
+        self.done.send_replace(true);
+        self.state.send_modify(|n| *n += 1);
     }
 }
 
@@ -505,6 +742,9 @@ impl Worker {
     /// tokio runtime that polls this future. Timers of all sleeping workflows live in one heap
     /// polled by this loop, so a sleeping workflow costs no task.
     ///
+    /// When the journal fails and the [`ReopenPolicy`] allows it, this loop reopens it (see
+    /// [`RuntimeBuilder::reopen`]) and then goes on running workflows.
+    ///
     /// # Errors
     /// None today; the `Result` leaves room for fatal journal failures.
     pub async fn run(mut self) -> Result<()> {
@@ -512,9 +752,16 @@ impl Worker {
         let sem = Arc::new(Semaphore::new(inner.concurrency));
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut shutdown = inner.shutdown_tx.subscribe();
+        let reopens = inner.reopen.is_enabled();
+        let mut failed_rx = inner.failure_watch();
         loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if reopens && let Some(failed) = inner.failed_journal() {
+                self.heal(failed, &mut tasks, &mut shutdown).await;
+                failed_rx = inner.failure_watch();
+                continue;
             }
             let next = lock(&inner.sched).timers.peek().map(|Reverse((t, _))| *t);
             let sleep_for = next.map(|t| Duration::from_millis(t.saturating_sub(now_ms())));
@@ -550,6 +797,8 @@ impl Worker {
                 }
                 _ = inner.timer_notify.notified() => {}
                 Some(_) = tasks.join_next() => {}
+                // The top of the loop takes the failed journal.
+                () = journal_failed(&mut failed_rx), if reopens => {}
             }
         }
         tasks.shutdown().await;
@@ -559,6 +808,206 @@ impl Worker {
         drop(inner);
         drop(self);
         Ok(())
+    }
+}
+
+impl Worker {
+    /// Closes the failed journal and opens the directory again, with backoff, until it opens,
+    /// the policy's attempts run out, or shutdown begins; see [`ReopenPolicy`].
+    async fn heal(
+        &mut self,
+        failed: Arc<Journal>,
+        tasks: &mut JoinSet<()>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let inner = Arc::clone(&self.inner);
+        let Some(failure) = failed.failure() else {
+            return;
+        };
+        let generation = failed.generation();
+        // A reopened journal that failed before any of its flushes succeeded did not heal:
+        // its failure continues the count of attempts.
+        let mut attempt = if failed.has_flushed() {
+            0
+        } else {
+            inner.attempts.load(Ordering::SeqCst)
+        };
+        inner.set_slot(Slot::Reopening {
+            attempt: (attempt + 1).min(inner.reopen.max_attempts),
+            failure: failure.clone(),
+            stats: failed.stats(),
+        });
+        // Every execution in flight belongs to the failed journal. They are abandoned at
+        // their current await point, as at shutdown: nothing they did after the failure was
+        // reported done, and every workflow resumes from what is on disk.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let running: Vec<String> = lock(&inner.sched).running.keys().cloned().collect();
+        for id in running {
+            inner.issue(
+                Some(&id),
+                format!(
+                    "execution abandoned (not failed) when journal generation {generation} \
+                     failed; it resumes from disk once the runtime has opened the journal \
+                     again: {failure}"
+                ),
+            );
+        }
+        // The directory stays locked from the failed journal to the next one, so no other
+        // runtime can open it in between.
+        let dir_lock = failed.lock_share();
+        let mut last = if attempt > 0 {
+            format!("the reopened journal failed again before any flush of it succeeded: {failure}")
+        } else {
+            String::new()
+        };
+        let mut failed = Some(failed);
+        loop {
+            attempt += 1;
+            inner.attempts.store(attempt, Ordering::SeqCst);
+            if attempt > inner.reopen.max_attempts {
+                return inner.give_up(failure, attempt - 1, last, dir_lock);
+            }
+            let stats = failed.as_ref().map(|j| j.stats()).unwrap_or_default();
+            inner.set_slot(Slot::Reopening {
+                attempt,
+                failure: failure.clone(),
+                stats,
+            });
+            tokio::select! {
+                () = tokio::time::sleep(inner.reopen.delay(attempt)) => {}
+                _ = shutdown.changed() => {
+                    let last = "shutdown began".to_string();
+                    return inner.give_up(failure, attempt - 1, last, dir_lock);
+                }
+            }
+            if let Some(j) = failed.take() {
+                match close(j).await {
+                    Ok(stats) => {
+                        let mut retired = lock(&inner.retired);
+                        *retired = retired.plus(stats);
+                    }
+                    Err((j, holders)) => {
+                        failed = Some(j);
+                        last = format!(
+                            "the failed journal was still in use by {holders} holder(s) (a call \
+                             in progress, or a Context kept outside its workflow)"
+                        );
+                        inner.issue(None, format!("reopen attempt {attempt}: {last}"));
+                        continue;
+                    }
+                }
+            }
+            // Nothing runs and nothing is dispatched now (calls get `Recovering`), so what
+            // the scheduler and the ready channel hold is stale: recovery rebuilds it.
+            inner.reset_sched();
+            while self.ready_rx.try_recv().is_ok() {}
+            match reopen(&inner, dir_lock.clone(), generation + 1).await {
+                Ok(journal) => {
+                    lock(&inner.retired).reopens += 1;
+                    inner.issue(
+                        None,
+                        format!(
+                            "journal {:?} reopened as generation {} (attempt {attempt}) after \
+                             it failed: {failure}; every unfinished workflow resumes from disk",
+                            inner.path,
+                            generation + 1
+                        ),
+                    );
+                    inner.set_slot(Slot::Open(journal));
+                    return;
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    inner.issue(None, format!("reopen attempt {attempt} failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn give_up(&self, failure: Failure, attempts: u32, last: String, dir_lock: Arc<std::fs::File>) {
+        self.issue(
+            None,
+            format!(
+                "journal {:?} failed ({failure}) and the runtime gave up opening it again after \
+                 {attempts} attempt(s) (the last: {last}); drop the runtime and open the \
+                 directory again",
+                self.path
+            ),
+        );
+        self.set_slot(Slot::GaveUp {
+            failure,
+            attempts,
+            last,
+            _lock: dir_lock,
+        });
+    }
+}
+
+/// Waits for every other reference to the failed journal to go, then drops it, which closes
+/// sled's database; returns its final counters, or the journal and how many others still
+/// hold it after [`RELEASE_WAIT`].
+async fn close(j: Arc<Journal>) -> std::result::Result<JournalStats, (Arc<Journal>, usize)> {
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    while Arc::strong_count(&j) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            let holders = Arc::strong_count(&j) - 1;
+            return Err((j, holders));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let stats = j.stats();
+    // Dropping the last reference joins the committer thread and sled's flusher, and sled
+    // syncs its files: blocking work that must not run on the executor (and sled 0.34 can
+    // panic in it after an I/O error, which the blocking task contains).
+    let _ = tokio::task::spawn_blocking(move || drop(j)).await;
+    Ok(stats)
+}
+
+/// Opens the directory again under the lock already held and recovers every unfinished
+/// workflow from it, as [`RuntimeBuilder::open`] does; the caller publishes the journal.
+async fn reopen(
+    inner: &Arc<Inner>,
+    dir_lock: Arc<std::fs::File>,
+    generation: u64,
+) -> Result<Arc<Journal>> {
+    let (path, durability) = (inner.path.clone(), inner.durability);
+    let journal = tokio::task::spawn_blocking(move || {
+        Journal::open_locked(&path, durability, dir_lock, generation)
+    })
+    .await
+    .map_err(|e| Error::Corrupt {
+        what: format!("opening the journal again panicked: {e}"),
+    })??;
+    #[cfg(feature = "fault-injection")]
+    if let Some(faults) = &inner.faults {
+        journal.inject(faults.clone());
+    }
+    let journal = Arc::new(journal);
+    let (rt, j) = (
+        Runtime {
+            inner: Arc::clone(inner),
+        },
+        Arc::clone(&journal),
+    );
+    tokio::task::spawn_blocking(move || rt.recover(&j))
+        .await
+        .map_err(|e| Error::Corrupt {
+            what: format!("recovery panicked: {e}"),
+        })?;
+    Ok(journal)
+}
+
+/// Resolves when the journal behind `rx` fails; never once it is gone.
+async fn journal_failed(rx: &mut Option<watch::Receiver<bool>>) {
+    let closed = match rx {
+        Some(r) => r.wait_for(|failed| *failed).await.is_err(),
+        None => std::future::pending().await,
+    };
+    if closed {
+        *rx = None;
     }
 }
 
@@ -645,8 +1094,8 @@ fn settle(inner: &Inner, id: &str, outcome: Outcome) {
             inner.issue(
                 Some(id),
                 format!(
-                    "execution abandoned, to resume from the journal when a runtime opens it \
-                     again: {why}"
+                    "execution abandoned (not failed), to resume from disk once the journal is \
+                     open again: {why}"
                 ),
             );
         }
@@ -655,7 +1104,12 @@ fn settle(inner: &Inner, id: &str, outcome: Outcome) {
 }
 
 async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
-    let mut rec = match inner.journal.record(id) {
+    // This execution uses this journal generation and no other, to the end.
+    let journal = match inner.current() {
+        Ok(j) => j,
+        Err(e) => return Outcome::Abandoned(e.to_string()),
+    };
+    let mut rec = match journal.record(id) {
         Ok(Some(r)) => r,
         Ok(None) => return Outcome::Gone,
         Err(e @ Error::JournalFailed { .. }) => return Outcome::Abandoned(e.to_string()),
@@ -686,7 +1140,7 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
         let mut w = Writes::default();
         // The status change needs no flush of its own: sled flushes in order, so any later
         // durable step of this workflow carries it along.
-        match w.record(id, &rec).and_then(|()| inner.journal.apply(w)) {
+        match w.record(id, &rec).and_then(|()| journal.apply(w)) {
             Ok(()) => {}
             Err(e @ Error::JournalFailed { .. }) => return Outcome::Abandoned(e.to_string()),
             Err(e) => {
@@ -695,7 +1149,7 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
             }
         }
     }
-    let history = match inner.journal.events(id) {
+    let history = match journal.events(id) {
         Ok(h) => h,
         Err(e @ Error::JournalFailed { .. }) => return Outcome::Abandoned(e.to_string()),
         Err(e) => {
@@ -706,6 +1160,7 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
     let (stx, mut srx) = tokio::sync::oneshot::channel();
     let ctx = Context::new(
         Arc::clone(inner),
+        Arc::clone(&journal),
         WorkflowId::from_trusted(id.to_string()),
         history,
         stx,
@@ -759,7 +1214,7 @@ async fn execute(inner: &Arc<Inner>, id: &str) -> Outcome {
     rec.updated_ms = now_ms();
     let mut w = Writes::default();
     let committed = match w.record(id, &rec) {
-        Ok(()) => inner.journal.commit(w).await,
+        Ok(()) => journal.commit(w).await,
         Err(e) => Err(e),
     };
     match committed {
@@ -804,24 +1259,28 @@ impl Runtime {
             concurrency: 64,
             registry: HashMap::new(),
             queues: HashMap::new(),
+            reopen: ReopenPolicy::default(),
             #[cfg(feature = "fault-injection")]
             faults: None,
         }
     }
 
-    fn recover(&self) {
+    /// Queues every unfinished workflow of `journal` for the worker; run on open and after
+    /// every reopen, on an empty scheduler.
+    fn recover(&self, journal: &Journal) {
         let inner = &self.inner;
         let mut ready = Vec::new();
         let mut queued: HashMap<String, Vec<(u64, String)>> = HashMap::new();
         let mut s = lock(&inner.sched);
-        for (id, rec) in inner.journal.records() {
+        for (id, rec) in journal.records() {
             let rec = match rec {
                 Ok(r) => r,
                 Err(e) => {
-                    s.issues.push(Issue {
+                    let issue = Issue {
                         workflow: Some(id).filter(|i| !i.is_empty()),
                         message: e.to_string(),
-                    });
+                    };
+                    push_issue(&mut s, issue);
                     continue;
                 }
             };
@@ -829,10 +1288,11 @@ impl Runtime {
                 continue;
             }
             if !inner.registry.contains_key(&rec.name) {
-                s.issues.push(Issue {
+                let issue = Issue {
                     workflow: Some(id),
                     message: Error::UnknownWorkflow { name: rec.name }.to_string(),
-                });
+                };
+                push_issue(&mut s, issue);
                 continue;
             }
             if rec.cancel_requested {
@@ -840,10 +1300,11 @@ impl Runtime {
             }
             match &rec.queue {
                 Some(q) if !inner.queue_names.contains(q) => {
-                    s.issues.push(Issue {
+                    let issue = Issue {
                         workflow: Some(id),
                         message: Error::UnknownQueue { name: q.clone() }.to_string(),
-                    });
+                    };
+                    push_issue(&mut s, issue);
                 }
                 Some(q) if rec.status == WorkflowStatus::Enqueued => {
                     queued.entry(q.clone()).or_default().push((rec.seq, id));
@@ -883,7 +1344,10 @@ impl Runtime {
         Ok(Worker {
             inner: Arc::clone(&self.inner),
             ready_rx: rx,
-            _guard: WorkerGuard(self.inner.worker_done.clone()),
+            _guard: WorkerGuard {
+                done: self.inner.worker_done.clone(),
+                state: self.inner.state_tx.clone(),
+            },
         })
     }
 
@@ -894,15 +1358,16 @@ impl Runtime {
     /// is durable: after a crash the workflow is recovered and runs to completion.
     ///
     /// If the journal fails while the start is journaled ([`Error::JournalFailed`]), the start
-    /// is not done here and the workflow does not run on this runtime. Its record may still
-    /// have reached the disk, in which case the next runtime to open the journal runs it;
-    /// starting the same ID there is the way to find out, since it returns the existing
-    /// workflow rather than starting a second one.
+    /// is not done. Its record may still have reached the disk, in which case the workflow
+    /// runs once the journal is open again (reopened by this runtime, see
+    /// [`RuntimeBuilder::reopen`], or by the next one); starting the same ID again is the way
+    /// to find out, since it returns the existing workflow rather than starting a second one.
     ///
     /// # Errors
     /// [`Error::UnknownWorkflow`] if `name` is not registered; [`Error::IdConflict`] if the ID
     /// exists under another name; [`Error::Serialize`], [`Error::Storage`] or
-    /// [`Error::JournalFailed`].
+    /// [`Error::JournalFailed`]; [`Error::Recovering`] while the journal is being reopened
+    /// (nothing was done; try again).
     pub async fn start<I: Serialize>(
         &self,
         name: &str,
@@ -937,6 +1402,7 @@ impl Runtime {
             source,
         })?;
         let journaling = || format!("journaling the start of workflow {id}");
+        let journal = inner.current()?;
         let now = now_ms();
         let rec = Record {
             name: name.to_string(),
@@ -948,7 +1414,7 @@ impl Runtime {
             },
             created_ms: now,
             updated_ms: now,
-            seq: inner.journal.next_seq().map_err(|e| e.during(journaling))?,
+            seq: journal.next_seq().map_err(|e| e.during(journaling))?,
             queue: options.queue.clone(),
             parent: None,
             cancel_requested: false,
@@ -959,7 +1425,7 @@ impl Runtime {
             id: id.clone(),
             inner: Arc::clone(inner),
         };
-        let created = inner.journal.create(id.as_str(), &rec);
+        let created = journal.create(id.as_str(), &rec);
         if let Some(existing) = created.map_err(|e| e.during(journaling))? {
             if existing.name != name {
                 return Err(Error::IdConflict {
@@ -970,18 +1436,10 @@ impl Runtime {
             }
             // An existing record was committed by whoever created it; make sure that commit
             // is durable before reporting the start as done.
-            inner
-                .journal
-                .sync()
-                .await
-                .map_err(|e| e.during(journaling))?;
+            journal.sync().await.map_err(|e| e.during(journaling))?;
             return Ok(handle);
         }
-        inner
-            .journal
-            .sync()
-            .await
-            .map_err(|e| e.during(journaling))?;
+        journal.sync().await.map_err(|e| e.during(journaling))?;
         match &options.queue {
             Some(q) => {
                 let mut s = lock(&inner.sched);
@@ -1010,14 +1468,15 @@ impl Runtime {
     /// The workflow's current summary, read from the journal.
     ///
     /// # Errors
-    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`]; [`Error::JournalFailed`]
-    /// once the journal has failed (this and the other queries refuse to answer from a journal
-    /// whose last writes may not be on disk).
+    /// [`Error::NotFound`], [`Error::Corrupt`] or [`Error::Storage`]. Once the journal has
+    /// failed, this and the other queries refuse to answer from a journal whose last writes
+    /// may not be on disk: they return [`Error::Recovering`] (retryable, nothing waits) while
+    /// the runtime reopens it, or [`Error::JournalFailed`] if it will not be reopened (see
+    /// [`RuntimeBuilder::reopen`]).
     pub fn status(&self, id: &WorkflowId) -> Result<WorkflowInfo> {
         let rec = self
             .inner
-            .journal
-            .record(id.as_str())?
+            .read(|j| j.record(id.as_str()))?
             .ok_or_else(|| Error::NotFound { id: id.clone() })?;
         Ok(info(id.as_str(), &rec))
     }
@@ -1025,11 +1484,22 @@ impl Runtime {
     /// Every workflow matching `filter`, oldest first.
     ///
     /// # Errors
-    /// [`Error::Storage`] if the journal cannot be read, [`Error::JournalFailed`] once it has
-    /// failed. Records that do not parse are skipped here and reported by [`Runtime::issues`].
+    /// [`Error::Storage`] if the journal cannot be read; [`Error::Recovering`] or
+    /// [`Error::JournalFailed`] once it has failed, as for [`Runtime::status`]. Records that
+    /// do not parse are skipped here and reported by [`Runtime::issues`].
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<WorkflowInfo>> {
         let mut out = Vec::new();
-        for (id, rec) in self.inner.journal.records() {
+        let records = self.inner.read(|j| {
+            let mut records = j.records();
+            // A failed journal answers with its failure alone.
+            if let [(_, Err(Error::JournalFailed { .. }))] = records.as_slice()
+                && let Some((_, Err(e))) = records.pop()
+            {
+                return Err(e);
+            }
+            Ok(records)
+        })?;
+        for (id, rec) in records {
             match rec {
                 Ok(rec) => {
                     let i = info(&id, &rec);
@@ -1051,7 +1521,7 @@ impl Runtime {
     /// As [`Runtime::status`].
     pub fn history(&self, id: &WorkflowId) -> Result<Vec<HistoryEntry>> {
         self.status(id)?;
-        let events = self.inner.journal.events(id.as_str())?;
+        let events = self.inner.read(|j| j.events(id.as_str()))?;
         Ok(events
             .into_iter()
             .map(|(index, ev)| {
@@ -1078,7 +1548,7 @@ impl Runtime {
     /// As [`Runtime::status`].
     pub fn pending_signals(&self, id: &WorkflowId) -> Result<Vec<PendingSignal>> {
         self.status(id)?;
-        let signals = self.inner.journal.signals(id.as_str())?;
+        let signals = self.inner.read(|j| j.signals(id.as_str()))?;
         Ok(signals
             .into_iter()
             .map(|(_, name, value)| PendingSignal {
@@ -1096,24 +1566,27 @@ impl Runtime {
     /// Signals of one name are delivered in the order they were sent.
     ///
     /// If the journal fails while the signal is journaled ([`Error::JournalFailed`]), the
-    /// signal is not delivered on this runtime, but it may have reached the disk: after the
-    /// journal is opened again, [`Runtime::pending_signals`] and [`Runtime::history`] show
-    /// whether it is there. Sending it again without looking can deliver it twice.
+    /// send is not done, but the signal may have reached the disk: once the journal is open
+    /// again (reopened by this runtime, see [`RuntimeBuilder::reopen`], or by the next one),
+    /// [`Runtime::pending_signals`] and [`Runtime::history`] show whether it is there. A send
+    /// is not idempotent (each one buffers a new signal), so sending it again without looking
+    /// can deliver it twice. [`Error::Recovering`] means nothing was sent, and the same send
+    /// can be made again.
     ///
     /// # Errors
     /// [`Error::InvalidSignalName`] if `name` contains a NUL byte; [`Error::NotFound`];
     /// [`Error::Finished`] if the workflow has already finished; [`Error::Serialize`],
-    /// [`Error::Storage`] or [`Error::JournalFailed`].
+    /// [`Error::Storage`], [`Error::JournalFailed`] or [`Error::Recovering`].
     pub async fn signal<T: Serialize>(&self, id: &WorkflowId, name: &str, value: &T) -> Result<()> {
         if name.contains('\0') {
             // The journal separates a signal's name from its sequence number with NUL; a
             // name with a NUL in it could be taken by a `recv` of a shorter name.
             return Err(Error::InvalidSignalName { name: name.into() });
         }
-        let rec = self
-            .inner
-            .journal
-            .record(id.as_str())?
+        let journal = self.inner.current()?;
+        let rec = journal
+            .record(id.as_str())
+            .map_err(|e| self.inner.refused(e))?
             .ok_or_else(|| Error::NotFound { id: id.clone() })?;
         if rec.status.is_terminal() {
             return Err(Error::Finished {
@@ -1123,12 +1596,12 @@ impl Runtime {
         }
         let v = to_json(&format!("signal {name:?}"), value)?;
         let mut w = Writes::default();
-        w.put(self.inner.journal.signal_key(id.as_str(), name)?, v);
-        self.inner
-            .journal
-            .commit(w)
-            .await
-            .map_err(|e| e.during(|| format!("journaling signal {name:?} for workflow {id}")))?;
+        let journaling = || format!("journaling signal {name:?} for workflow {id}");
+        let key = journal
+            .signal_key(id.as_str(), name)
+            .map_err(|e| e.during(journaling))?;
+        w.put(key, v);
+        journal.commit(w).await.map_err(|e| e.during(journaling))?;
         self.inner.wake(id.as_str());
         Ok(())
     }
@@ -1144,16 +1617,19 @@ impl Runtime {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::Storage`] or [`Error::JournalFailed`] (the request may then
-    /// be found on disk when the journal is opened again, as for [`Runtime::signal`]).
+    /// be found on disk when the journal is open again, as for [`Runtime::signal`]; cancelling
+    /// again is safe, since it only marks records); [`Error::Recovering`] while the journal is
+    /// being reopened (nothing was done; try again).
     pub async fn cancel(&self, id: &WorkflowId) -> Result<()> {
         let inner = &self.inner;
-        inner
-            .journal
-            .record(id.as_str())?
+        let journal = inner.current()?;
+        journal
+            .record(id.as_str())
+            .map_err(|e| inner.refused(e))?
             .ok_or_else(|| Error::NotFound { id: id.clone() })?;
         let mut children: HashMap<String, Vec<String>> = HashMap::new();
         let mut records = HashMap::new();
-        for (cid, rec) in inner.journal.records() {
+        for (cid, rec) in journal.records() {
             if let Ok(rec) = rec {
                 if let Some(p) = &rec.parent {
                     children.entry(p.clone()).or_default().push(cid.clone());
@@ -1185,11 +1661,11 @@ impl Runtime {
         }
         // One write for the workflow and all its descendants: after a failure, either every
         // one of them has the request on disk or none has.
-        inner
-            .journal
+        journal
             .commit(w)
             .await
             .map_err(|e| e.during(|| format!("journaling the cancellation of workflow {id}")))?;
+        drop(journal);
         {
             let mut s = lock(&inner.sched);
             for x in &touched {
@@ -1211,15 +1687,18 @@ impl Runtime {
     ///
     /// Once the journal has failed ([`Error::JournalFailed`]), every execution that was in
     /// flight, or that the worker picks up afterwards, is abandoned and listed here with the
-    /// error: such a workflow is not failed, it resumes from the journal when a runtime opens
-    /// it again.
+    /// error: such a workflow is not failed, it resumes from the journal once it is open
+    /// again. Reopening (see [`RuntimeBuilder::reopen`]) is reported here too, with no
+    /// workflow: each failed attempt and why, the reopen that succeeded, or that the runtime
+    /// gave up.
     pub fn issues(&self) -> Vec<Issue> {
         lock(&self.inner.sched).issues.clone()
     }
 
-    /// Counters of the group committer: commits requested and flushes run.
+    /// Counters of the group committer (commits requested, flushes run, flushes failed) and
+    /// how often the journal was reopened, summed over every journal generation.
     pub fn stats(&self) -> JournalStats {
-        self.inner.journal.stats()
+        self.inner.stats()
     }
 
     /// Stops the worker, waits for its executions to be dropped, and flushes the journal.
@@ -1229,15 +1708,19 @@ impl Runtime {
     /// the journal again. The directory lock is released when the last clone of this runtime
     /// and the last [`Handle`] are dropped.
     ///
+    /// A reopen in progress stops at its next wait, and the runtime stays failed.
+    ///
     /// # Errors
-    /// [`Error::JournalFailed`] if the final flush fails or the journal had failed before.
+    /// [`Error::JournalFailed`] if the final flush fails or the journal had failed before
+    /// (and was not reopened).
     pub async fn shutdown(&self) -> Result<()> {
         self.inner.shutdown_tx.send_replace(true);
+        self.inner.state_tx.send_modify(|n| *n += 1);
         if lock(&self.inner.ready_rx).is_none() {
             let mut done = self.inner.worker_done.subscribe();
             // The sender lives in `inner`, which `self` keeps alive, so this cannot fail.
             let _ = done.wait_for(|d| *d).await;
         }
-        self.inner.journal.sync().await
+        self.inner.current()?.sync().await
     }
 }

@@ -78,9 +78,9 @@ impl WorkflowStatus {
 /// How much a completed step survives.
 ///
 /// If a flush fails in either mode, the commits it covers return
-/// [`Error::JournalFailed`](crate::Error::JournalFailed) and are not reported done, and the
-/// journal stops taking writes until it is opened again (see that error for why it does not
-/// retry).
+/// [`Error::JournalFailed`](crate::Error::JournalFailed) and are not reported done, and that
+/// journal takes no more writes (see that error for why it does not retry); by default the
+/// runtime then opens the directory again by itself (see [`ReopenPolicy`]).
 ///
 /// Both modes use group commit: one flush runs at a time, and it covers every completion
 /// journaled before it started. Concurrent completions queue for a committer thread, which
@@ -386,6 +386,86 @@ impl RetryPolicy {
     }
 }
 
+/// Whether and how the runtime opens its journal directory again by itself after a disk
+/// error; see [`RuntimeBuilder::reopen`](crate::RuntimeBuilder::reopen).
+///
+/// A journal stops for good at its first failed write or flush
+/// ([`Error::JournalFailed`](crate::Error::JournalFailed)). With reopening on (the default),
+/// the runtime's worker then abandons the executions in flight, waits for every user of the
+/// failed journal to let go of it, closes it, opens the same directory again (keeping the
+/// directory lock all the while) and recovers every unfinished workflow from disk, as
+/// [`RuntimeBuilder::open`](crate::RuntimeBuilder::open) does.
+///
+/// Attempt `n` starts after a wait of `min(initial × 2^(n−1), max)`. An attempt fails if the
+/// failed journal is still in use a second after the wait (a [`Context`](crate::Context)
+/// kept outside its workflow keeps it open), if the directory does not open, or if the
+/// reopened journal fails again before any flush of it succeeded; the count starts over once
+/// a reopened journal has flushed. After `max_attempts` failed attempts the runtime stays
+/// failed, as with [`ReopenPolicy::off`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReopenPolicy {
+    pub(crate) max_attempts: u32,
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+}
+
+impl Default for ReopenPolicy {
+    /// Eight attempts, waiting 10 ms before the first and doubling up to 2 s (about 2.5 s of
+    /// waiting in all before the runtime gives up).
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ReopenPolicy {
+    /// The default policy; see [`ReopenPolicy::default`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Never reopen: the first disk error stops the runtime (fail-stop) until the host drops
+    /// it and opens the directory again.
+    pub fn off() -> Self {
+        Self {
+            max_attempts: 0,
+            ..Self::default()
+        }
+    }
+
+    /// How many reopen attempts in a row before giving up; 0 turns reopening off.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Waits `initial` before the first attempt, doubling after each failed one, never more
+    /// than `max` (raised to `initial` if it is smaller).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+
+    /// Whether the runtime reopens its journal at all.
+    pub fn is_enabled(&self) -> bool {
+        self.max_attempts > 0
+    }
+
+    /// The wait before attempt `attempt` (from 1).
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(63);
+        let factor = 1u32.checked_shl(doublings.min(31)).unwrap_or(u32::MAX);
+        self.initial_backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
+}
+
 /// The error a step's closure returns: a message and whether retrying may help.
 ///
 /// Any `std::error::Error` converts into a retryable `StepError` with `?`.
@@ -472,6 +552,23 @@ pub(crate) fn time_to_ms(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reopen_backoff_doubles_up_to_its_cap_without_overflowing() {
+        let p = ReopenPolicy::new().backoff(Duration::from_millis(10), Duration::from_millis(50));
+        let waits: Vec<u128> = (1..=5).map(|a| p.delay(a).as_millis()).collect();
+        assert_eq!(waits, [10, 20, 40, 50, 50]);
+        let huge = ReopenPolicy::new().backoff(Duration::MAX / 2, Duration::MAX);
+        assert_eq!(huge.delay(u32::MAX), Duration::MAX);
+        assert_eq!(
+            ReopenPolicy::new()
+                .backoff(Duration::from_secs(2), Duration::ZERO)
+                .delay(3),
+            Duration::from_secs(2)
+        );
+        assert!(!ReopenPolicy::off().is_enabled() && ReopenPolicy::default().is_enabled());
+        assert!(!ReopenPolicy::new().max_attempts(0).is_enabled());
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

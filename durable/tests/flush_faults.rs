@@ -1,7 +1,8 @@
 //! A disk error while the journal flushes, injected with `FaultInjector` (the crate's
 //! `fault-injection` feature, turned on for these tests by the crate's dev-dependency on itself).
 //!
-//! What must hold: the operations whose commits the failed flush covered get a typed error
+//! These tests run with `ReopenPolicy::off()`, the fail-stop mode (`reopen_faults.rs` covers
+//! the default, where the runtime reopens the journal itself). What must hold: the operations whose commits the failed flush covered get a typed error
 //! naming the workflow and the operation, never `Ok`; the journal then stops, so nothing later
 //! is reported done or read back from memory; the runtime answers every call with that error
 //! instead of hanging or panicking; and once the directory is opened again every unfinished
@@ -24,7 +25,8 @@ use std::time::Duration;
 use common::faults::{Faulty, Shared, reached, runs, seen, seen_ok};
 use common::{id, start};
 use keel_durable::{
-    Context, Durability, Error, FaultInjector, ListFilter, Runtime, RuntimeBuilder, StepError,
+    Context, Durability, Error, FaultInjector, ListFilter, ReopenPolicy, Runtime, RuntimeBuilder,
+    StepError,
 };
 
 /// Makes step `step` of workflow `workflow` arm the injector from inside its closure, so the
@@ -88,8 +90,12 @@ fn expected(n: u64, go: u64) -> u64 {
     n * (n + 1) / 2 + go
 }
 
+/// These tests are about fail-stop mode; `reopen_faults.rs` covers reopening.
 fn builder(dir: &Path, durability: Durability) -> RuntimeBuilder {
-    Runtime::builder(dir).durability(durability).concurrency(16)
+    Runtime::builder(dir)
+        .durability(durability)
+        .reopen(ReopenPolicy::off())
+        .concurrency(16)
 }
 
 impl Faulty {

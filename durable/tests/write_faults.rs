@@ -2,8 +2,9 @@
 //! `FaultInjector::fail_write` (the crate's `fault-injection` feature, turned on for these
 //! tests by the crate's dev-dependency on itself). `flush_faults.rs` covers failed flushes.
 //!
-//! The design (see `Error::JournalFailed` and `docs/durable.md`) is fail-stop, the same as
-//! for a failed flush: the operation whose write failed gets `Error::JournalFailed` naming the
+//! These tests run with `ReopenPolicy::off()`, the fail-stop mode (`reopen_faults.rs` covers
+//! the default, where the runtime reopens the journal itself). The design (see
+//! `Error::JournalFailed` and `docs/durable.md`) is the same as for a failed flush: the operation whose write failed gets `Error::JournalFailed` naming the
 //! journal, the workflow and the operation, and is not reported done; the journal takes no
 //! more writes, so every other operation on that runtime gets the same error and runs
 //! nothing; executions in flight are abandoned, not recorded as failed; and once the
@@ -27,8 +28,8 @@ use std::time::Duration;
 use common::faults::{Faulty, Shared, reached, runs, seen, seen_ok};
 use common::{id, start};
 use keel_durable::{
-    Context, Durability, Error, FaultInjector, ListFilter, Runtime, RuntimeBuilder, StepError,
-    WorkflowStatus,
+    Context, Durability, Error, FaultInjector, ListFilter, ReopenPolicy, Runtime, RuntimeBuilder,
+    StepError, WorkflowStatus,
 };
 
 /// Makes step `step` of workflow `workflow` arm the write fault from inside its closure:
@@ -152,8 +153,10 @@ fn expected(n: u64, go: u64) -> u64 {
 
 impl Faulty {
     fn builder(&self, trigger: Option<&Trigger>) -> RuntimeBuilder {
+        // These tests are about fail-stop mode; `reopen_faults.rs` covers reopening.
         let b = Runtime::builder(self.path())
             .durability(self.durability)
+            .reopen(ReopenPolicy::off())
             .concurrency(16);
         workflows(b, &self.ledger, trigger)
     }
