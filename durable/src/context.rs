@@ -339,13 +339,15 @@ impl Context {
     ///
     /// If the disk fails while the outcome is journaled (the write, or the flush that covers
     /// it, returns an error), this returns [`Error::JournalFailed`] and the step is not
-    /// reported done. The journal then stops (every later operation of every workflow on this
-    /// runtime returns the same error and runs nothing) and this execution is abandoned: the
-    /// workflow is not recorded as failed, and whatever the code does with the error is not
-    /// journaled. When a runtime opens the journal again, the workflow replays; if the
-    /// outcome did reach the disk, the step returns it without calling `f` again, and if it
-    /// did not, `f` runs again, as after a crash. No execution ever replays an outcome whose
-    /// flush is not known to have succeeded: the failed runtime refuses to read its journal.
+    /// reported done. That journal then stops (every later operation on it, of every
+    /// workflow, returns the same error and runs nothing) and this execution is abandoned:
+    /// the workflow is not recorded as failed, and whatever the code does with the error is
+    /// not journaled. Once the journal is open again (by default the runtime reopens it
+    /// itself, see [`RuntimeBuilder::reopen`](crate::RuntimeBuilder::reopen); otherwise the
+    /// next runtime to open the directory), the workflow replays; if the outcome did reach
+    /// the disk, the step returns it without calling `f` again, and if it did not, `f` runs
+    /// again, as after a crash. No execution ever replays an outcome from the failed journal
+    /// itself: it refuses to be read, and only a journal opened afresh from the disk is.
     ///
     /// # Errors
     /// [`Error::StepFailed`] after the final failure; [`Error::Nondeterminism`] if the

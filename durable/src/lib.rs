@@ -51,11 +51,16 @@
 //!   [`Error::AlreadyOpen`], whether it is in this process or another.
 //! - **Isolation.** There is no global state: two runtimes on two directories in one process
 //!   do not interfere. All public types are `Send + Sync`.
-//! - **Disk errors stop the journal.** If a journal write or flush fails, the operations it
-//!   covered return [`Error::JournalFailed`] and are not reported done, and the runtime takes
-//!   no more writes and answers no more queries: no later flush could prove the earlier
-//!   writes durable. Executions in flight are abandoned, not failed; opening the directory
-//!   again resumes every unfinished workflow from what is on disk.
+//! - **Disk errors stop the journal, and the runtime reopens it.** If a journal write or
+//!   flush fails, the operations it covered return [`Error::JournalFailed`] and are not
+//!   reported done, and that journal takes no more writes and answers no more reads: no later
+//!   flush on it could prove the earlier writes durable. Executions in flight are abandoned,
+//!   not failed. By default ([`ReopenPolicy`]) the worker then closes the failed journal,
+//!   opens the directory again under the same lock and resumes every unfinished workflow
+//!   from what is on disk, with no help from the host; calls made meanwhile return the
+//!   retryable [`Error::Recovering`], and [`Handle::result`] waits across the reopen. With
+//!   [`ReopenPolicy::off`], or once every attempt has failed, the runtime stays failed until
+//!   the host drops it and opens the directory again.
 //!
 //! # Feature flags
 //! - `fault-injection` (off by default; test support, not a stable API): `FaultInjector`
