@@ -505,17 +505,19 @@ fn check_greedy(
         &[1, 5, 17, 33, 64, 100]
     };
     let new = if args.quick { 16 } else { 32 };
-    let build = |device| {
+    let build = |device, graphs| {
         Engine::builder()
             .random_model(spec.clone())
             .device(device)
             .kv_blocks(256)
             .max_seqs(lens.len())
+            .cuda_graphs(graphs)
             .build()
     };
     let t = Instant::now();
-    let cpu = build(Device::Cpu)?;
-    let gpu = build(target)?;
+    let cpu = build(Device::Cpu, false)?;
+    let gpu = build(target, true)?;
+    let eager = build(target, false)?;
     let vocab = cpu.model_info().vocab_size;
     let prompts: Vec<Vec<u32>> = lens
         .iter()
@@ -530,10 +532,16 @@ fn check_greedy(
     let want = rt.block_on(greedy_runs(&cpu, &prompts, new, true))?;
     let mut ok = true;
     let mut lines = Vec::new();
-    // The GPU twice: sampling on the host (log-probabilities asked for), then on the device.
-    for (label, logprobs) in [("host sampler", true), ("device sampler", false)] {
+    // The GPU three times: sampling on the host (log-probabilities asked for), then on the
+    // device, both with decode steps as CUDA graphs; then the device sampler with every step
+    // launched eagerly.
+    for (label, engine, logprobs) in [
+        ("host sampler, graphs", &gpu, true),
+        ("device sampler, graphs", &gpu, false),
+        ("device sampler, eager", &eager, false),
+    ] {
         lines.push(format!("  gpu, {label}:"));
-        let got = rt.block_on(greedy_runs(&gpu, &prompts, new, logprobs))?;
+        let got = rt.block_on(greedy_runs(engine, &prompts, new, logprobs))?;
         for ((w, gt), n) in want.iter().zip(&got).zip(lens) {
             let same = w
                 .tokens
@@ -560,6 +568,23 @@ fn check_greedy(
             lines.push(format!("    prompt of {n:>3} tokens, {new} new: {verdict}"));
         }
     }
+    // The graphs must have served the decode steps (on a GPU; the CPU has none).
+    let m = gpu.metrics();
+    let graphs = if target == Device::Cpu {
+        "no graphs on the CPU".to_string()
+    } else if let Some(why) = &m.graphs_off {
+        ok = false;
+        format!("FAIL: graphs turned off: {why}")
+    } else if m.graph_replays == 0 {
+        ok = false;
+        "FAIL: no decode step ran as a graph".to_string()
+    } else {
+        format!(
+            "{} shapes captured, {} steps replayed",
+            m.graph_captures, m.graph_replays
+        )
+    };
+    lines.push(format!("  cuda graphs: {graphs}"));
     println!("{}", lines.join("\n"));
     let summary = format!(
         "{} prompts, {} ({:.1} s)",
@@ -573,6 +598,8 @@ fn check_greedy(
 /// One row of the decode table.
 struct DecodeRow {
     model: &'static str,
+    /// Whether decode steps ran as CUDA graphs.
+    graphs: bool,
     batch: usize,
     tokens_per_s: f64,
     ms_per_step: f64,
@@ -610,7 +637,17 @@ fn decode_bench(
             ),
         ],
     };
+    // Each model with decode steps as CUDA graphs at every batch size, then launched eagerly
+    // at the small batches, where launch overhead matters most (not on the CPU: no graphs).
+    let eager_batches: &[usize] = if args.quick { &[1] } else { &[1, 32] };
+    let mut runs = Vec::new();
     for (name, spec, layers, kv_dim) in models {
+        runs.push((name, spec.clone(), layers, kv_dim, true, batches));
+        if target != Device::Cpu {
+            runs.push((name, spec, layers, kv_dim, false, eager_batches));
+        }
+    }
+    for (name, spec, layers, kv_dim, graphs, batches) in runs {
         let spec = spec.seed(args.seed);
         let params = spec.parameters();
         let t = Instant::now();
@@ -624,9 +661,10 @@ fn decode_bench(
             .max_seqs(max_batch)
             .max_batch_tokens(max_batch * prompt)
             .prefix_caching(false)
+            .cuda_graphs(graphs)
             .build()?;
         println!(
-            "decode: {name} ({params} parameters, {}, kernels {:?}) built in {:.1} s",
+            "decode: {name} ({params} parameters, {}, kernels {:?}, graphs {graphs}) built in {:.1} s",
             engine.model_info().weight_type,
             engine.model_info().kernels,
             t.elapsed().as_secs_f64()
@@ -677,12 +715,24 @@ fn decode_bench(
             let bytes = params as f64 * 2.0 + kv;
             rows.push(DecodeRow {
                 model: name,
+                graphs,
                 batch,
                 tokens_per_s: tps,
                 ms_per_step: ms,
                 floor_tokens_per_s: bw.map(|bw| batch as f64 * bw / bytes),
             });
             println!("  batch {batch:>3}: {tps:>9.0} tokens/s, {ms:>7.2} ms/step");
+        }
+        let m = engine.metrics();
+        if graphs && target != Device::Cpu {
+            println!(
+                "  cuda graphs: {} shapes captured, {} steps replayed{}",
+                m.graph_captures,
+                m.graph_replays,
+                m.graphs_off
+                    .as_ref()
+                    .map_or(String::new(), |why| format!(", TURNED OFF: {why}"))
+            );
         }
         drop(engine);
     }
@@ -806,8 +856,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(decode) = &decode {
         println!();
         println!(
-            "{:<14} {:>5} {:>12} {:>9} {:>14} {:>8}   (Keel engine, random weights (bf16 on a GPU), 16-token prompts, {} new tokens, logits to the host each step)",
-            "model", "batch", "tokens/s", "ms/step", "floor tok/s", "of floor", args.new_tokens
+            "{:<14} {:>6} {:>5} {:>12} {:>9} {:>14} {:>8}   (Keel engine, random weights (bf16 on a GPU), 16-token prompts, {} new tokens, greedy on the device: token ids to the host each step)",
+            "model",
+            "graphs",
+            "batch",
+            "tokens/s",
+            "ms/step",
+            "floor tok/s",
+            "of floor",
+            args.new_tokens
         );
         for r in decode {
             let (floor, share) = match r.floor_tokens_per_s {
@@ -818,8 +875,14 @@ fn main() -> anyhow::Result<()> {
                 None => ("-".into(), "-".into()),
             };
             println!(
-                "{:<14} {:>5} {:>12.0} {:>9.2} {:>14} {:>8}",
-                r.model, r.batch, r.tokens_per_s, r.ms_per_step, floor, share
+                "{:<14} {:>6} {:>5} {:>12.0} {:>9.2} {:>14} {:>8}",
+                r.model,
+                if r.graphs { "yes" } else { "no" },
+                r.batch,
+                r.tokens_per_s,
+                r.ms_per_step,
+                floor,
+                share
             );
         }
     }

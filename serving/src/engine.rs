@@ -80,9 +80,21 @@ pub struct EngineBuilder {
     kernels: Kernels,
     threads: Option<usize>,
     prefix_caching: bool,
+    cuda_graphs: bool,
 }
 
 impl EngineBuilder {
+    /// Whether decode steps on a CUDA device run as captured CUDA graphs (default on): a step
+    /// in which every running sequence decodes one token is then one graph launch instead of
+    /// several hundred kernel launches. The first step of each batch shape runs eagerly while
+    /// the graph is captured; if a capture fails, the engine says why in
+    /// [`EngineMetrics::graphs_off`](crate::EngineMetrics::graphs_off) and runs eagerly from
+    /// then on. No effect on the CPU.
+    pub fn cuda_graphs(mut self, on: bool) -> Self {
+        self.cuda_graphs = on;
+        self
+    }
+
     /// Which matrix kernels run the model (default [`Kernels::Auto`]).
     pub fn kernels(mut self, kernels: Kernels) -> Self {
         self.kernels = kernels;
@@ -202,6 +214,10 @@ impl EngineBuilder {
                 load(&path, &device, options)?
             }
         };
+        let mut model = model;
+        if device.is_cuda() {
+            model.set_decode_graphs(self.cuda_graphs);
+        }
         let c = &model.config;
         let capacity = self.block_size * self.kv_blocks;
         let max_context = self
@@ -303,6 +319,7 @@ impl Engine {
             kernels: Kernels::Auto,
             threads: None,
             prefix_caching: true,
+            cuda_graphs: true,
         }
     }
 

@@ -46,6 +46,13 @@ pub struct EngineMetrics {
     pub running: usize,
     /// Requests waiting to be admitted now.
     pub waiting: usize,
+    /// Decode-step shapes captured as CUDA graphs (the `cuda` feature on a GPU).
+    pub graph_captures: u64,
+    /// Decode steps served by a captured graph.
+    pub graph_replays: u64,
+    /// Why captured decode steps turned off, if a capture failed (the engine then runs every
+    /// step eagerly).
+    pub graphs_off: Option<String>,
 }
 
 /// The running sums behind [`EngineMetrics`]; owned by the model thread behind a mutex.

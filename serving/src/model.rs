@@ -3,11 +3,12 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Tensor};
+use std::sync::{Mutex, PoisonError};
 
 use crate::cpu::CpuModel;
 use crate::cuda::cuda_kernels::SampleParams;
 use crate::cuda::cuda_kernels::{self as kernels, AttentionShape, BlockTables, Rounding};
-use crate::cuda::ops;
+use crate::cuda::{graph, ops};
 use crate::error::{Error, Result, exec};
 use crate::kv::{KvCache, KvLayout};
 
@@ -156,6 +157,9 @@ pub(crate) struct CandleModel {
     /// The activations' dtype (the embedding's): f32, or bf16 on the kernel path.
     dtype: DType,
     path: CandlePath,
+    /// Captured decode steps (see `cuda::graph`): on by default on a CUDA device, off on the
+    /// CPU, where tests turn them on to run steps through the graphs' fixed buffers.
+    graphs: Option<Mutex<graph::DecodeGraphs>>,
 }
 
 /// Which of the candle-tensor forward passes runs.
@@ -235,11 +239,34 @@ impl Model {
                 output,
                 cos,
                 sin,
+                graphs: device
+                    .is_cuda()
+                    .then(|| Mutex::new(graph::DecodeGraphs::default())),
                 device,
                 dtype,
                 path,
             })),
         })
+    }
+
+    /// Turns captured decode steps on or off (the kernel path only; see `cuda::graph`).
+    pub(crate) fn set_decode_graphs(&mut self, on: bool) {
+        if let Imp::Candle(m) = &mut self.imp {
+            m.graphs = (on && m.path == CandlePath::Kernels)
+                .then(|| Mutex::new(graph::DecodeGraphs::default()));
+        }
+    }
+
+    /// The graph cache's counters and why graphs turned off, if they did (`None` without
+    /// graphs).
+    pub(crate) fn graph_report(&self) -> Option<(graph::GraphStats, Option<String>)> {
+        match &self.imp {
+            Imp::Candle(m) => m.graphs.as_ref().map(|g| {
+                let g = g.lock().unwrap_or_else(PoisonError::into_inner);
+                (g.stats(), g.disabled().map(str::to_string))
+            }),
+            Imp::Cpu(_) => None,
+        }
     }
 
     /// A model for our CPU kernels.
@@ -585,14 +612,15 @@ impl CandleModel {
     }
 
     /// The kernel path's step up to the logits, `[rows, vocab]` f32 on the model's device
-    /// (`None` when no sequence wants logits).
+    /// (`None` when no sequence wants logits). A step in which every sequence decodes one token
+    /// and wants its logits goes through the model's captured CUDA graphs when it has them
+    /// ([`CandleModel::graphs`]); every other step runs eagerly.
     fn kernel_logits(
         &self,
         tokens: &[u32],
         seqs: &[SeqStep],
         cache: &mut KvCache,
     ) -> Result<Option<Tensor>> {
-        let c = &self.config;
         let dev = &self.device;
         let err = |e: candle_core::Error| ops::backend_error(e, dev);
         let t = tokens.len();
@@ -646,17 +674,59 @@ impl CandleModel {
                 "{t} tokens for sequences of {offset} new tokens"
             )));
         }
-        let shape =
-            AttentionShape::new(c.heads, c.kv_heads, c.head_dim, bs)?.rounding(Rounding::F16);
+        if let Some(graphs) = &self.graphs
+            && decode.len() == seqs.len()
+            && decode.len() == t
+            && logit_rows.len() == t
+        {
+            let key = graph::GraphKey {
+                sequences: t,
+                width: graph::width_bucket(
+                    tables.iter().map(|(tb, _)| tb.len()).max().unwrap_or(1),
+                ),
+                cache: cache.layer(0).map_err(err)?.0.id(),
+            };
+            let inputs = graph::DecodeInputs {
+                tokens,
+                positions: &positions,
+                slots: &write_slots,
+                tables: &tables,
+                block_size: bs,
+            };
+            let cache: &KvCache = cache;
+            let run = |b: &graph::StepBuffers| -> Result<Tensor> {
+                let step = KernelStep {
+                    ids: b.ids.clone(),
+                    positions: b.positions.clone(),
+                    write_slots: b.slots.clone(),
+                    starts: (0..t).collect(),
+                    prefill: Vec::new(),
+                    decoding: Some((b.tables.clone(), Some(b.on_device.clone()), None)),
+                    perm: None,
+                    logits: Rows::All,
+                };
+                self.run_layers(&step, seqs, cache)?
+                    .ok_or_else(|| bad("a decode step wants every sequence's logits".into()))
+            };
+            let mut graphs = graphs.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(logits) = graphs.step(dev, key, &inputs, &run)? {
+                return Ok(Some(logits));
+            }
+        }
         let decoding = if decode.is_empty() {
             None
         } else {
             let refs: Vec<(&[u32], usize)> =
                 tables.iter().map(|(t, n)| (t.as_slice(), *n)).collect();
             let bt = BlockTables::new(&refs, bs)?;
-            let n = decode_rows.len();
-            let rows = Tensor::from_vec(decode_rows, n, dev).map_err(err)?;
-            Some((bt, rows))
+            let on_device = ops::DeviceTables::upload(&bt, dev)?;
+            let rows = if decode.len() == t {
+                None
+            } else {
+                let n = decode_rows.len();
+                Some(Tensor::from_vec(decode_rows, n, dev).map_err(err)?)
+            };
+            Some((bt, on_device, rows))
         };
         // Attention outputs come out prefill sequences first, then the decoding ones; map
         // each sequence's rows back to the batch's token order.
@@ -666,15 +736,50 @@ impl CandleModel {
             .chain(decode.iter().copied())
             .collect();
         let (perm, identity) = batch_permutation(seqs, &order);
-        let perm = Tensor::from_vec(perm, t, dev).map_err(err)?;
+        let perm = if identity {
+            None
+        } else {
+            Some(Tensor::from_vec(perm, t, dev).map_err(err)?)
+        };
+        let logits = if logit_rows.is_empty() {
+            Rows::Nothing
+        } else {
+            let n = logit_rows.len();
+            Rows::Pick(Tensor::from_slice(&logit_rows, n, dev).map_err(err)?)
+        };
+        let step = KernelStep {
+            ids: Tensor::from_slice(tokens, t, dev).map_err(err)?,
+            // Every layer reads the same positions and slots: one upload each for the step.
+            positions: ops::Indices::upload(&positions, dev)?,
+            write_slots: ops::Indices::upload(&write_slots, dev)?,
+            starts,
+            prefill,
+            decoding,
+            perm,
+            logits,
+        };
+        self.run_layers(&step, seqs, cache)
+    }
+
+    /// The layers and the output head of a kernel-path step over its device-side inputs.
+    fn run_layers(
+        &self,
+        st: &KernelStep,
+        seqs: &[SeqStep],
+        cache: &KvCache,
+    ) -> Result<Option<Tensor>> {
+        let c = &self.config;
+        let dev = &self.device;
+        let err = |e: candle_core::Error| ops::backend_error(e, dev);
+        let t = st.ids.elem_count();
+        let shape = AttentionShape::new(c.heads, c.kv_heads, c.head_dim, cache.block_size())?
+            .rounding(Rounding::F16);
         let style = match c.rope_style {
             RopeStyle::Interleaved => kernels::RopeStyle::Interleaved,
             RopeStyle::Halves => kernels::RopeStyle::Halves,
         };
         let eps = c.rms_eps as f32;
-
-        let ids = Tensor::from_slice(tokens, t, dev).map_err(err)?;
-        let mut x = self.embedding.index_select(&ids, 0).map_err(err)?;
+        let mut x = self.embedding.index_select(&st.ids, 0).map_err(err)?;
         // The residual add still owed to `x`: each block's output is added by the fused norm
         // that opens the next block (the first adds zeros).
         let mut delta = x.zeros_like().map_err(err)?;
@@ -687,39 +792,39 @@ impl CandleModel {
             let q = q.reshape((t, c.heads, c.head_dim)).map_err(err)?;
             let k3 = k.reshape((t, c.kv_heads, c.head_dim)).map_err(err)?;
             // Q and K are rounded through f16 as llama.cpp stores them, as the CPU paths do.
-            ops::rope_inplace(&q, &positions, &self.cos, &self.sin, style, Rounding::F16)?;
-            ops::rope_inplace(&k3, &positions, &self.cos, &self.sin, style, Rounding::F16)?;
+            let pos = &st.positions;
+            ops::rope_inplace(&q, pos, &self.cos, &self.sin, style, Rounding::F16)?;
+            ops::rope_inplace(&k3, pos, &self.cos, &self.sin, style, Rounding::F16)?;
             let (kc, vc) = cache.layer(li).map_err(err)?;
-            ops::kv_write(kc, &k, &write_slots, Rounding::None)?;
-            ops::kv_write(vc, &v, &write_slots, Rounding::F16)?;
-            let mut outs = Vec::with_capacity(prefill.len() + 1);
-            for (i, idx, mask) in &prefill {
+            ops::kv_write(kc, &k, &st.write_slots, Rounding::None)?;
+            ops::kv_write(vc, &v, &st.write_slots, Rounding::F16)?;
+            let mut outs = Vec::with_capacity(st.prefill.len() + 1);
+            for (i, idx, mask) in &st.prefill {
                 let f32 = |t: Tensor| t.to_dtype(DType::F32);
                 let run = || -> candle_core::Result<Tensor> {
-                    let qs = f32(q.narrow(0, starts[*i], seqs[*i].len)?)?;
+                    let qs = f32(q.narrow(0, st.starts[*i], seqs[*i].len)?)?;
                     let ks = f32(kc.index_select(idx, 0)?)?;
                     let vs = f32(vc.index_select(idx, 0)?)?;
                     self.attention(&qs, &ks, &vs, mask)?.to_dtype(self.dtype)
                 };
                 outs.push(run().map_err(err)?);
             }
-            if let Some((bt, rows)) = &decoding {
-                let qd = if decode.len() == t {
-                    q.clone()
-                } else {
-                    q.index_select(rows, 0).map_err(err)?
+            if let Some((bt, on_device, rows)) = &st.decoding {
+                let qd = match rows {
+                    None => q.clone(),
+                    Some(rows) => q.index_select(rows, 0).map_err(err)?,
                 };
-                outs.push(ops::paged_attention(&qd, kc, vc, &shape, bt)?);
+                let out = ops::paged_attention(&qd, kc, vc, &shape, bt, on_device.as_ref())?;
+                outs.push(out);
             }
             let attn = if outs.len() == 1 {
                 outs.swap_remove(0)
             } else {
                 Tensor::cat(&outs, 0).map_err(err)?
             };
-            let attn = if identity {
-                attn
-            } else {
-                attn.index_select(&perm, 0).map_err(err)?
+            let attn = match &st.perm {
+                None => attn,
+                Some(perm) => attn.index_select(perm, 0).map_err(err)?,
             };
             let o = layer.wo.forward(&attn).map_err(err)?;
             let (sum, h) = ops::rms_norm_residual(&x, &o, &layer.ffn_norm, eps)?;
@@ -731,13 +836,15 @@ impl CandleModel {
             };
             delta = mlp().map_err(err)?;
         }
-        if logit_rows.is_empty() {
-            return Ok(None);
-        }
-        let n = logit_rows.len();
-        let rows = Tensor::from_slice(&logit_rows, n, dev).map_err(err)?;
-        let pick = |t: &Tensor| t.index_select(&rows, 0).map_err(err);
-        let (_, last) = ops::rms_norm_residual(&pick(&x)?, &pick(&delta)?, &self.norm, eps)?;
+        let (x, delta) = match &st.logits {
+            Rows::Nothing => return Ok(None),
+            Rows::All => (x, delta),
+            Rows::Pick(rows) => {
+                let pick = |t: &Tensor| t.index_select(rows, 0).map_err(err);
+                (pick(&x)?, pick(&delta)?)
+            }
+        };
+        let (_, last) = ops::rms_norm_residual(&x, &delta, &self.norm, eps)?;
         let logits = self
             .output
             .forward(&last)
@@ -812,6 +919,32 @@ impl CandleModel {
             .contiguous()?
             .reshape((len, c.heads * c.head_dim))
     }
+}
+
+/// A kernel-path step's inputs on the model's device, shared by every layer.
+struct KernelStep {
+    /// One token id per row of the batch.
+    ids: Tensor,
+    positions: ops::Indices,
+    write_slots: ops::Indices,
+    /// Each sequence's first row in the batch.
+    starts: Vec<usize>,
+    /// Prefilling sequences: their index, cache rows to gather, and causal mask.
+    prefill: Vec<(usize, Tensor, Tensor)>,
+    /// Decoding sequences' block tables, their device copy, and the rows of their queries
+    /// (`None` when every row decodes).
+    decoding: Option<(BlockTables, Option<ops::DeviceTables>, Option<Tensor>)>,
+    /// Batch row of each attention output row; `None` when they are in order.
+    perm: Option<Tensor>,
+    logits: Rows,
+}
+
+/// Which rows of a step get logits.
+enum Rows {
+    Nothing,
+    /// Every row, in order.
+    All,
+    Pick(Tensor),
 }
 
 /// Decoding sequences are padded to a multiple of this many positions to share one attention.
@@ -1043,6 +1176,32 @@ mod tests {
             vec![17],
             (0..6).map(|i| (i * 11 + 200) % 300).collect(),
         ]
+    }
+
+    #[test]
+    fn decode_graphs_give_the_eager_logits_through_their_fixed_buffers() {
+        // On the CPU a "replay" reruns the step over the graph's fixed buffers, so this checks
+        // that the buffers carry every per-step input (tokens, positions, slots, padded block
+        // tables, context lengths) across batch sizes and width buckets. The CUDA capture
+        // itself is checked by gpu_check.
+        let spec = tiny(5);
+        let eager = model(&spec, true);
+        let mut graphed = model(&spec, true);
+        assert!(graphed.graph_report().is_none());
+        graphed.set_decode_graphs(true);
+        let (la, ta) = run(&eager, &prompts(), 12);
+        let (lb, tb) = run(&graphed, &prompts(), 12);
+        assert_eq!(ta, tb);
+        assert_eq!(la, lb, "graph steps changed the logits");
+        let (stats, off) = graphed.graph_report().unwrap();
+        assert_eq!(off, None);
+        // Batches of 3, 2 and 1 decoding sequences, and tables growing past a width bucket.
+        assert!(stats.captures >= 3, "{stats:?}");
+        assert!(stats.replays >= 5, "{stats:?}");
+        // Graphs are only for the kernel path.
+        let mut plain = model(&spec, false);
+        plain.set_decode_graphs(true);
+        assert!(plain.graph_report().is_none());
     }
 
     #[test]

@@ -527,7 +527,13 @@ impl Scheduler {
         let max_seqs = self.cfg.max_seqs;
         let used = self.alloc.used();
         let (running, waiting) = (self.running.len(), self.waiting.len());
+        let graphs = self.model.graph_report();
         self.with_metrics(|m| {
+            if let Some((stats, off)) = graphs {
+                m.m.graph_captures = stats.captures;
+                m.m.graph_replays = stats.replays;
+                m.m.graphs_off = off;
+            }
             m.m.steps += 1;
             m.m.generated_tokens += generated;
             m.m.prefill_tokens += prefill;

@@ -7,9 +7,11 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Shape, WithDType, bail};
+use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType, bail};
 
-use super::ops::{ATTENTION_THREADS, KvWrite, PagedAttention, RmsNormResidual, Rope, Sample};
+use super::ops::{
+    ATTENTION_THREADS, HostCopy, Indices, KvWrite, PagedAttention, RmsNormResidual, Rope, Sample,
+};
 
 const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
@@ -43,6 +45,50 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result
         bail!("keel kernels take contiguous tensors")
     };
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// Index values for a launch: the device tensor the engine uploaded once for the step (or
+/// that a captured graph replays against), else a fresh upload of the host values.
+enum IndexSource {
+    Tensor(Tensor),
+    Fresh(CudaSlice<u32>),
+}
+
+impl IndexSource {
+    fn new(dev: &CudaDevice, values: &[u32], device: Option<&Tensor>) -> candle_core::Result<Self> {
+        match device {
+            Some(t) => Ok(Self::Tensor(t.clone())),
+            None => Ok(Self::Fresh(dev.clone_htod(values)?)),
+        }
+    }
+
+    fn of(dev: &CudaDevice, idx: &Indices) -> candle_core::Result<Self> {
+        Self::new(dev, idx.values(), idx.device())
+    }
+
+    /// Runs `f` with a view of the first `n` values.
+    fn with<R>(
+        &self,
+        n: usize,
+        f: impl FnOnce(&CudaView<'_, u32>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        match self {
+            Self::Fresh(s) => f(&s.slice(..n)),
+            Self::Tensor(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let Storage::Cuda(cs) = &*storage else {
+                    bail!("a device index tensor is not on the GPU")
+                };
+                let Some((a, b)) = layout.contiguous_offsets() else {
+                    bail!("a device index tensor is not contiguous")
+                };
+                if b - a < n {
+                    bail!("a device index tensor holds {} values, not {n}", b - a)
+                }
+                f(&cs.as_cuda_slice::<u32>()?.slice(a..a + n))
+            }
+        }
+    }
 }
 
 /// A fresh output of `n` elements, filled with `poison` first when asked so that elements a
@@ -149,9 +195,9 @@ fn rope_typed<T: CudaDType + WithDType + DeviceRepr>(
     [cos, sin]: [(&CudaStorage, &Layout); 2],
 ) -> candle_core::Result<()> {
     let dev = dst.device().clone();
-    let tokens = op.positions.len();
+    let tokens = op.positions.values().len();
     let total = tokens * op.heads * (op.head_dim / 2);
-    let pos = dev.clone_htod(&op.positions[..])?;
+    let pos = IndexSource::of(&dev, &op.positions)?;
     let (cv, sv) = (view::<f32>(cos.0, cos.1)?, view::<f32>(sin.0, sin.1)?);
     let f =
         dev.get_or_load_custom_func(&format!("rope_{}", suffix(T::DTYPE)?), "keel_rope", ROPE)?;
@@ -165,21 +211,24 @@ fn rope_typed<T: CudaDType + WithDType + DeviceRepr>(
         int(op.head_dim, "head_dim")?,
     );
     let (style, rounding) = (op.style.code(), op.rounding.code());
-    let mut b = f.builder();
-    b.arg(&mut x).arg(&pos).arg(&cv).arg(&sv);
-    b.arg(&tokens_i)
-        .arg(&heads_i)
-        .arg(&dim_i)
-        .arg(&style)
-        .arg(&rounding);
-    // SAFETY: the arguments match `rope_*` in kernels/rope.cu. ops::rope_inplace checked that
-    // x holds tokens * heads * head_dim elements of T (head_dim even), that cos and sin are f32
-    // tables of equal length, a multiple of head_dim / 2, and that every position is below
-    // their row count, so each thread's index (< tokens * heads * head_dim / 2, grid-stride)
-    // reads and writes in bounds. `pos` lives until the end of this function, after the launch
-    // is queued on the same stream that frees it.
-    unsafe { b.launch(grid_stride(total)) }.w()?;
-    Ok(())
+    pos.with(tokens, |pos| {
+        let mut b = f.builder();
+        b.arg(&mut x).arg(pos).arg(&cv).arg(&sv);
+        b.arg(&tokens_i)
+            .arg(&heads_i)
+            .arg(&dim_i)
+            .arg(&style)
+            .arg(&rounding);
+        // SAFETY: the arguments match `rope_*` in kernels/rope.cu. ops::rope_inplace checked that
+        // x holds tokens * heads * head_dim elements of T (head_dim even), that cos and sin are f32
+        // tables of equal length, a multiple of head_dim / 2, and that every position is below
+        // their row count, so each thread's index (< tokens * heads * head_dim / 2, grid-stride)
+        // reads and writes in bounds; `pos` holds exactly the checked positions (the first
+        // `tokens` values of the step's device copy, or a fresh upload of them). It lives until the
+        // end of this function, after the launch is queued on the same stream that frees it.
+        unsafe { b.launch(grid_stride(total)) }.w()?;
+        Ok(())
+    })
 }
 
 pub(crate) fn kv_write(
@@ -202,8 +251,8 @@ fn kv_typed<T: CudaDType + WithDType + DeviceRepr>(
     [src]: [(&CudaStorage, &Layout); 1],
 ) -> candle_core::Result<()> {
     let dev = dst.device().clone();
-    let tokens = op.slots.len();
-    let slots = dev.clone_htod(&op.slots[..])?;
+    let tokens = op.slots.values().len();
+    let slots = IndexSource::of(&dev, &op.slots)?;
     let sv = view::<T>(src.0, src.1)?;
     let f = dev.get_or_load_custom_func(
         &format!("kv_write_{}", suffix(T::DTYPE)?),
@@ -219,15 +268,18 @@ fn kv_typed<T: CudaDType + WithDType + DeviceRepr>(
         int(op.dim, "dim")?,
         op.rounding.code(),
     );
-    let mut b = f.builder();
-    b.arg(&mut cache).arg(&sv).arg(&slots);
-    b.arg(&tokens_i).arg(&dim_i).arg(&rounding);
-    // SAFETY: the arguments match `kv_write_*` in kernels/kv_cache.cu. ops::kv_write checked
-    // that src holds tokens * dim elements, that the cache is whole rows of dim, and that every
-    // slot is below the cache's row count and distinct, so every write lands in bounds and no
-    // two threads write the same element. `slots` outlives the queued launch (same stream).
-    unsafe { b.launch(grid_stride(tokens * op.dim)) }.w()?;
-    Ok(())
+    slots.with(tokens, |slots| {
+        let mut b = f.builder();
+        b.arg(&mut cache).arg(&sv).arg(slots);
+        b.arg(&tokens_i).arg(&dim_i).arg(&rounding);
+        // SAFETY: the arguments match `kv_write_*` in kernels/kv_cache.cu. ops::kv_write checked
+        // that src holds tokens * dim elements, that the cache is whole rows of dim, and that every
+        // slot is below the cache's row count and distinct, so every write lands in bounds and no
+        // two threads write the same element; `slots` holds exactly the checked slots (as in
+        // `rope`). It outlives the queued launch (same stream).
+        unsafe { b.launch(grid_stride(tokens * op.dim)) }.w()?;
+        Ok(())
+    })
 }
 
 pub(crate) fn paged_attention(
@@ -253,8 +305,18 @@ fn attention_typed<T: CudaDType + WithDType + DeviceRepr>(
     let s = &op.shape;
     let seqs = op.tables.len();
     let n = seqs * s.heads() * s.head_dim();
-    let tables = dev.clone_htod(op.tables.flat())?;
-    let lens = dev.clone_htod(op.tables.context_lens())?;
+    let (tables, lens, scores_len) = match &op.device {
+        Some(d) => (
+            IndexSource::new(&dev, op.tables.flat(), Some(&d.flat))?,
+            IndexSource::new(&dev, op.tables.context_lens(), Some(&d.lens))?,
+            d.capacity,
+        ),
+        None => (
+            IndexSource::new(&dev, op.tables.flat(), None)?,
+            IndexSource::new(&dev, op.tables.context_lens(), None)?,
+            op.tables.max_context(),
+        ),
+    };
     let (qv, kv, vv) = (
         view::<T>(q.0, q.1)?,
         view::<T>(k.0, k.1)?,
@@ -266,7 +328,6 @@ fn attention_typed<T: CudaDType + WithDType + DeviceRepr>(
         "keel_paged_attention",
         PAGED_ATTENTION,
     )?;
-    let scores_len = op.tables.max_context();
     let shared = super::ops::attention_shared_bytes(s.head_dim(), scores_len);
     let args = (
         int(s.heads(), "heads")?,
@@ -282,30 +343,38 @@ fn attention_typed<T: CudaDType + WithDType + DeviceRepr>(
         block_dim: (ATTENTION_THREADS, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    let mut b = f.builder();
-    b.arg(&mut out)
-        .arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&tables)
-        .arg(&lens);
-    b.arg(&args.0)
-        .arg(&args.1)
-        .arg(&args.2)
-        .arg(&args.3)
-        .arg(&args.4)
-        .arg(&args.5);
-    b.arg(&scale).arg(&rounding);
-    // SAFETY: the arguments match `paged_attention_*` in kernels/paged_attention.cu.
-    // ops::paged_attention checked that q holds seqs * heads * head_dim elements, that both
-    // caches are whole blocks of block_size rows of kv_heads * head_dim, that every block a
-    // sequence reads (the first ceil(len / block_size) of its row of `tables`, which has
-    // `width` entries) is inside the cache, that heads is a multiple of kv_heads, that
-    // head_dim <= 256 (the kernel's per-lane accumulators), and that the shared memory asked for
-    // (max context scores + 32 + warps * head_dim floats) fits the default 48 KiB. The grid is
-    // (heads, seqs), with seqs <= 65535 checked there too.
-    // `tables` and `lens` outlive the queued launch.
-    unsafe { b.launch(cfg) }.w()?;
+    let (nt, nl) = (op.tables.flat().len(), seqs);
+    tables.with(nt, |tables| {
+        lens.with(nl, |lens| {
+            let mut b = f.builder();
+            b.arg(&mut out)
+                .arg(&qv)
+                .arg(&kv)
+                .arg(&vv)
+                .arg(tables)
+                .arg(lens);
+            b.arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(&args.3)
+                .arg(&args.4)
+                .arg(&args.5);
+            b.arg(&scale).arg(&rounding);
+            // SAFETY: the arguments match `paged_attention_*` in kernels/paged_attention.cu.
+            // ops::paged_attention checked that q holds seqs * heads * head_dim elements, that both
+            // caches are whole blocks of block_size rows of kv_heads * head_dim, that every block a
+            // sequence reads (the first ceil(len / block_size) of its row of `tables`, which has
+            // `width` entries) is inside the cache, that heads is a multiple of kv_heads, that
+            // head_dim <= 256 (the kernel's per-lane accumulators), and that the shared memory asked for
+            // (max context scores + 32 + warps * head_dim floats) fits the default 48 KiB. The grid is
+            // (heads, seqs), with seqs <= 65535 checked there too.
+            // The tables and lengths are the checked host values (the step's device copy of them,
+            // whose capacity ops::paged_attention checked covers the longest context and sized the
+            // shared memory from, or a fresh upload); they outlive the queued launch.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
     let shape = Shape::from((seqs, s.heads() * s.head_dim()));
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
@@ -354,3 +423,28 @@ fn sample_typed<T: CudaDType + WithDType + DeviceRepr>(
     unsafe { b.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }
+
+pub(crate) fn host_copy(
+    op: &HostCopy,
+    dst: &mut CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<()> {
+    let dev = dst.device().clone();
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("write_u32: the tensor is not contiguous")
+    };
+    let n = op.values.len();
+    if b - a < n {
+        bail!("write_u32: {n} values do not fit {} elements", b - a)
+    }
+    let mut slice = dst.as_cuda_slice_mut::<u32>()?.slice_mut(a..a + n);
+    dev.memcpy_htod(&op.values[..], &mut slice)
+}
+
+/// A captured CUDA graph that can move to the engine's model thread.
+pub(crate) struct Graph(pub(crate) candle_core::cuda_backend::cudarc::driver::CudaGraph);
+
+// SAFETY: a graph exec is a driver handle that any thread may launch or destroy once its
+// context is current (cudarc binds the context on each call); the engine moves the model, and
+// with it the graphs, to the model thread and uses them only there, behind `&mut`.
+unsafe impl Send for Graph {}

@@ -6,6 +6,7 @@
 //! only with the feature. Without it, [`cuda_kernels::KernelDevice::cuda`] returns
 //! [`crate::Error::CudaUnavailable`], so callers write the same code either way.
 
+pub(crate) mod graph;
 pub(crate) mod ops;
 mod reference;
 
@@ -181,7 +182,9 @@ mod device {
             let table = [cos.len() / (head_dim / 2), head_dim / 2];
             let cos = self.up(cos, &table, Dtype::F32)?;
             let sin = self.up(sin, &table, Dtype::F32)?;
-            ops::rope_inplace(&t, positions, &cos, &sin, style, rounding)?;
+            // Positions go up once, as the engine passes them (one device copy for every layer).
+            let positions = ops::Indices::upload(positions, &self.device)?;
+            ops::rope_inplace(&t, &positions, &cos, &sin, style, rounding)?;
             x.copy_from_slice(&download(&t)?);
             Ok(())
         }
@@ -202,7 +205,12 @@ mod device {
             check_kv_write(cache.len(), dim, src.len(), slots)?;
             let c = self.up(cache, &[cache.len() / dim, dim], dtype)?;
             let s = self.up(src, &[slots.len(), dim], dtype)?;
-            ops::kv_write(&c, &s, slots, rounding)?;
+            ops::kv_write(
+                &c,
+                &s,
+                &ops::Indices::upload(slots, &self.device)?,
+                rounding,
+            )?;
             cache.copy_from_slice(&download(&c)?);
             Ok(())
         }
@@ -233,7 +241,16 @@ mod device {
             let q = self.up(q, &[tables.len(), shape.heads(), shape.head_dim()], dtype)?;
             let k = self.up(k_cache, &[rows, shape.kv_dim()], dtype)?;
             let v = self.up(v_cache, &[rows, shape.kv_dim()], dtype)?;
-            download(&ops::poisoned::paged_attention(&q, &k, &v, shape, tables)?)
+            // The tables go up once, as the engine passes them.
+            let dt = ops::DeviceTables::upload(tables, &self.device)?;
+            download(&ops::poisoned::paged_attention(
+                &q,
+                &k,
+                &v,
+                shape,
+                tables,
+                dt.as_ref(),
+            )?)
         }
 
         /// [`sample`](super::reference::sample) on this device; only the ids come back.

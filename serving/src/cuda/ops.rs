@@ -4,7 +4,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, InplaceOp3, Layout,
+    Shape, Tensor,
 };
 
 use super::reference::{
@@ -77,6 +78,166 @@ fn dtype_of(d: Dtype) -> DType {
     }
 }
 
+/// Index values a kernel reads (positions, cache slots): the host copy, which the checks and
+/// the CPU references read, and optionally the same values as a u32 tensor on the device, which
+/// a GPU launch then reads instead of uploading its own copy. The engine uploads each of a
+/// step's index arrays once for all its layers, and a captured CUDA graph replays against the
+/// fixed device tensors it was captured with ([`Indices::on_device`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Indices {
+    host: std::sync::Arc<[u32]>,
+    device: Option<Tensor>,
+}
+
+impl Indices {
+    /// Host values only: a GPU launch uploads them itself.
+    pub(crate) fn host(values: &[u32]) -> Self {
+        Self {
+            host: values.into(),
+            device: None,
+        }
+    }
+
+    /// `values`, uploaded once to `device` when it is a GPU (host only on the CPU).
+    pub(crate) fn upload(values: &[u32], device: &Device) -> Result<Self> {
+        let mut out = Self::host(values);
+        if device.is_cuda() && !values.is_empty() {
+            out.device = Some(
+                Tensor::from_slice(values, values.len(), device)
+                    .map_err(|e| backend_error(e, device))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// `values` together with `tensor`, a u32 tensor that holds the same values on the device
+    /// (the caller copied them there). Its first `values.len()` elements are what a launch reads.
+    pub(crate) fn on_device(values: &[u32], tensor: &Tensor) -> Result<Self> {
+        if tensor.dtype() != DType::U32
+            || !tensor.is_contiguous()
+            || tensor.elem_count() < values.len()
+        {
+            return Err(input_error(
+                "indices",
+                format!(
+                    "a device index tensor must be contiguous u32 with at least {} elements, not {:?} {:?}",
+                    values.len(),
+                    tensor.dtype(),
+                    tensor.dims()
+                ),
+            ));
+        }
+        Ok(Self {
+            host: values.into(),
+            device: Some(tensor.clone()),
+        })
+    }
+
+    pub(crate) fn values(&self) -> &[u32] {
+        &self.host
+    }
+
+    /// The values a launch reads: the device tensor's first `values().len()` elements when there
+    /// is one (on the CPU this reads it back, so the CPU references follow exactly the data a GPU
+    /// launch would), else the host values.
+    fn current(&self) -> candle_core::Result<std::borrow::Cow<'_, [u32]>> {
+        match &self.device {
+            Some(t) => Ok(std::borrow::Cow::Owned(u32_prefix(t, self.host.len())?)),
+            None => Ok(std::borrow::Cow::Borrowed(&self.host)),
+        }
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
+    pub(crate) fn device(&self) -> Option<&Tensor> {
+        self.device.as_ref()
+    }
+}
+
+/// The first `n` values of a contiguous u32 tensor, on the host.
+fn u32_prefix(t: &Tensor, n: usize) -> candle_core::Result<Vec<u32>> {
+    let mut v = t.flatten_all()?.to_vec1::<u32>()?;
+    if v.len() < n {
+        candle_core::bail!("an index tensor holds {} values, not {n}", v.len());
+    }
+    v.truncate(n);
+    Ok(v)
+}
+
+/// Copies `values` into the first elements of `t`, a contiguous u32 tensor on any device, in
+/// place (on a GPU one host-to-device copy on the tensor's stream, ordered after every launch
+/// queued before it). The engine refills the fixed inputs of a captured CUDA graph this way.
+pub(crate) fn write_u32(t: &Tensor, values: &[u32]) -> Result<()> {
+    if t.dtype() != DType::U32 || !t.is_contiguous() || t.elem_count() < values.len() {
+        return Err(input_error(
+            "write_u32",
+            format!(
+                "{} values do not fit a {:?} tensor of shape {:?}",
+                values.len(),
+                t.dtype(),
+                t.dims()
+            ),
+        ));
+    }
+    if values.is_empty() {
+        return Ok(());
+    }
+    t.inplace_op1(&HostCopy {
+        values: values.to_vec(),
+    })
+    .map_err(|e| backend_error(e, t.device()))
+}
+
+/// A batch's block tables and context lengths as u32 tensors on the device, for
+/// [`paged_attention`]: `flat` is `[sequences, width]` (the host [`BlockTables`]' layout) and
+/// `lens` `[sequences]`. `capacity` is the longest context the launch sizes its shared memory
+/// for; a captured graph fixes it (with the width) so that every replay fits.
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceTables {
+    pub(crate) flat: Tensor,
+    pub(crate) lens: Tensor,
+    pub(crate) capacity: usize,
+}
+
+impl DeviceTables {
+    /// Uploads `tables` to `device` (`None` on the CPU, where the reference reads the host
+    /// tables), sized for their own longest context.
+    pub(crate) fn upload(tables: &BlockTables, device: &Device) -> Result<Option<Self>> {
+        if !device.is_cuda() {
+            return Ok(None);
+        }
+        let err = |e| backend_error(e, device);
+        Ok(Some(Self {
+            flat: Tensor::from_slice(tables.flat(), tables.flat().len(), device).map_err(err)?,
+            lens: Tensor::from_slice(tables.context_lens(), tables.len(), device).map_err(err)?,
+            capacity: tables.max_context(),
+        }))
+    }
+
+    fn check(&self, tables: &BlockTables) -> Result<()> {
+        let ok = |t: &Tensor, n: usize| {
+            t.dtype() == DType::U32 && t.is_contiguous() && t.elem_count() >= n
+        };
+        if !ok(&self.flat, tables.flat().len())
+            || !ok(&self.lens, tables.len())
+            || self.capacity < tables.max_context()
+        {
+            return Err(input_error(
+                "paged_attention",
+                format!(
+                    "device tables ({:?}, {:?}, capacity {}) do not hold {} sequences of width {} and contexts up to {}",
+                    self.flat.dims(),
+                    self.lens.dims(),
+                    self.capacity,
+                    tables.len(),
+                    tables.width(),
+                    tables.max_context()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Fused residual add and RMSNorm ([`reference::rms_norm_residual`]) of `[rows, hidden]`
 /// tensors; returns `(x + delta, normed)`. One launch on a GPU.
 pub(crate) fn rms_norm_residual(
@@ -121,7 +282,7 @@ fn rms_norm_both(
 /// head_dim / 2]` f32 tables ([`reference::rope`]).
 pub(crate) fn rope_inplace(
     x: &Tensor,
-    positions: &[u32],
+    indices: &Indices,
     cos: &Tensor,
     sin: &Tensor,
     style: RopeStyle,
@@ -137,6 +298,7 @@ pub(crate) fn rope_inplace(
             ));
         }
     }
+    let positions = indices.values();
     let (tokens, heads, head_dim) = x
         .dims3()
         .map_err(|_| input_error(K, format!("x has shape {:?}, not 3-d", x.dims())))?;
@@ -155,7 +317,7 @@ pub(crate) fn rope_inplace(
         sin.elem_count(),
     )?;
     let op = Rope {
-        positions: positions.to_vec(),
+        positions: indices.clone(),
         heads,
         head_dim,
         style,
@@ -170,14 +332,15 @@ pub(crate) fn rope_inplace(
 pub(crate) fn kv_write(
     cache: &Tensor,
     src: &Tensor,
-    slots: &[u32],
+    indices: &Indices,
     rounding: Rounding,
 ) -> Result<()> {
+    let slots = indices.values();
     same_dtype("kv_write", &[("cache", cache), ("src", src)])?;
     let dim = cache.dims().last().copied().unwrap_or(0);
     reference::check_kv_write(cache.elem_count(), dim, src.elem_count(), slots)?;
     let op = KvWrite {
-        slots: slots.to_vec(),
+        slots: indices.clone(),
         dim,
         rounding,
     };
@@ -187,15 +350,17 @@ pub(crate) fn kv_write(
 }
 
 /// Decode attention over the paged caches ([`reference::paged_attention`]); returns
-/// `[sequences, heads * head_dim]`.
+/// `[sequences, heads * head_dim]`. A GPU launch reads `device`'s copy of the tables when given
+/// one (else it uploads `tables` itself).
 pub(crate) fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     shape: &AttentionShape,
     tables: &BlockTables,
+    device: Option<&DeviceTables>,
 ) -> Result<Tensor> {
-    attention_inner(q, k_cache, v_cache, shape, tables, false)
+    attention_inner(q, k_cache, v_cache, shape, tables, device, false)
 }
 
 /// Threads per block of the attention kernel (4 warps).
@@ -217,6 +382,7 @@ fn attention_inner(
     v_cache: &Tensor,
     shape: &AttentionShape,
     tables: &BlockTables,
+    device: Option<&DeviceTables>,
     poison: bool,
 ) -> Result<Tensor> {
     const K: &str = "paged_attention";
@@ -231,15 +397,18 @@ fn attention_inner(
         v_cache.elem_count(),
         tables,
     )?;
+    if let Some(d) = device {
+        d.check(tables)?;
+    }
     if q.device().is_cuda() {
         // The GPU kernel keeps every score of a sequence in shared memory.
-        let bytes = attention_shared_bytes(shape.head_dim(), tables.max_context());
+        let capacity = device.map_or(tables.max_context(), |d| d.capacity);
+        let bytes = attention_shared_bytes(shape.head_dim(), capacity);
         if bytes > SHARED_LIMIT {
             return Err(input_error(
                 K,
                 format!(
-                    "a context of {} positions needs {bytes} bytes of shared memory; the kernel has {SHARED_LIMIT}",
-                    tables.max_context()
+                    "a context of {capacity} positions needs {bytes} bytes of shared memory; the kernel has {SHARED_LIMIT}"
                 ),
             ));
         }
@@ -253,6 +422,7 @@ fn attention_inner(
     let op = PagedAttention {
         shape: *shape,
         tables: tables.clone(),
+        device: device.cloned(),
         poison,
     };
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
@@ -305,8 +475,9 @@ pub(crate) mod poisoned {
         v_cache: &Tensor,
         shape: &AttentionShape,
         tables: &BlockTables,
+        device: Option<&DeviceTables>,
     ) -> Result<Tensor> {
-        attention_inner(q, k_cache, v_cache, shape, tables, true)
+        attention_inner(q, k_cache, v_cache, shape, tables, device, true)
     }
 
     /// [`super::sample`] with a poisoned output.
@@ -413,7 +584,7 @@ impl CustomOp3 for RmsNormResidual {
 
 /// In place on `[tokens, heads, head_dim]`, with the cos and sin tables as sources.
 pub(crate) struct Rope {
-    pub(crate) positions: Vec<u32>,
+    pub(crate) positions: Indices,
     pub(crate) heads: usize,
     pub(crate) head_dim: usize,
     pub(crate) style: RopeStyle,
@@ -442,7 +613,7 @@ impl InplaceOp3 for Rope {
             &mut x,
             self.heads,
             self.head_dim,
-            &self.positions,
+            &self.positions.current()?,
             &cos,
             &sin,
             self.style,
@@ -468,7 +639,7 @@ impl InplaceOp3 for Rope {
 
 /// In place on the cache `[rows, dim]`, with the new rows as the source.
 pub(crate) struct KvWrite {
-    pub(crate) slots: Vec<u32>,
+    pub(crate) slots: Indices,
     pub(crate) dim: usize,
     pub(crate) rounding: Rounding,
 }
@@ -492,7 +663,7 @@ impl InplaceOp2 for KvWrite {
             &mut cache,
             self.dim,
             &src,
-            &self.slots,
+            &self.slots.current()?,
             self.rounding,
         )
         .map_err(to_candle)?;
@@ -516,6 +687,8 @@ pub(crate) struct PagedAttention {
     pub(crate) shape: AttentionShape,
     pub(crate) tables: BlockTables,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
+    pub(crate) device: Option<DeviceTables>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
     pub(crate) poison: bool,
 }
 
@@ -536,7 +709,21 @@ impl CustomOp3 for PagedAttention {
         let (dtype, q) = cpu_values(self.name(), s1, l1)?;
         let (_, k) = cpu_values(self.name(), s2, l2)?;
         let (_, v) = cpu_values(self.name(), s3, l3)?;
-        let out = reference::paged_attention(dtype, &self.shape, &q, &k, &v, &self.tables)
+        // With a device copy of the tables, attend through its contents (on the CPU the copy
+        // is a CPU tensor), as the GPU launch would.
+        let read;
+        let tables = match &self.device {
+            Some(d) => {
+                let (n, width) = (self.tables.len(), self.tables.width());
+                let flat = u32_prefix(&d.flat, n * width)?;
+                let lens = u32_prefix(&d.lens, n)?;
+                read = BlockTables::from_parts(flat, width, lens, self.shape.block_size())
+                    .map_err(to_candle)?;
+                &read
+            }
+            None => &self.tables,
+        };
+        let out = reference::paged_attention(dtype, &self.shape, &q, &k, &v, tables)
             .map_err(to_candle)?;
         let shape = Shape::from((
             self.tables.len(),
@@ -556,6 +743,38 @@ impl CustomOp3 for PagedAttention {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         super::gpu::paged_attention(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// In place on a u32 tensor: its first `values.len()` elements become `values`.
+pub(crate) struct HostCopy {
+    pub(crate) values: Vec<u32>,
+}
+
+impl InplaceOp1 for HostCopy {
+    fn name(&self) -> &'static str {
+        "keel-write-u32"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("write_u32: the tensor is not contiguous")
+        };
+        match s {
+            CpuStorage::U32(dst) if b - a >= self.values.len() => {
+                dst[a..a + self.values.len()].copy_from_slice(&self.values);
+                Ok(())
+            }
+            _ => candle_core::bail!(
+                "write_u32: not a u32 tensor of {} values",
+                self.values.len()
+            ),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        super::gpu::host_copy(self, s, l)
     }
 }
 
@@ -630,13 +849,24 @@ mod tests {
         assert_eq!(sum.dims(), &[2, 4]);
 
         let cache = t(&[0.0; 12], &[4, 3]);
-        kv_write(&cache, &t(&[1.0, 2.0, 3.0], &[1, 3]), &[2], Rounding::None).unwrap();
+        kv_write(
+            &cache,
+            &t(&[1.0, 2.0, 3.0], &[1, 3]),
+            &Indices::host(&[2]),
+            Rounding::None,
+        )
+        .unwrap();
         assert_eq!(
             download(&cache).unwrap(),
             [0., 0., 0., 0., 0., 0., 1., 2., 3., 0., 0., 0.]
         );
         assert!(matches!(
-            kv_write(&cache, &t(&[1.0, 2.0, 3.0], &[1, 3]), &[4], Rounding::None),
+            kv_write(
+                &cache,
+                &t(&[1.0, 2.0, 3.0], &[1, 3]),
+                &Indices::host(&[4]),
+                Rounding::None
+            ),
             Err(Error::CacheIndexOutOfRange {
                 index: 4,
                 limit: 4,
@@ -646,6 +876,39 @@ mod tests {
 
         let ids = sample(&t(&[0.0, 3.0, 1.0], &[1, 3]), &[SampleParams::greedy()]).unwrap();
         assert_eq!(ids, [1]);
+    }
+
+    #[test]
+    fn a_device_copy_of_indices_is_what_the_op_reads() {
+        // The CPU reference follows the device tensor, as a GPU launch would: slot 1 here, not
+        // the host's 3 (the caller promised they agree; this shows which one is read).
+        let cache = t(&[0.0; 8], &[4, 2]);
+        let dev_slots = Tensor::from_slice(&[1u32, 9], 2, &Device::Cpu).unwrap();
+        let idx = Indices::on_device(&[3], &dev_slots).unwrap();
+        kv_write(&cache, &t(&[5.0, 6.0], &[1, 2]), &idx, Rounding::None).unwrap();
+        assert_eq!(download(&cache).unwrap(), [0., 0., 5., 6., 0., 0., 0., 0.]);
+        // Refilling the device copy in place changes what the next launch reads.
+        write_u32(&dev_slots, &[2]).unwrap();
+        kv_write(&cache, &t(&[7.0, 8.0], &[1, 2]), &idx, Rounding::None).unwrap();
+        assert_eq!(download(&cache).unwrap(), [0., 0., 5., 6., 7., 8., 0., 0.]);
+        // Bad device copies and refills are typed errors.
+        let f = t(&[0.0; 2], &[2]);
+        assert!(matches!(
+            Indices::on_device(&[1], &f),
+            Err(Error::KernelInput { .. })
+        ));
+        assert!(matches!(
+            Indices::on_device(&[1, 2, 3], &dev_slots),
+            Err(Error::KernelInput { .. })
+        ));
+        assert!(matches!(
+            write_u32(&dev_slots, &[1, 2, 3]),
+            Err(Error::KernelInput { .. })
+        ));
+        assert!(matches!(
+            write_u32(&f, &[1]),
+            Err(Error::KernelInput { .. })
+        ));
     }
 
     #[test]

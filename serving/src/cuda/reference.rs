@@ -445,6 +445,63 @@ impl BlockTables {
         })
     }
 
+    /// Tables already laid out `[sequences, width]` (padding entries are never read), with
+    /// their context lengths; checked as [`BlockTables::new`] checks.
+    pub(crate) fn from_parts(
+        flat: Vec<u32>,
+        width: usize,
+        context_lens: Vec<u32>,
+        block_size: usize,
+    ) -> Result<Self> {
+        if width == 0 || flat.len() != width * context_lens.len() {
+            return Err(input_error(
+                "paged_attention",
+                format!(
+                    "{} table entries for {} sequences of width {width}",
+                    flat.len(),
+                    context_lens.len()
+                ),
+            ));
+        }
+        let rows: Vec<(&[u32], usize)> = flat
+            .chunks_exact(width)
+            .zip(&context_lens)
+            .map(|(t, &n)| (t, n as usize))
+            .collect();
+        Self::with_width(&rows, block_size, width)
+    }
+
+    /// [`BlockTables::new`] padded to `width` entries per sequence (at least the longest
+    /// table), so that batches of different shapes share one layout.
+    pub(crate) fn with_width(
+        sequences: &[(&[u32], usize)],
+        block_size: usize,
+        width: usize,
+    ) -> Result<Self> {
+        let mut t = Self::new(sequences, block_size)?;
+        if width < t.width {
+            return Err(input_error(
+                "paged_attention",
+                format!(
+                    "a width of {width} is below the longest table ({})",
+                    t.width
+                ),
+            ));
+        }
+        if width > t.width {
+            let mut flat = vec![0u32; t.len() * width];
+            for (dst, src) in flat
+                .chunks_exact_mut(width)
+                .zip(t.flat.chunks_exact(t.width))
+            {
+                dst[..t.width].copy_from_slice(src);
+            }
+            t.flat = flat;
+            t.width = width;
+        }
+        Ok(t)
+    }
+
     /// Number of sequences.
     pub fn len(&self) -> usize {
         self.context_lens.len()
