@@ -674,16 +674,18 @@ impl CandleModel {
                 "{t} tokens for sequences of {offset} new tokens"
             )));
         }
+        let width = graph::width_bucket(tables.iter().map(|(tb, _)| tb.len()).max().unwrap_or(1));
         if let Some(graphs) = &self.graphs
             && decode.len() == seqs.len()
             && decode.len() == t
             && logit_rows.len() == t
+            // A graph's attention holds the whole bucket (an eager step only its longest
+            // context), so very long contexts stay eager.
+            && ops::attention_fits(self.config.head_dim, width * bs)
         {
             let key = graph::GraphKey {
                 sequences: t,
-                width: graph::width_bucket(
-                    tables.iter().map(|(tb, _)| tb.len()).max().unwrap_or(1),
-                ),
+                width,
                 cache: cache.layer(0).map_err(err)?.0.id(),
             };
             let inputs = graph::DecodeInputs {

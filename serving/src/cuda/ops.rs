@@ -376,6 +376,11 @@ pub(crate) fn attention_shared_bytes(head_dim: usize, max_context: usize) -> usi
     (max_context + 32 + (ATTENTION_THREADS as usize / 32) * head_dim) * 4
 }
 
+/// Whether one attention launch can hold contexts of up to `capacity` positions.
+pub(crate) fn attention_fits(head_dim: usize, capacity: usize) -> bool {
+    attention_shared_bytes(head_dim, capacity) <= SHARED_LIMIT
+}
+
 fn attention_inner(
     q: &Tensor,
     k_cache: &Tensor,
