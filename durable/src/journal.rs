@@ -474,6 +474,10 @@ pub(crate) struct Journal {
     lock: Arc<File>,
 }
 
+/// How long an open waits for sled's lock on the journal files when this process's previous
+/// runtime on the directory is still closing them (see `Journal::open_locked`).
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Drop for Journal {
     fn drop(&mut self) {
         // Closing the channel ends the committer after its current flush; joining it drops
@@ -532,16 +536,31 @@ impl Journal {
         generation: u64,
     ) -> Result<Self> {
         let db_dir = dir.join("journal");
-        // sled 0.34 panics on some kinds of damaged files instead of returning an error;
-        // a damaged journal must surface as `Error::Corrupt`, never bring the host down.
-        let opened = std::panic::catch_unwind(|| sled::Config::new().path(&db_dir).open());
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => return Err(Error::sled(format!("opening journal {db_dir:?}"), e)),
-            Err(_) => {
-                return Err(Error::Corrupt {
-                    what: format!("sled panicked while opening {db_dir:?}"),
-                });
+        // We hold the directory's lock (`keel.lock`), so if sled's own lock on its files is
+        // still taken, the holder is a runtime of this process that was dropped but whose
+        // threads (a flush that was in flight, sled's flusher) have not closed the files yet.
+        // Wait for them, briefly, instead of failing an open that would succeed a moment later.
+        let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+        let db = loop {
+            // sled 0.34 panics on some kinds of damaged files instead of returning an error;
+            // a damaged journal must surface as `Error::Corrupt`, never bring the host down.
+            let opened = std::panic::catch_unwind(|| sled::Config::new().path(&db_dir).open());
+            match opened {
+                Ok(Ok(db)) => break db,
+                // sled reports its lock as an `Other` error wrapping the OS's `WouldBlock`.
+                Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        let e = sled::Error::Io(e);
+                        return Err(Error::sled(format!("opening journal {db_dir:?}"), e));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Ok(Err(e)) => return Err(Error::sled(format!("opening journal {db_dir:?}"), e)),
+                Err(_) => {
+                    return Err(Error::Corrupt {
+                        what: format!("sled panicked while opening {db_dir:?}"),
+                    });
+                }
             }
         };
         match db

@@ -146,9 +146,12 @@ impl RuntimeBuilder {
     /// Records that cannot be recovered (unparseable, unregistered name, unknown queue) are
     /// left untouched on disk and reported by [`Runtime::issues`]; the others run normally.
     ///
+    /// A runtime of this process that was just dropped may still be closing the journal's
+    /// files on its threads (a flush in flight); the open waits up to 2 s for them.
+    ///
     /// # Errors
     /// [`Error::AlreadyOpen`] if another runtime, in this process or another, holds the
-    /// directory; [`Error::UnsupportedFormat`] for a journal from a newer build;
+    /// directory; [`Error::Storage`] if the files stay locked past that wait; [`Error::UnsupportedFormat`] for a journal from a newer build;
     /// [`Error::Corrupt`] if sled cannot read the database; [`Error::Storage`] for I/O failures
     /// (including, in [`Durability::PowerLoss`] mode, failing to sync the files recovery is
     /// about to read).

@@ -60,6 +60,38 @@ async fn second_opener_gets_already_open() {
     drop(again);
 }
 
+/// sled's own lock on the journal files, still held by something closing them (in the field:
+/// a previous runtime of this process whose flush or flusher thread has not finished), is
+/// waited for briefly rather than failing the open; held for good, it is a storage error that
+/// says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_still_closing_is_waited_for_then_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    stop(builder(dir.path()).open().await.unwrap()).await;
+    let held = sled::open(dir.path().join("journal")).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    let rt = builder(dir.path())
+        .open()
+        .await
+        .expect("opens once the files are released");
+    release.join().unwrap();
+    stop(rt).await;
+
+    let held = sled::open(dir.path().join("journal")).unwrap();
+    match builder(dir.path()).open().await {
+        Err(e @ Error::Storage { .. }) => {
+            let text = format!("{e}: {:?}", std::error::Error::source(&e));
+            assert!(text.contains("opening journal"), "{text}");
+            assert!(text.contains("lock"), "{text}");
+        }
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runtimes_on_two_paths_do_not_interfere() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

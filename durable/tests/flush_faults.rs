@@ -182,14 +182,11 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability:
     for w in workflows {
         reached(ledger, w, "s0").await;
     }
-    // The victim's step s1 arms the injector, so the flush that journals s1 fails.
+    // The victim's step s1 arms the injector, so the flush that journals s1 fails. The
+    // handle is taken first: once the journal has failed, the runtime answers no queries.
+    let victim = rt.handle(&id("victim")).unwrap();
     rt.signal(&id("victim"), "go", &100u64).await.unwrap();
-    let e = rt
-        .handle(&id("victim"))
-        .unwrap()
-        .result::<u64>()
-        .await
-        .unwrap_err();
+    let e = victim.result::<u64>().await.unwrap_err();
     assert_failed(&e, t.path(), &[]);
     assert_eq!(faults.fired(), 1);
     assert_eq!(rt.stats().failed_flushes, 1);
@@ -233,6 +230,7 @@ async fn a_failed_step_flush_stops_the_journal_and_reopening_resumes(durability:
             .all(|i| !i.message.contains("recording the result failed"))
     );
     let ok_before = seen_ok(ledger);
+    drop(victim);
     let rt = t.reopen(rt).await;
     for w in ["a", "b", "c"] {
         rt.signal(&id(w), "go", &1u64).await.unwrap();

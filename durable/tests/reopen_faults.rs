@@ -333,7 +333,9 @@ async fn a_failed_group_flush_among_busy_workflows_heals_without_the_host() {
         "the failed flush reached no workflow"
     );
     for e in &errors {
-        assert!(e.contains("journaling step \"s"), "{e}");
+        // Named either by the flush it waited on ("journaling step ...") or by the check of
+        // the failed journal ("step ... of workflow ..."), depending on which it met first.
+        assert!(e.contains("step \"s"), "{e}");
     }
     assert!(
         runtime_issues(&rt)
