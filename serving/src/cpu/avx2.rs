@@ -602,6 +602,28 @@ pub(super) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The largest of `x` (`-inf` when empty), eight lanes at a time: the same value as a
+/// sequential `f32::max` fold whenever `x` holds no NaN (a maximum is exact in any order).
+/// Callable only where AVX2 exists.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn max_of(x: &[f32]) -> f32 {
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        // SAFETY: `c` holds 8 floats.
+        m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    let mut max = f32::NEG_INFINITY;
+    for v in lanes.iter().chain(chunks.remainder()) {
+        max = max.max(*v);
+    }
+    max
+}
+
 /// `x[i] = e^(x[i] − max)` in place, returning the sum. Callable only where AVX2 and FMA exist.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -645,7 +667,7 @@ pub(super) fn div_round_f16(x: &mut [f32], d: f32) {
         i += 8;
     }
     for v in &mut x[i..] {
-        *v = half::f16::from_f32(*v / d).to_f32();
+        *v = round_f16(*v / d);
     }
 }
 
@@ -734,7 +756,7 @@ pub(super) fn attend_heads<const M: usize>(
         }
     }
     for sh in scores.chunks_exact_mut(ctx.max(1)) {
-        let max = sh.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let max = max_of(sh);
         let sum = exp_sub_sum(sh, max);
         div_round_f16(sh, sum);
     }
