@@ -10,16 +10,22 @@
 //! The child starts `JOBS` workflows (idempotently, by ID). Each runs four steps, sleeps
 //! durably between steps 1 and 2, and waits for a signal between steps 2 and 3. Every side
 //! effect appends one line to the ledger, an append-only file outside the journal:
-//! - `run i s` when step `s` of job `i` starts executing its closure,
+//! - `run i s n` when step `s` of job `i` starts executing its closure, `n` being that run's
+//!   nonce, which the step's output carries,
 //! - `jour i s v` after `ctx.step` returned value `v` (so the value was journaled),
 //! - `woke i ms` after the sleep, with the journaled time elapsed since before it,
-//! - `sent i` after the signal to job `i` was durably sent,
+//! - `sending i v` before signalling job `i` with value `v` (unique per attempt), and `sent i`
+//!   once that signal was durably sent,
 //! - `result i v` when job `i`'s result is known.
 //!
-//! The checks: every job finished with the right result; no step ran again after its first
-//! `jour` line (any re-run is of a step whose result was not yet journaled); every journaled
-//! value of a step is the same and equals what the result holds; every job got its signal's
-//! value; every sleep lasted at least its duration.
+//! The checks: every job finished with the right result; no step ran again after the run whose
+//! output was journaled (the result names that run by its nonce, so a re-run after the commit
+//! is caught even if the process died before writing `jour`; any re-run is of a step whose
+//! result was not yet journaled); no step ran after its first `jour` line; every journaled
+//! value of a step is the same and equals what the result holds; every job got one of the
+//! values sent to it; every job's timer fired, after at least its duration. At the end the
+//! parent opens the journal and checks that no delivered signal is also still buffered and no
+//! signal is buffered twice (a signal is delivered at most once across crashes).
 //!
 //! If a child finishes its workflows before the parent kills it (a fast machine), the parent
 //! checks that round's ledger and the next child gets a fresh round of workflows (new IDs, a
@@ -92,6 +98,7 @@ fn parent() {
     let mut kills = 0;
     let mut round = 0;
     let mut reruns = 0;
+    let mut delivered = Vec::new();
     while kills < KILLS {
         let ledger = ledger_of(round);
         let mut child = spawn_child(&dir, &ledger, round);
@@ -105,7 +112,9 @@ fn parent() {
             // and give the next child a fresh set of workflows, so the kill count never
             // depends on the machine's speed.
             assert!(status.success(), "child failed: {status} (seed {seed})");
-            reruns += check_ledger(&std::fs::read_to_string(&ledger).unwrap(), seed);
+            let r = check_ledger(&std::fs::read_to_string(&ledger).unwrap(), seed);
+            reruns += r.reruns;
+            delivered.push(r.delivered);
             round += 1;
             continue;
         }
@@ -130,7 +139,10 @@ fn parent() {
         status.success(),
         "final child failed: {status} (seed {seed})"
     );
-    reruns += check_ledger(&std::fs::read_to_string(&ledger).unwrap(), seed);
+    let r = check_ledger(&std::fs::read_to_string(&ledger).unwrap(), seed);
+    reruns += r.reruns;
+    delivered.push(r.delivered);
+    check_signals(&dir, &delivered, seed);
     eprintln!(
         "crash test: {kills} kills over {} round(s), {reruns} step re-runs before journaling, \
          ok in {:?}",
@@ -166,19 +178,28 @@ fn second_process_is_refused(dir: &Path, ledger: &Path, child: &mut std::process
     );
 }
 
-/// Checks the ledger and returns how many steps ran more than once (all before journaling).
-fn check_ledger(text: &str, seed: u64) -> usize {
+/// What one round's ledger showed: how many steps ran more than once (all before journaling),
+/// and the signal value each job received.
+struct Round {
+    reruns: usize,
+    delivered: HashMap<u32, u64>,
+}
+
+/// Checks one round's ledger.
+fn check_ledger(text: &str, seed: u64) -> Round {
     let mut runs_after_jour = Vec::new();
     let mut journaled: HashMap<(u32, u32), String> = HashMap::new();
-    let mut runs: HashMap<(u32, u32), usize> = HashMap::new();
+    // Every run of a step, in ledger order: (line number, nonce).
+    let mut runs: HashMap<(u32, u32), Vec<(usize, String)>> = HashMap::new();
     let mut results: HashMap<u32, String> = HashMap::new();
-    let mut woke: Vec<(u32, u64)> = Vec::new();
-    for line in text.lines() {
+    let mut sending: HashMap<u32, Vec<u64>> = HashMap::new();
+    let mut woke: HashMap<u32, u64> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
         let f: Vec<&str> = line.split(' ').collect();
         match f.as_slice() {
-            ["run", i, s] => {
+            ["run", i, s, nonce] => {
                 let key = (i.parse().unwrap(), s.parse().unwrap());
-                *runs.entry(key).or_default() += 1;
+                runs.entry(key).or_default().push((n, (*nonce).to_string()));
                 if journaled.contains_key(&key) {
                     runs_after_jour.push(key);
                 }
@@ -191,7 +212,13 @@ fn check_ledger(text: &str, seed: u64) -> usize {
                     "step {key:?} was journaled with two values (seed {seed})"
                 );
             }
-            ["woke", i, ms] => woke.push((i.parse().unwrap(), ms.parse().unwrap())),
+            ["woke", i, ms] => {
+                woke.insert(i.parse().unwrap(), ms.parse().unwrap());
+            }
+            ["sending", i, v] => sending
+                .entry(i.parse().unwrap())
+                .or_default()
+                .push(v.parse().unwrap()),
             ["result", i, v] => {
                 results.insert(i.parse().unwrap(), (*v).to_string());
             }
@@ -202,32 +229,102 @@ fn check_ledger(text: &str, seed: u64) -> usize {
         runs_after_jour.is_empty(),
         "steps ran again after their result was journaled: {runs_after_jour:?} (seed {seed})"
     );
+    let mut delivered = HashMap::new();
     for i in 0..JOBS {
-        let mut expected: Vec<String> = (0..STEPS)
-            .map(|s| {
-                journaled
-                    .get(&(i, s))
-                    .unwrap_or_else(|| panic!("job {i} step {s} never journaled (seed {seed})"))
-                    .clone()
-            })
-            .collect();
-        expected.push(format!("sig{}", i * 7));
         let got = results
             .get(&i)
             .unwrap_or_else(|| panic!("job {i} has no result (seed {seed})"));
-        assert_eq!(*got, expected.join(","), "job {i} result (seed {seed})");
-    }
-    for (i, ms) in &woke {
+        let parts: Vec<&str> = got.split(',').collect();
+        assert_eq!(
+            parts.len(),
+            STEPS as usize + 1,
+            "job {i} result {got} (seed {seed})"
+        );
+        for s in 0..STEPS {
+            let value = parts[s as usize];
+            // The result holds what the journal holds.
+            if let Some(j) = journaled.get(&(i, s)) {
+                assert_eq!(
+                    j, value,
+                    "job {i} step {s}: journal and result differ (seed {seed})"
+                );
+            }
+            // The journaled value names the run that produced it; no run of the step may come
+            // after that one, since its result was journaled by then.
+            let nonce = value.rsplit('.').next().unwrap_or_default();
+            let step_runs = runs.get(&(i, s)).map(Vec::as_slice).unwrap_or_default();
+            let Some(at) = step_runs.iter().position(|(_, n)| n == nonce) else {
+                panic!("job {i} step {s}: no run produced the journaled {value} (seed {seed})");
+            };
+            assert!(
+                at + 1 == step_runs.len(),
+                "job {i} step {s} ran again after the run whose output was journaled: {step_runs:?} (seed {seed})"
+            );
+        }
+        let sig: u64 = parts[STEPS as usize]
+            .strip_prefix("sig")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("job {i} result {got} has no signal (seed {seed})"));
         assert!(
-            *ms >= sleep_ms(*i),
+            sending.get(&i).is_some_and(|v| v.contains(&sig)),
+            "job {i} got signal {sig}, which was never sent to it (seed {seed})"
+        );
+        delivered.insert(i, sig);
+        let ms = woke
+            .get(&i)
+            .unwrap_or_else(|| panic!("job {i}'s timer never fired (seed {seed})"));
+        assert!(
+            *ms >= sleep_ms(i),
             "job {i} woke after {ms} ms (seed {seed})"
         );
     }
-    assert!(
-        woke.len() >= JOBS as usize,
-        "not every timer fired (seed {seed})"
-    );
-    runs.values().filter(|n| **n > 1).count()
+    Round {
+        reruns: runs.values().filter(|r| r.len() > 1).count(),
+        delivered,
+    }
+}
+
+/// After every round: no signal that a job received is still buffered for it, and no signal
+/// is buffered twice, so none was delivered twice or duplicated by a crash.
+fn check_signals(dir: &Path, rounds: &[HashMap<u32, u64>], seed: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let runtime = Runtime::builder(dir)
+            .register("job", job(PathBuf::from("/dev/null")))
+            .open()
+            .await
+            .expect("open after the last child");
+        for (round, delivered) in rounds.iter().enumerate() {
+            for (i, sig) in delivered {
+                let id = WorkflowId::new(format!("r{round}-job-{i}")).unwrap();
+                let pending: Vec<String> = runtime
+                    .pending_signals(&id)
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| p.value)
+                    .collect();
+                assert!(
+                    !pending.contains(&sig.to_string()),
+                    "job {i} of round {round} received {sig} and still has it buffered (seed {seed})"
+                );
+                let distinct: std::collections::HashSet<&String> = pending.iter().collect();
+                assert_eq!(
+                    distinct.len(),
+                    pending.len(),
+                    "job {i} of round {round} has a signal buffered twice: {pending:?} (seed {seed})"
+                );
+            }
+        }
+        runtime.shutdown().await.unwrap();
+    });
+}
+
+/// The signal job `i` gets from the child with process id `pid`.
+fn signal_value(i: u32, pid: u32) -> u64 {
+    (u64::from(i) << 32) | u64::from(pid)
 }
 
 fn sleep_ms(i: u32) -> u64 {
@@ -264,14 +361,16 @@ fn job(
                     .step(&format!("s{s}"), || {
                         let l = l.clone();
                         async move {
-                            append(&l, format!("run {i} {s}\n"));
-                            // A stand-in for a slow API call, so kills land mid-step too.
-                            tokio::time::sleep(Duration::from_millis(10 + u64::from((i + s) % 10)))
-                                .await;
+                            // The run's nonce (time of day in nanoseconds, unique per run),
+                            // logged first and carried in the output.
                             let nanos = std::time::SystemTime::now()
                                 .duration_since(std::time::UNIX_EPOCH)
                                 .unwrap_or_default()
                                 .as_nanos();
+                            append(&l, format!("run {i} {s} {nanos}\n"));
+                            // A stand-in for a slow API call, so kills land mid-step too.
+                            tokio::time::sleep(Duration::from_millis(10 + u64::from((i + s) % 10)))
+                                .await;
                             Ok::<_, StepError>(format!("{i}.{s}.{nanos}"))
                         }
                     })
@@ -286,7 +385,7 @@ fn job(
                     append(&ledger, format!("woke {i} {ms}\n"));
                 }
                 if s == 2 {
-                    let sig: u32 = ctx.recv("sig").await?;
+                    let sig: u64 = ctx.recv("sig").await?;
                     parts.push(format!("sig{sig}"));
                 }
             }
@@ -329,7 +428,11 @@ fn child() {
         for i in 0..JOBS {
             if !sent.contains(&i) {
                 let id = WorkflowId::new(format!("r{round}-job-{i}")).unwrap();
-                match runtime.signal(&id, "sig", &(i * 7)).await {
+                // A value unique to this attempt (a child killed between sending and `sent`
+                // sends again): the job's number, then this process's id.
+                let value = signal_value(i, std::process::id());
+                append(&ledger, format!("sending {i} {value}\n"));
+                match runtime.signal(&id, "sig", &value).await {
                     Ok(()) | Err(Error::Finished { .. }) => {}
                     Err(e) => panic!("signal: {e}"),
                 }
