@@ -47,7 +47,17 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--dir" => args.dir = PathBuf::from(it.next().context("--dir needs a path")?),
             "--fresh" => args.fresh = true,
-            other => bail!("unknown argument {other:?}; see the file's doc comment"),
+            "--help" | "-h" => {
+                println!(
+                    "durable_resume [--crash-after N] [--fresh] [--dir PATH]\n\n\
+                     Runs a {}-step workflow; --crash-after N aborts the process right after \
+                     step N is journaled. Run it again to resume: journaled steps are \
+                     replayed, the rest run.",
+                    STEPS.len()
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; try --help"),
         }
     }
     Ok(args)
