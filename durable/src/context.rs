@@ -384,7 +384,15 @@ impl Context {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let run = CatchUnwind::new(f());
+            // A closure that panics before it returns its future fails this attempt just as a
+            // panic inside the future does.
+            let made = std::panic::catch_unwind(AssertUnwindSafe(&mut f));
+            let run = async move {
+                match made {
+                    Ok(fut) => CatchUnwind::new(fut).await,
+                    Err(p) => Err(panic_message(p)),
+                }
+            };
             let outcome = match policy.attempt_timeout {
                 Some(t) => match tokio::time::timeout(t, run).await {
                     Ok(r) => r,

@@ -177,6 +177,39 @@ async fn panicking_step_is_a_failed_attempt() {
     assert!(err.to_string().contains("step panicked: boom"), "{err}");
 }
 
+/// A closure that panics before it even returns its future is a failed attempt too: it is
+/// retried, and the step succeeds once an attempt does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_panicking_before_its_future_is_a_failed_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let tries = Arc::new(AtomicU32::new(0));
+    let t = Arc::clone(&tries);
+    let rt = start(
+        builder(dir.path()).register("wf", move |ctx: Context, (): ()| {
+            let t = Arc::clone(&t);
+            async move {
+                ctx.step_with("s", fast().max_attempts(3), || {
+                    let n = t.fetch_add(1, Ordering::SeqCst);
+                    assert!(n >= 2, "no future on attempt {n}");
+                    async move { Ok::<_, StepError>(n) }
+                })
+                .await
+            }
+        }),
+    )
+    .await;
+    let v: u32 = rt
+        .start("wf", &id("p"), &())
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    assert_eq!(tries.load(Ordering::SeqCst), 3);
+    stop(rt).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_time_out() {
     let policy = fast()
