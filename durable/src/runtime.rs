@@ -535,8 +535,12 @@ impl Inner {
         while q.active < q.cfg.concurrency && !q.pending.is_empty() {
             if let Some(rate) = q.cfg.per_second {
                 if q.tokens < 1.0 {
-                    let wait = Duration::from_secs_f64((1.0 - q.tokens) / rate);
-                    arm_at = Some(now_ms() + u64::try_from(wait.as_millis()).unwrap_or(0) + 1);
+                    // At most a day at the lowest rate `rate_limit` accepts; saturating, so
+                    // no rate can overflow the clock.
+                    let wait = Duration::try_from_secs_f64((1.0 - q.tokens) / rate)
+                        .unwrap_or(Duration::MAX);
+                    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                    arm_at = Some(now_ms().saturating_add(wait_ms).saturating_add(1));
                     break;
                 }
                 q.tokens -= 1.0;

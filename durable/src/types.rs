@@ -254,6 +254,9 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
+    /// The lowest rate [`QueueConfig::rate_limit`] accepts: one start a day.
+    pub const MIN_RATE: f64 = 1.0 / 86_400.0;
+
     /// At most `concurrency` workflows of the queue started and unfinished at once.
     ///
     /// A workflow holds its slot while it sleeps or waits, until it finishes.
@@ -275,11 +278,13 @@ impl QueueConfig {
     /// At most `per_second` starts per second (a token bucket holding one second's worth).
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `per_second` is finite and positive.
+    /// [`Error::InvalidConfig`] unless `per_second` is finite and at least
+    /// [`QueueConfig::MIN_RATE`] (one start a day).
     pub fn rate_limit(mut self, per_second: f64) -> Result<Self> {
-        if !(per_second.is_finite() && per_second > 0.0) {
+        if !(per_second.is_finite() && per_second >= Self::MIN_RATE) {
             return Err(Error::InvalidConfig(format!(
-                "queue rate {per_second} must be finite and positive"
+                "queue rate {per_second} must be finite and at least {} starts per second (one a day)",
+                Self::MIN_RATE
             )));
         }
         self.per_second = Some(per_second);
