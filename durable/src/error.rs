@@ -126,7 +126,8 @@ pub enum Error {
         /// The name the caller asked for.
         requested: String,
     },
-    /// A workflow ID was empty, too long, or contained a NUL byte or `/`-prefix reserved for children.
+    /// A workflow ID was empty, too long, or contained a NUL byte; or a host tried to start a
+    /// workflow whose ID contains `/`, which is reserved for child workflows (`parent/n`).
     #[error("invalid workflow id {id:?}: {reason}")]
     InvalidId {
         /// The rejected text.

@@ -1371,8 +1371,10 @@ impl Runtime {
     /// to find out, since it returns the existing workflow rather than starting a second one.
     ///
     /// # Errors
-    /// [`Error::UnknownWorkflow`] if `name` is not registered; [`Error::IdConflict`] if the ID
-    /// exists under another name; [`Error::Serialize`], [`Error::Storage`] or
+    /// [`Error::UnknownWorkflow`] if `name` is not registered; [`Error::InvalidId`] if the ID
+    /// contains `/`, which is reserved for child workflows (`parent/n`, started by
+    /// [`Context::child`](crate::Context::child); their IDs still work for queries and
+    /// signals); [`Error::IdConflict`] if the ID exists under another name; [`Error::Serialize`], [`Error::Storage`] or
     /// [`Error::JournalFailed`]; [`Error::Recovering`] while the journal is being reopened
     /// (nothing was done; try again).
     pub async fn start<I: Serialize>(
@@ -1398,6 +1400,13 @@ impl Runtime {
         let inner = &self.inner;
         if !inner.registry.contains_key(name) {
             return Err(Error::UnknownWorkflow { name: name.into() });
+        }
+        if id.as_str().contains('/') {
+            // A host-started `p/0` would take the ID of `p`'s first child.
+            return Err(Error::InvalidId {
+                id: id.as_str().to_string(),
+                reason: "`/` is reserved for the IDs of child workflows, which their parent starts",
+            });
         }
         if let Some(q) = &options.queue
             && !inner.queue_names.contains(q)

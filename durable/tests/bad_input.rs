@@ -341,6 +341,13 @@ async fn unknown_names_ids_and_queues_at_start() {
         keel_durable::WorkflowId::new(""),
         Err(Error::InvalidId { .. })
     ));
+    // `/` is for children: a host-started "x/0" would take the ID of x's first child.
+    let r = rt.start("wait", &id("x/0"), &1u32).await;
+    assert!(
+        matches!(r, Err(Error::InvalidId { ref id, .. }) if id == "x/0"),
+        "{r:?}"
+    );
+    assert!(matches!(rt.status(&id("x/0")), Err(Error::NotFound { .. })));
     assert!(matches!(rt.worker(), Err(Error::WorkerRunning)));
     stop(rt).await;
 }
