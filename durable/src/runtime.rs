@@ -54,7 +54,19 @@ impl fmt::Debug for RuntimeBuilder {
 }
 
 impl RuntimeBuilder {
-    /// Sets how much a completed step survives; the default is [`Durability::ProcessCrash`].
+    /// Sets how much a completed operation survives; the default is
+    /// [`Durability::ProcessCrash`].
+    ///
+    /// Either way an operation on [`Context`] (a step's output, a timer, a signal's delivery,
+    /// a child's start) and a start, signal or cancel on the runtime is reported done only
+    /// after its journal write is flushed, shared with concurrent commits by group commit:
+    /// - [`Durability::ProcessCrash`]: sled's flush writes the journal to the OS
+    ///   (`sync_file_range`). It survives `kill -9` and a crash of the process; after a power
+    ///   loss or kernel crash, the last few hundred milliseconds of reported operations may be
+    ///   lost (their steps then run again).
+    /// - [`Durability::PowerLoss`]: the flush plus an `fdatasync` of sled's files before the
+    ///   operation is reported done, so it also survives power loss; about half the commit
+    ///   rate of a single workflow (docs/BENCHMARKS.md).
     pub fn durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
         self

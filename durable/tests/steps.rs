@@ -210,6 +210,54 @@ async fn a_closure_panicking_before_its_future_is_a_failed_attempt() {
     stop(rt).await;
 }
 
+/// The worker never runs more executions at once than `RuntimeBuilder::concurrency` allows,
+/// and it does use them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_runs_at_most_its_concurrency_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let running = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let (g, r, m) = (Arc::clone(&gate), Arc::clone(&running), Arc::clone(&most));
+    let b = builder(dir.path())
+        .concurrency(2)
+        .register("held", move |ctx: Context, (): ()| {
+            let (g, r, m) = (Arc::clone(&g), Arc::clone(&r), Arc::clone(&m));
+            async move {
+                ctx.step("wait", || {
+                    let (g, r, m) = (Arc::clone(&g), Arc::clone(&r), Arc::clone(&m));
+                    async move {
+                        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        m.fetch_max(now, Ordering::SeqCst);
+                        // Held until the test lets it go.
+                        g.acquire().await.unwrap().forget();
+                        r.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, StepError>(())
+                    }
+                })
+                .await
+            }
+        });
+    let rt = start(b).await;
+    let mut hs = Vec::new();
+    for i in 0..6 {
+        hs.push(rt.start("held", &id(&format!("h{i}")), &()).await.unwrap());
+    }
+    while running.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // However long this waits, no third execution can start while two are held.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    gate.add_permits(6);
+    for h in &hs {
+        h.result::<()>().await.unwrap();
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    drop(hs);
+    stop(rt).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_time_out() {
     let policy = fast()
