@@ -78,6 +78,78 @@ async fn thousands_of_sleepers_complete() {
     stop(rt).await;
 }
 
+/// `sleep_until` a future time survives a restart: the reopened runtime fires it, and the
+/// workflow's journaled clock is at or past the deadline when it wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_until_a_future_time_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = |ctx: Context, (): ()| async move {
+        let t0 = ctx.now().await?;
+        let deadline = t0 + Duration::from_millis(300);
+        ctx.sleep_until(deadline).await?;
+        let t1 = ctx.now().await?;
+        // Whether the wake came at or after the deadline, by the journaled clock.
+        Ok::<_, Error>(t1 >= deadline)
+    };
+    let rt = start(builder(dir.path()).register("wf", wf)).await;
+    rt.start("wf", &id("u"), &()).await.unwrap();
+    while rt.history(&id("u")).unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop(rt).await;
+    let rt = start(builder(dir.path()).register("wf", wf)).await;
+    let on_time: bool = rt.handle(&id("u")).unwrap().result().await.unwrap();
+    assert!(on_time, "woke before its deadline");
+    let kinds: Vec<String> = rt
+        .history(&id("u"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["now", "sleep", "now"]);
+    stop(rt).await;
+}
+
+/// A `recv_timeout` deadline is journaled before the wait, so it survives a restart: with no
+/// signal the reopened workflow times out (`None`); with a signal sent after the restart it
+/// gets the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_timeout_deadlines_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = |ctx: Context, ms: u64| async move {
+        ctx.recv_timeout::<u32>("go", Duration::from_millis(ms))
+            .await
+    };
+    let rt = start(builder(dir.path()).register("wf", wf)).await;
+    // "short" times out with nobody signalling; "long" waits a minute, which no test run
+    // reaches, for a signal that comes after the restart.
+    rt.start("wf", &id("short"), &200u64).await.unwrap();
+    rt.start("wf", &id("long"), &60_000u64).await.unwrap();
+    for w in ["short", "long"] {
+        while rt.history(&id(w)).unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    stop(rt).await;
+    let rt = start(builder(dir.path()).register("wf", wf)).await;
+    let short: Option<u32> = rt.handle(&id("short")).unwrap().result().await.unwrap();
+    assert_eq!(short, None);
+    rt.signal(&id("long"), "go", &5u32).await.unwrap();
+    let long: Option<u32> = rt.handle(&id("long")).unwrap().result().await.unwrap();
+    assert_eq!(long, Some(5));
+    // One deadline each, journaled before the restart and reused after it.
+    for w in ["short", "long"] {
+        let deadlines = rt
+            .history(&id(w))
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind.contains("deadline"))
+            .count();
+        assert_eq!(deadlines, 1, "{w}");
+    }
+    stop(rt).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sleep_until_past_time_returns_at_once() {
     let dir = tempfile::tempdir().unwrap();
