@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::faults::{Faulty, Shared, reached, runs, seen};
+use common::faults::{Faulty, Shared, note, reached, runs, seen};
 use common::{id, start};
 use keel_durable::{
     Context, Durability, Error, FaultInjector, Handle, ReopenPolicy, Runtime, RuntimeBuilder,
@@ -50,15 +50,6 @@ impl Trigger {
 
 /// Where a leaky workflow puts its `Context`, to keep the journal of its execution in use.
 type Leak = Arc<Mutex<Option<Context>>>;
-
-fn note(ledger: &Shared, w: &str, op: &str, r: &Result<u64, Error>) {
-    let seen = r.as_ref().copied().map_err(ToString::to_string);
-    ledger
-        .lock()
-        .unwrap()
-        .saw
-        .push((w.to_string(), op.to_string(), seen));
-}
 
 /// A step that records its run, and what the code saw. Its closure first records a
 /// violation in `ran` under the step name `RERUN <name>` if the code was already told the

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::faults::{Faulty, Shared, reached, runs, seen, seen_ok};
+use common::faults::{Faulty, Shared, note, reached, runs, seen, seen_ok};
 use common::{id, start};
 use keel_durable::{
     Context, Durability, Error, FaultInjector, ListFilter, ReopenPolicy, Runtime, RuntimeBuilder,
@@ -48,15 +48,6 @@ impl Trigger {
             self.faults.fail_write(self.after);
         }
     }
-}
-
-fn note(ledger: &Shared, w: &str, op: &str, r: &Result<u64, Error>) {
-    let seen = r.as_ref().copied().map_err(ToString::to_string);
-    ledger
-        .lock()
-        .unwrap()
-        .saw
-        .push((w.to_string(), op.to_string(), seen));
 }
 
 /// A step that records its run in the ledger and returns `v`, and what the code saw.

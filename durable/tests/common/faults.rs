@@ -60,6 +60,16 @@ pub(crate) async fn reached(ledger: &Shared, w: &str, op: &str) {
 }
 
 /// Every (workflow, step) and how many times its closure ran.
+/// Records in the ledger what workflow `w`'s code saw from operation `op`.
+pub(crate) fn note(ledger: &Shared, w: &str, op: &str, r: &Result<u64, keel_durable::Error>) {
+    let seen = r.as_ref().copied().map_err(ToString::to_string);
+    ledger
+        .lock()
+        .unwrap()
+        .saw
+        .push((w.to_string(), op.to_string(), seen));
+}
+
 pub(crate) fn runs(ledger: &Shared) -> BTreeMap<(String, String), usize> {
     let mut out = BTreeMap::new();
     for (w, s, _) in &ledger.lock().unwrap().ran {
