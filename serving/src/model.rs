@@ -320,6 +320,13 @@ impl Model {
         matches!(&self.imp, Imp::Candle(m) if m.path == CandlePath::Kernels)
     }
 
+    /// Whether [`Model::forward_step`] can pick greedy tokens where the logits are: on the
+    /// device with the kernel path, and in Keel's CPU kernels, which read the argmax off their
+    /// logits buffer instead of copying the row out for the host sampler.
+    pub(crate) fn picks_greedy(&self) -> bool {
+        self.samples_on_device() || matches!(&self.imp, Imp::Cpu(_))
+    }
+
     /// [`Model::forward`], with the tokens of some sequences picked by the device sampler:
     /// `sample` holds one entry per sequence with `want_logits`, in order, `Some` for those to
     /// sample on the device (which needs [`Model::samples_on_device`]). Only their ids come back;
@@ -343,6 +350,20 @@ impl Model {
         let on_device = sample.iter().any(Option::is_some);
         let m = match &self.imp {
             Imp::Candle(m) if on_device && m.path == CandlePath::Kernels => m,
+            Imp::Cpu(m) if on_device => {
+                if sample.iter().flatten().any(|p| !p.is_greedy()) {
+                    return Err(Error::Execution {
+                        reason: "the CPU kernels pick greedy tokens only; other settings \
+                                 sample on the host"
+                            .into(),
+                    });
+                }
+                let mut kv = cache.host().ok_or_else(|| Error::Execution {
+                    reason: "the CPU kernels need a host KV cache".into(),
+                })?;
+                let greedy: Vec<bool> = sample.iter().map(Option::is_some).collect();
+                return m.forward_picking(tokens, seqs, &mut kv, &greedy);
+            }
             _ if on_device => {
                 return Err(Error::Execution {
                     reason: "this model samples on the host only".into(),

@@ -426,12 +426,16 @@ impl Scheduler {
         // Requests without penalties or log-probabilities get their token picked where the
         // logits are (on a GPU only ids then cross to the host); each draws its uniform from its
         // own generator, so a sequence's path never depends on what else is in the batch.
+        // Greedy requests get the same treatment on the CPU kernels, whose pick reads the
+        // logits buffer instead of a copied row.
         let device = self.model.samples_on_device();
+        let greedy_here = self.model.picks_greedy();
         let mut sample = Vec::new();
         for (&(idx, _), step) in plan.iter().zip(&steps) {
             if step.want_logits {
                 let s = &mut self.running[idx];
-                sample.push(if device && s.params.device_sampleable() {
+                let here = device || (greedy_here && s.params.temperature == 0.0);
+                sample.push(if here && s.params.device_sampleable() {
                     s.sampler.device_params(&s.params)
                 } else {
                     None

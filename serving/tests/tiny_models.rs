@@ -124,3 +124,51 @@ async fn dequantized_weights_run_and_agree_on_the_first_token() {
     assert_eq!(b.len(), 6);
     assert_eq!(a[0], b[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_tokens_picked_by_the_cpu_kernels_equal_the_host_samplers() {
+    // Greedy requests on Keel's CPU kernels get their token from the kernels' argmax over the
+    // logits buffer; asking for log-probabilities sends the row to the host sampler instead.
+    // Both must pick the same tokens, alone and in a batch.
+    let dir = tempfile::tempdir().unwrap();
+    let file =
+        tiny::write_gguf_embedding(dir.path(), 11, GgmlDType::Q4_1, GgmlDType::Q8_0, "llama");
+    let e = engine(&file);
+    assert!(
+        e.model_info().kernels.starts_with("keel-cpu"),
+        "{}",
+        e.model_info().kernels
+    );
+    let prompts = [
+        "hello",
+        "a longer prompt, with punctuation 42",
+        "zz",
+        "the end",
+    ];
+    let run = |prompt: &str, host: bool| {
+        let mut p = SamplingParams::greedy().max_tokens(10).ignore_eos(true);
+        if host {
+            p = p.logprobs(0);
+        }
+        e.generate(GenerateRequest::text(prompt).sampling(p))
+            .unwrap()
+    };
+    let mut picked = Vec::new();
+    let mut hosted = Vec::new();
+    for prompt in prompts {
+        picked.push(run(prompt, false));
+        hosted.push(run(prompt, true));
+    }
+    for (i, (a, b)) in picked.into_iter().zip(hosted).enumerate() {
+        let (a, b) = (a.collect().await.unwrap(), b.collect().await.unwrap());
+        assert_eq!(a.tokens.len(), 10);
+        assert!(a.logprobs.is_empty());
+        assert_eq!(b.logprobs.len(), 10);
+        assert_eq!(a.tokens, b.tokens, "prompt {i}");
+        assert_eq!(
+            a.tokens,
+            greedy(&e, prompts[i], 10).await,
+            "prompt {i} alone"
+        );
+    }
+}

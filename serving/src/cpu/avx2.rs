@@ -624,6 +624,48 @@ pub(super) fn max_of(x: &[f32]) -> f32 {
     max
 }
 
+/// The index of the first largest value (see `kernels::argmax`): one pass for the largest
+/// number (a NaN lane keeps the running maximum: `maxps` returns its second operand when
+/// either is NaN), one for the first lane equal to it. A NaN in front is the scalar scan's
+/// answer, kept here. Callable only where AVX2 exists.
+#[target_feature(enable = "avx2")]
+pub(super) fn argmax(x: &[f32]) -> u32 {
+    if x.first().is_none_or(|v| v.is_nan()) {
+        return 0;
+    }
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        // SAFETY: `c` holds 8 floats.
+        m = _mm256_max_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, m);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    // `f32::max` ignores NaN; `x[0]` is a number, so `max` is one of `x`'s numbers.
+    let max = lanes
+        .iter()
+        .chain(chunks.remainder())
+        .fold(f32::NEG_INFINITY, |a, v| a.max(*v));
+    let mv = _mm256_set1_ps(max);
+    let mut i = 0;
+    while i + 8 <= x.len() {
+        // SAFETY: `i + 8 <= x.len()`.
+        let v = unsafe { _mm256_loadu_ps(x[i..].as_ptr()) };
+        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, mv));
+        if hit != 0 {
+            return (i + hit.trailing_zeros() as usize) as u32;
+        }
+        i += 8;
+    }
+    // The maximum is in the tail (`max` came from some element, and equal values compare
+    // equal, so the scan ends here at the latest).
+    x[i..]
+        .iter()
+        .position(|v| *v == max)
+        .map_or(0, |k| (i + k) as u32)
+}
+
 /// `x[i] = e^(x[i] − max)` in place, returning the sum. Callable only where AVX2 and FMA exist.
 #[inline]
 #[target_feature(enable = "avx2,fma")]

@@ -390,6 +390,29 @@ pub(crate) fn div_round_f16(isa: Isa, x: &mut [f32], d: f32) {
     }
 }
 
+/// The index of the first largest value of `x`, as the host sampler's greedy pick defines it:
+/// a scan that moves only to a strictly larger value, so NaNs are never picked once a number
+/// leads (and a NaN in front stays the answer), and an empty row gives 0.
+pub(crate) fn argmax(isa: Isa, x: &[f32]) -> u32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 was detected.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::argmax(x) },
+        _ => argmax_scalar(x),
+    }
+}
+
+/// [`argmax`] one value at a time.
+pub(crate) fn argmax_scalar(x: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// `x[i] = f16_round(x[i])` (dividing by one is exact, so this is [`div_round_f16`] by 1).
 pub(crate) fn round_to_f16(isa: Isa, x: &mut [f32]) {
     div_round_f16(isa, x, 1.0);
@@ -1011,6 +1034,46 @@ mod tests {
                         assert!(same, "{isa:?} hd {hd} group {group} x{kvh} ctx {ctx}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn argmax_picks_the_first_largest_on_every_path() {
+        let mut rng = Rng::new(41);
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for n in [0, 1, 7, 8, 9, 31, 64, 1000, 49_152] {
+            rows.push(rng.vec(n));
+        }
+        // Ties (the first one wins), NaNs before and after the maximum, a NaN in front (the
+        // scalar scan never leaves it), infinities, signed zeros, and all equal values.
+        let mut tie = rng.vec(100);
+        tie[37] = 5.0;
+        tie[38] = 5.0;
+        tie[90] = 5.0;
+        rows.push(tie);
+        let mut nans = rng.vec(77);
+        nans[3] = f32::NAN;
+        nans[50] = 9.0;
+        nans[60] = f32::NAN;
+        rows.push(nans);
+        let mut lead = rng.vec(40);
+        lead[0] = f32::NAN;
+        lead[20] = 100.0;
+        rows.push(lead);
+        rows.push(vec![f32::NEG_INFINITY; 19]);
+        let mut inf = rng.vec(33);
+        inf[32] = f32::INFINITY;
+        rows.push(inf);
+        rows.push(vec![-0.0, 0.0, -0.0, 0.0, 0.0, -0.0, 0.0, -0.0, 0.0, 0.0]);
+        rows.push(vec![2.5; 24]);
+        for row in &rows {
+            let want = argmax_scalar(row);
+            // The scan as the host sampler writes it.
+            let plain = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+            assert_eq!(want as usize, plain);
+            for isa in isas() {
+                assert_eq!(argmax(isa, row), want, "{isa:?} on {} values", row.len());
             }
         }
     }

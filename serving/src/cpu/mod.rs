@@ -26,7 +26,7 @@ use pool::Pool;
 use quant::{PlainQ, QActs, QK, QMatrix, QType, rounds_sum};
 
 use crate::error::{Error, Result};
-use crate::model::{ModelConfig, SeqStep, rope_table};
+use crate::model::{ModelConfig, RowOutput, SeqStep, rope_table};
 
 /// One projection: the weight matrix and an optional bias.
 #[derive(Debug)]
@@ -176,6 +176,27 @@ impl CpuModel {
         seqs: &[SeqStep],
         kv: &mut attn::HostKv<'_>,
     ) -> Result<Vec<Vec<f32>>> {
+        let rows = self.forward_picking(tokens, seqs, kv, &[])?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match r {
+                RowOutput::Logits(l) => Some(l),
+                RowOutput::Token(_) => None,
+            })
+            .collect())
+    }
+
+    /// [`CpuModel::forward`], with the greedy token picked here for the rows whose entry in
+    /// `greedy` is `true` (one entry per sequence that wants logits, in order; missing entries
+    /// count as `false`): the pick reads the kept logits buffer, so those rows' logits are
+    /// never copied out.
+    pub(crate) fn forward_picking(
+        &self,
+        tokens: &[u32],
+        seqs: &[SeqStep],
+        kv: &mut attn::HostKv<'_>,
+        greedy: &[bool],
+    ) -> Result<Vec<RowOutput>> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -341,9 +362,18 @@ impl CpuModel {
         // else allocating) that was 1,100 page faults and 3 ms of a 23 ms 16-stream step.
         s.logits.resize(n * out_w.rows, 0.0);
         kernels::matmul(&self.pool, self.isa, out_w, &s.acts, &mut s.logits);
+        let isa = self.isa;
         Ok(s.logits
             .chunks_exact(out_w.rows)
-            .map(|row| row[..c.vocab].to_vec())
+            .enumerate()
+            .map(|(i, row)| {
+                let row = &row[..c.vocab];
+                if greedy.get(i).copied().unwrap_or(false) {
+                    RowOutput::Token(kernels::argmax(isa, row))
+                } else {
+                    RowOutput::Logits(row.to_vec())
+                }
+            })
             .collect())
     }
 

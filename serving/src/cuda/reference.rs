@@ -706,6 +706,11 @@ impl SampleParams {
         })
     }
 
+    /// Whether these settings pick the largest logit (temperature 0).
+    pub(crate) fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
     /// The five words the kernel reads per sequence.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // Only the CUDA launches read it.
     pub(crate) fn words(&self) -> [u32; 5] {

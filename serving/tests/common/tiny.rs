@@ -209,13 +209,25 @@ fn permute(w: &Tensor, heads: usize) -> Tensor {
 /// Writes the GGUF form with projection weights stored as `dtype`; `arch` names the
 /// architecture in the metadata (tests use it to check unsupported architectures).
 pub(crate) fn write_gguf(dir: &Path, seed: u64, dtype: GgmlDType, arch: &str) -> PathBuf {
-    let path = dir.join(format!("tiny-{arch}-{dtype:?}.gguf"));
+    write_gguf_embedding(dir, seed, dtype, GgmlDType::F32, arch)
+}
+
+/// [`write_gguf`] with the token embedding stored as `embedding` (Keel's CPU kernels take a
+/// model whose embedding is quantized too, as in released GGUF files).
+pub(crate) fn write_gguf_embedding(
+    dir: &Path,
+    seed: u64,
+    dtype: GgmlDType,
+    embedding: GgmlDType,
+    arch: &str,
+) -> PathBuf {
+    let path = dir.join(format!("tiny-{arch}-{dtype:?}-{embedding:?}.gguf"));
     let w = weights(seed);
     let q = |t: &Tensor, d: GgmlDType| QTensor::quantize(t, d).unwrap();
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     tensors.push((
         "token_embd.weight".into(),
-        q(&w["model.embed_tokens.weight"], GgmlDType::F32),
+        q(&w["model.embed_tokens.weight"], embedding),
     ));
     tensors.push(("output.weight".into(), q(&w["lm_head.weight"], dtype)));
     tensors.push((
