@@ -720,7 +720,7 @@ const ATTN_AHEAD: usize = 16;
 /// Prefetches the `bytes` bytes of a cache row from `row` on. A hint only: it never faults.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn prefetch_row(row: *const u16, bytes: usize) {
+pub(super) fn prefetch_row(row: *const u16, bytes: usize) {
     for line in (0..bytes).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(row.cast::<i8>().wrapping_add(line));
     }

@@ -584,6 +584,17 @@ pub(crate) fn axpy_f16(isa: Isa, out: &mut [f32], p: f32, v: &[u16]) {
     }
 }
 
+/// Asks for `x`'s cache lines ahead of a later write or read (a hint: nothing changes, and
+/// the portable path does nothing).
+pub(crate) fn prefetch(isa: Isa, x: &[u16]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` and `Isa::Avx512` imply AVX2 was detected; the lines are `x`'s.
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::avx2::prefetch_row(x.as_ptr(), 2 * x.len()) },
+        _ => {}
+    }
+}
+
 /// f32 to f16 bits, rounding to nearest even.
 pub(crate) fn to_f16(isa: Isa, src: &[f32], dst: &mut [u16]) {
     match isa {

@@ -253,6 +253,14 @@ impl CpuModel {
         }
         let eps = c.rms_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
+            // The cache rows this layer writes, asked for now: the write comes after the norm
+            // and the QKV product, by which time they are in cache instead of stalling it.
+            let (kc, vc) = &kv.layers[li];
+            for &slot in &write_slots {
+                let at = slot as usize * kvd;
+                kernels::prefetch(self.isa, &kc[at..at + kvd]);
+                kernels::prefetch(self.isa, &vc[at..at + kvd]);
+            }
             // Attention block.
             norm_quantize(
                 &self.pool,
