@@ -500,7 +500,7 @@ fn load_gguf_cpu(
             return Ok(None);
         }
         let qkv = Proj::stacked(vec![q, k, v])?;
-        let gate_up = Proj::stacked(vec![gate, up])?;
+        let gate_up = Proj::paired(gate, up)?;
         let wo = Proj::new(&wo.0, wo.1);
         let down = Proj::new(&down.0, down.1);
         layers.push(CpuLayer {

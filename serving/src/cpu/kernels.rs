@@ -275,6 +275,78 @@ pub(crate) fn matmul(pool: &Pool, isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f
     });
 }
 
+/// Weight rows per task of [`matmul_then`]: [`matmul`]'s choice rounded up to a multiple of
+/// `align` (itself rounded up to a multiple of 16), so a task's rows hold whole runs of it.
+pub(crate) fn task_rows(w: &QMatrix, t: usize, threads: usize, align: usize) -> usize {
+    let align = align.max(1).div_ceil(ROWS) * ROWS;
+    rows_per_task(w.rows, w.nb, t, threads).div_ceil(align) * align
+}
+
+/// The rows a task of [`matmul_then`] has just computed, for every activation row, while
+/// they are still in its core's cache.
+pub(crate) struct Computed<'a> {
+    dst: &'a Dst<'a>,
+    r0: usize,
+    r1: usize,
+    t: usize,
+}
+
+impl Computed<'_> {
+    /// Weight rows `r0..r1` (see [`Computed::rows`]) of activation row `a`; empty when `a` is
+    /// not one of the product's rows.
+    pub(crate) fn row(&self, a: usize) -> &[f32] {
+        let d = self.dst;
+        if a >= self.t || !d.covers(self.r0, self.r1, self.t) {
+            return &[];
+        }
+        let at = a * d.stride + (self.r0 - d.first);
+        // SAFETY: `covers` keeps `at + (r1 − r0)` inside the borrowed buffer. This task owns
+        // rows `r0..r1` (no other thread writes or reads them during the product) and has
+        // finished writing them, and the slice lives no longer than the task's call.
+        unsafe { std::slice::from_raw_parts(d.ptr.add(at), self.r1 - self.r0) }
+    }
+
+    /// The first and one-past-last weight rows computed.
+    pub(crate) fn rows(&self) -> (usize, usize) {
+        (self.r0, self.r1)
+    }
+}
+
+/// [`matmul`] in tasks of `chunk` weight rows (a multiple of 16; see [`task_rows`]): task `i`
+/// computes rows `i·chunk..` of every activation row and then calls `then(i, &computed)`, so
+/// work that reads only those rows fuses into the task (it reads them from cache, and the
+/// product needs no separate pass over the pool).
+pub(crate) fn matmul_then(
+    pool: &Pool,
+    isa: Isa,
+    w: &QMatrix,
+    x: &QActs,
+    out: &mut [f32],
+    chunk: usize,
+    then: &(dyn Fn(usize, &Computed<'_>) + Sync),
+) {
+    let t = x.rows;
+    let n = w.rows;
+    let chunk = chunk.max(1).div_ceil(ROWS) * ROWS;
+    let dst = Dst::new(&mut out[..n * t], n, 0);
+    pool.run(n.div_ceil(chunk), &|i| {
+        let r0 = i * chunk;
+        let r1 = (r0 + chunk).min(n);
+        // SAFETY: task `i` alone writes rows `r0..r1` (the tasks' row ranges are disjoint).
+        let ok = unsafe { rows_into(isa, w, x, r0, r1, &dst) };
+        debug_assert!(ok);
+        then(
+            i,
+            &Computed {
+                dst: &dst,
+                r0,
+                r1,
+                t,
+            },
+        );
+    });
+}
+
 /// Quantizes one block of 32 values to bytes: `q = round_half_even(v · 127 / amax)`, on the
 /// detected instruction set. Returns `(amax, Σ q)`; both paths give identical bytes.
 #[cfg(test)]
@@ -1046,6 +1118,75 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn interleaved_pairs_put_each_run_of_both_side_by_side() {
+        let mut rng = Rng::new(17);
+        for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let (rows, cols) = (96, 64);
+            let a = PlainQ::quantize(qtype, rows, cols, &rng.vec(rows * cols));
+            let b = PlainQ::quantize(qtype, rows, cols, &rng.vec(rows * cols));
+            let m = QMatrix::pack(&PlainQ::interleave(&a, &b, 32).unwrap());
+            let (pa, pb) = (QMatrix::pack(&a), QMatrix::pack(&b));
+            assert_eq!(m.rows, 2 * rows);
+            let (mut got, mut want) = (vec![0f32; cols], vec![0f32; cols]);
+            for r in 0..2 * rows {
+                // Row r is row 32·(r / 64) + r % 32 of a (even runs) or b (odd runs).
+                let src = 32 * (r / 64) + r % 32;
+                m.dequantize_row(r, &mut got);
+                if (r / 32) % 2 == 0 { &pa } else { &pb }.dequantize_row(src, &mut want);
+                assert_eq!(got, want, "{qtype:?} row {r}");
+            }
+            // Shapes that do not pair, and runs that do not divide the rows, are refused.
+            let small = PlainQ::quantize(qtype, 32, cols, &rng.vec(32 * cols));
+            assert!(PlainQ::interleave(&a, &small, 32).is_err());
+            assert!(PlainQ::interleave(&a, &b, 0).is_err());
+            assert!(PlainQ::interleave(&a, &b, 40).is_err());
+        }
+        let q8 = PlainQ::quantize(QType::Q8_0, 32, 64, &rng.vec(32 * 64));
+        let q4 = PlainQ::quantize(QType::Q4_0, 32, 64, &rng.vec(32 * 64));
+        assert!(PlainQ::interleave(&q8, &q4, 32).is_err());
+    }
+
+    #[test]
+    fn fused_tasks_see_exactly_the_rows_they_computed() {
+        let mut rng = Rng::new(23);
+        let pool = Pool::new(2).unwrap();
+        let (rows, cols) = (320, 96);
+        let w = QMatrix::pack(&PlainQ::quantize(
+            QType::Q4_1,
+            rows,
+            cols,
+            &rng.vec(rows * cols),
+        ));
+        for t in [1, 5, 16] {
+            let x = QActs::quantize(&rng.vec(t * cols), t, cols, true);
+            let mut want = vec![0f32; t * rows];
+            matmul(&pool, detected(), &w, &x, &mut want);
+            let chunk = task_rows(&w, t, pool.threads(), 64);
+            assert!(chunk.is_multiple_of(64));
+            let seen = std::sync::Mutex::new(vec![f32::NAN; t * rows]);
+            let mut got = vec![0f32; t * rows];
+            matmul_then(&pool, detected(), &w, &x, &mut got, chunk, &|task, done| {
+                let (r0, r1) = done.rows();
+                assert_eq!(r0, task * chunk);
+                assert_eq!(r1, (r0 + chunk).min(rows));
+                let mut seen = seen.lock().unwrap();
+                for a in 0..t {
+                    let row = done.row(a);
+                    assert_eq!(row.len(), r1 - r0);
+                    seen[a * rows + r0..a * rows + r1].copy_from_slice(row);
+                }
+                assert!(done.row(t).is_empty());
+            });
+            assert_eq!(got, want, "t={t}");
+            assert_eq!(
+                seen.into_inner().unwrap(),
+                want,
+                "t={t}: what the tasks saw"
+            );
         }
     }
 

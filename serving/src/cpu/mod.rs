@@ -36,7 +36,8 @@ pub(crate) struct Proj {
 }
 
 /// One transformer block for the CPU path. Q, K and V are one matrix (their rows stacked), and
-/// so are the gate and up projections, so each takes one pass over the activations.
+/// so are the gate and up projections (their rows interleaved in runs of 32, see
+/// [`Proj::paired`]), so each takes one pass over the activations.
 #[derive(Debug)]
 pub(crate) struct CpuLayer {
     pub(crate) attn_norm: Vec<f32>,
@@ -73,11 +74,48 @@ impl Proj {
     }
 }
 
+impl Proj {
+    /// The gate and up projections as one matrix whose rows alternate in runs of 32 (one
+    /// activation block): each task of the product then holds both halves of whole blocks of
+    /// the down projection's input, and gates and quantizes them itself ([`gate_and_down_acts`]).
+    pub(crate) fn paired(
+        gate: (PlainQ, Option<Vec<f32>>),
+        up: (PlainQ, Option<Vec<f32>>),
+    ) -> Result<Self> {
+        let w = PlainQ::interleave(&gate.0, &up.0, QK)
+            .map_err(|e| Error::InvalidModel { reason: e.0 })?;
+        let bias = match (gate.1, up.1) {
+            (None, None) => None,
+            (g, u) => {
+                let rows = gate.0.rows;
+                let (g, u) = (
+                    g.unwrap_or_else(|| vec![0.0; rows]),
+                    u.unwrap_or_else(|| vec![0.0; rows]),
+                );
+                if g.len() != rows || u.len() != rows {
+                    return Err(Error::InvalidModel {
+                        reason: "a gate or up bias does not match its projection".into(),
+                    });
+                }
+                let mut b = Vec::with_capacity(2 * rows);
+                for (gs, us) in g.chunks(QK).zip(u.chunks(QK)) {
+                    b.extend_from_slice(gs);
+                    b.extend_from_slice(us);
+                }
+                Some(b)
+            }
+        };
+        Ok(Self::new(&w, bias))
+    }
+}
+
 /// Scratch buffers reused across steps (the forward pass runs on the model thread only).
 #[derive(Debug, Default)]
 struct Scratch {
     x: Vec<f32>,
     acts: QActs,
+    /// The down projection's input, written while the gate/up product still reads `acts`.
+    down_acts: QActs,
     qkv: Vec<f32>,
     attn: Vec<f32>,
     proj: Vec<f32>,
@@ -326,22 +364,16 @@ impl CpuModel {
             );
             let inter = c.intermediate;
             s.ffn.resize(t * 2 * inter, 0.0);
-            self.project(&layer.gate_up, &s.acts, &mut s.ffn);
-            // SiLU gating fused with the quantization of the down projection's input.
-            let (ffn, isa) = (&s.ffn, self.isa);
-            quantize_with(
+            gate_and_down_acts(
                 &self.pool,
-                &mut s.acts,
-                t,
-                inter,
+                self.isa,
+                &layer.gate_up,
+                &s.acts,
+                &mut s.ffn,
                 rounds_sum(layer.down.w.qtype),
-                &|a, b, buf| {
-                    let gate = a * 2 * inter + b * QK;
-                    let up = gate + inter;
-                    kernels::silu_mul(isa, &ffn[gate..gate + QK], &ffn[up..up + QK], buf);
-                },
+                &mut s.down_acts,
             );
-            self.project(&layer.down, &s.acts, &mut s.proj);
+            self.project(&layer.down, &s.down_acts, &mut s.proj);
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }
@@ -395,6 +427,58 @@ impl CpuModel {
             }
         }
     }
+}
+
+/// The gate/up product ([`Proj::paired`] rows) of `acts` into `ffn`, with SiLU gating and the
+/// quantization of the result for the down projection fused into each task of the product:
+/// a task that computed rows `64k..64m` holds the gate and up halves of blocks `k..m` of every
+/// row, and writes exactly those blocks of `down`. The values are those of a separate pass.
+fn gate_and_down_acts(
+    pool: &Pool,
+    isa: Isa,
+    gate_up: &Proj,
+    acts: &QActs,
+    ffn: &mut [f32],
+    round: bool,
+    down: &mut QActs,
+) {
+    let (t, pair) = (acts.rows, 2 * QK);
+    let inter = gate_up.w.rows / 2;
+    let chunk = kernels::task_rows(&gate_up.w, t, pool.threads(), pair);
+    down.reset(t, inter);
+    let spans: Vec<Mutex<quant::BlockSpan<'_>>> = down
+        .spans(chunk / pair)
+        .into_iter()
+        .map(Mutex::new)
+        .collect();
+    let bias = gate_up.bias.as_deref();
+    kernels::matmul_then(pool, isa, &gate_up.w, acts, ffn, chunk, &|task, done| {
+        let Some(span) = spans.get(task) else {
+            return;
+        };
+        let r0 = done.rows().0;
+        let mut span = span.lock().unwrap_or_else(PoisonError::into_inner);
+        span.fill(round, &|a, b, buf| {
+            // Block `b` of the gated row: its gate at rows `64b..64b + 32`, its up after.
+            // (The spans are cut to the tasks' rows, so the block is always there.)
+            let at = pair * b;
+            let Some(pair_vals) = at
+                .checked_sub(r0)
+                .and_then(|off| done.row(a).get(off..off + pair))
+            else {
+                return;
+            };
+            let (g, u) = pair_vals.split_at(QK);
+            match bias.and_then(|bias| bias.get(at..at + pair)) {
+                None => kernels::silu_mul(isa, g, u, buf),
+                Some(bias) => {
+                    let gb: [f32; QK] = std::array::from_fn(|k| g[k] + bias[k]);
+                    let ub: [f32; QK] = std::array::from_fn(|k| u[k] + bias[QK + k]);
+                    kernels::silu_mul(isa, &gb, &ub, buf);
+                }
+            }
+        });
+    });
 }
 
 /// RMSNorm of each of `t` rows of `x`, scaled by `w`, quantized straight into `acts` for a
@@ -472,3 +556,75 @@ pub(crate) fn qtype_of(dtype: candle_core::quantized::GgmlDType) -> Option<QType
 }
 
 pub(crate) use attn::HostKv;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(seed: &mut u64, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_gating_equals_separate_products_then_silu_then_quantization() {
+        let mut seed = 99u64;
+        let pool = Pool::new(2).unwrap();
+        let isa = kernels::detected();
+        let (inter, hidden) = (160, 64);
+        for qtype in [QType::Q4_1, QType::Q8_0] {
+            for biased in [false, true] {
+                let gate =
+                    PlainQ::quantize(qtype, inter, hidden, &values(&mut seed, inter * hidden));
+                let up = PlainQ::quantize(qtype, inter, hidden, &values(&mut seed, inter * hidden));
+                let (gb, ub) = (values(&mut seed, inter), values(&mut seed, inter));
+                let bias = |b: &Vec<f32>| biased.then(|| b.clone());
+                let paired =
+                    Proj::paired((gate.clone(), bias(&gb)), (up.clone(), bias(&ub))).unwrap();
+                for t in [1, 3, 16] {
+                    let x = QActs::quantize(&values(&mut seed, t * hidden), t, hidden, true);
+                    let round = rounds_sum(qtype);
+                    let mut ffn = vec![0f32; t * 2 * inter];
+                    let mut down = QActs::default();
+                    gate_and_down_acts(&pool, isa, &paired, &x, &mut ffn, round, &mut down);
+                    // The same values the plain way: both products, biases, SiLU, quantize.
+                    let (mut g, mut u) = (vec![0f32; t * inter], vec![0f32; t * inter]);
+                    kernels::matmul(&pool, isa, &QMatrix::pack(&gate), &x, &mut g);
+                    kernels::matmul(&pool, isa, &QMatrix::pack(&up), &x, &mut u);
+                    let mut gated = vec![0f32; t * inter];
+                    for a in 0..t {
+                        let r = a * inter..(a + 1) * inter;
+                        if biased {
+                            g[r.clone()].iter_mut().zip(&gb).for_each(|(v, b)| *v += b);
+                            u[r.clone()].iter_mut().zip(&ub).for_each(|(v, b)| *v += b);
+                        }
+                        kernels::silu_mul(isa, &g[r.clone()], &u[r.clone()], &mut gated[r]);
+                    }
+                    let want = QActs::quantize(&gated, t, inter, round);
+                    let what = format!("{qtype:?} biased={biased} t={t}");
+                    assert_eq!(down.qs, want.qs, "{what}");
+                    assert_eq!(down.d, want.d, "{what}");
+                    assert_eq!(down.s, want.s, "{what}");
+                    assert_eq!(down.sums, want.sums, "{what}");
+                }
+            }
+        }
+        // Projections that cannot pair are a typed error, not a panic.
+        let gate = PlainQ::quantize(QType::Q4_1, 64, hidden, &values(&mut seed, 64 * hidden));
+        let up = PlainQ::quantize(QType::Q4_1, 32, hidden, &values(&mut seed, 32 * hidden));
+        assert!(matches!(
+            Proj::paired((gate.clone(), None), (up, None)),
+            Err(Error::InvalidModel { .. })
+        ));
+        assert!(matches!(
+            Proj::paired((gate.clone(), Some(vec![0.0; 3])), (gate, None)),
+            Err(Error::InvalidModel { .. })
+        ));
+    }
+}

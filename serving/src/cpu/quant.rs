@@ -226,6 +226,48 @@ impl PlainQ {
         }
         Ok(m)
     }
+
+    /// `a` and `b` (same format and shape) as one matrix whose rows alternate in runs of `run`:
+    /// rows `0..run` of `a`, then `0..run` of `b`, then `run..2·run` of `a`, and so on. A
+    /// product with it puts the same runs of both side by side in every output row.
+    pub(crate) fn interleave(a: &Self, b: &Self, run: usize) -> Result<Self, LayoutError> {
+        if a.qtype != b.qtype || a.rows != b.rows || a.cols != b.cols {
+            return Err(LayoutError(format!(
+                "cannot pair a {}x{} {} matrix with a {}x{} {} one",
+                a.rows,
+                a.cols,
+                a.qtype.name(),
+                b.rows,
+                b.cols,
+                b.qtype.name()
+            )));
+        }
+        if run == 0 || !a.rows.is_multiple_of(run) {
+            return Err(LayoutError(format!(
+                "{} rows do not split into runs of {run}",
+                a.rows
+            )));
+        }
+        let nb = a.cols / QK;
+        let mut m = Self {
+            qtype: a.qtype,
+            rows: 2 * a.rows,
+            cols: a.cols,
+            d: Vec::with_capacity(2 * a.d.len()),
+            c: Vec::with_capacity(2 * a.c.len()),
+            q: Vec::with_capacity(2 * a.q.len()),
+        };
+        for r0 in (0..a.rows).step_by(run) {
+            for src in [a, b] {
+                m.d.extend_from_slice(&src.d[r0 * nb..(r0 + run) * nb]);
+                if !src.c.is_empty() {
+                    m.c.extend_from_slice(&src.c[r0 * nb..(r0 + run) * nb]);
+                }
+                m.q.extend_from_slice(&src.q[r0 * a.cols..(r0 + run) * a.cols]);
+            }
+        }
+        Ok(m)
+    }
 }
 
 /// A `rows × cols` weight matrix (one row per output feature) in the kernels' layout: rows in
