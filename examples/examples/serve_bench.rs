@@ -84,6 +84,9 @@ fn parse() -> anyhow::Result<Args> {
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
@@ -173,17 +176,24 @@ fn main() -> anyhow::Result<()> {
                 let mut s = engine.generate(req)?;
                 let mut ttft = None;
                 let mut n = 0usize;
+                // Gaps between this request's tokens as they arrive here (the client's view).
+                let (mut last, mut gaps) = (None::<Instant>, Vec::new());
                 while let Some(ev) = s.next().await {
                     match ev? {
                         StreamEvent::Token(_) => {
-                            ttft.get_or_insert_with(|| t0.elapsed());
+                            let now = Instant::now();
+                            ttft.get_or_insert_with(|| now - t0);
+                            if let Some(l) = last {
+                                gaps.push(now - l);
+                            }
+                            last = Some(now);
                             n += 1;
                         }
                         StreamEvent::Done(_) => break,
                         _ => {}
                     }
                 }
-                anyhow::Ok((ttft.unwrap_or_default(), t0.elapsed(), n))
+                anyhow::Ok((ttft.unwrap_or_default(), t0.elapsed(), n, gaps))
             }));
         }
         let mut out = Vec::new();
@@ -194,6 +204,8 @@ fn main() -> anyhow::Result<()> {
     })?;
     let wall = started.elapsed();
     let m = engine.metrics();
+    let mut gaps: Vec<Duration> = results.iter().flat_map(|r| r.3.iter().copied()).collect();
+    gaps.sort();
     let mut ttfts: Vec<Duration> = results.iter().map(|r| r.0).collect();
     let mut lats: Vec<Duration> = results.iter().map(|r| r.1).collect();
     ttfts.sort();
@@ -241,8 +253,17 @@ fn main() -> anyhow::Result<()> {
         a.max_seqs
     );
     println!(
-        "  inter-token latency  {:>9.1} ms (engine mean)",
-        ms(m.mean_inter_token_latency)
+        "  inter-token latency  {:>9.1} ms (engine mean); client p50 / p99 {:.1} / {:.1} ms",
+        ms(m.mean_inter_token_latency),
+        ms(pct(&gaps, 0.5)),
+        ms(pct(&gaps, 0.99))
+    );
+    println!(
+        "  decode-only steps    {:>9} of {} steps, {:.1} ms each: {:.0} tokens/s aggregate",
+        m.decode_only_steps,
+        m.steps,
+        ms(m.mean_decode_only_step),
+        m.decode_only_tokens_per_second
     );
     println!("  preemptions          {:>9}", m.preemptions);
     println!(

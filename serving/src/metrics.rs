@@ -34,6 +34,15 @@ pub struct EngineMetrics {
     pub mean_inter_token_latency: Duration,
     /// Generated tokens per second of model-busy time.
     pub decode_tokens_per_second: f64,
+    /// Steps in which every sequence fed exactly one token and got the next one back: no
+    /// prompt or recomputed tokens shared the step.
+    pub decode_only_steps: u64,
+    /// Mean wall time of those steps (scheduling, the forward pass, sampling, streaming).
+    pub mean_decode_only_step: Duration,
+    /// Tokens generated in those steps per second of their time: the aggregate decode rate of
+    /// the running batch, with prefill excluded (`mean_inter_token_latency` includes the
+    /// waits of decoding sequences behind other requests' prompt chunks).
+    pub decode_only_tokens_per_second: f64,
     /// Mean sequences per step.
     pub mean_batch_size: f64,
     /// Mean fraction of `max_seqs` occupied per step.
@@ -66,6 +75,8 @@ pub(crate) struct MetricsState {
     pub(crate) itl_sum: Duration,
     pub(crate) itl_n: u64,
     pub(crate) busy: Duration,
+    pub(crate) decode_only_busy: Duration,
+    pub(crate) decode_only_tokens: u64,
     pub(crate) batch_sum: u64,
     pub(crate) occupancy_sum: f64,
 }
@@ -97,6 +108,13 @@ impl MetricsState {
         let busy = self.busy.as_secs_f64();
         m.decode_tokens_per_second = if busy > 0.0 {
             m.generated_tokens as f64 / busy
+        } else {
+            0.0
+        };
+        m.mean_decode_only_step = mean(self.decode_only_busy, m.decode_only_steps);
+        let d = self.decode_only_busy.as_secs_f64();
+        m.decode_only_tokens_per_second = if d > 0.0 {
+            self.decode_only_tokens as f64 / d
         } else {
             0.0
         };

@@ -538,12 +538,18 @@ impl Scheduler {
                 m.m.graph_replays = stats.replays;
                 m.m.graphs_off = off;
             }
+            let took = t0.elapsed();
             m.m.steps += 1;
             m.m.generated_tokens += generated;
             m.m.prefill_tokens += prefill;
+            if prefill == 0 && generated > 0 {
+                m.m.decode_only_steps += 1;
+                m.decode_only_tokens += generated;
+                m.decode_only_busy += took;
+            }
             m.batch_sum += batch as u64;
             m.occupancy_sum += batch as f64 / max_seqs as f64;
-            m.busy += t0.elapsed();
+            m.busy += took;
             m.m.kv_blocks_in_use = used;
             m.m.running = running;
             m.m.waiting = waiting;

@@ -114,6 +114,40 @@ async fn chunked_prefill_gives_the_same_tokens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_only_steps_leave_out_steps_with_prompt_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(&dir).build().unwrap();
+    // One request: a prefill step that yields the first token, then three decode steps.
+    let done = run(&e, "hello world", greedy(4)).await;
+    assert_eq!(done.tokens.len(), 4);
+    let m = e.metrics();
+    assert_eq!(m.steps, 4);
+    assert_eq!(m.decode_only_steps, 3);
+    assert!(m.mean_decode_only_step > Duration::ZERO);
+    assert!(m.decode_only_tokens_per_second > 0.0);
+    // A second request whose prompt is fed in chunks of 3 alongside the first one's decoding:
+    // those steps hold prompt tokens and are not decode-only.
+    let chunked = builder(&dir).max_batch_tokens(4).build().unwrap();
+    let long = chunked
+        .generate(
+            GenerateRequest::text("a long prompt that takes several chunks").sampling(greedy(2)),
+        )
+        .unwrap();
+    let short = chunked
+        .generate(GenerateRequest::text("fox").sampling(greedy(12)))
+        .unwrap();
+    let (long, short) = (
+        long.collect().await.unwrap(),
+        short.collect().await.unwrap(),
+    );
+    assert_eq!((long.tokens.len(), short.tokens.len()), (2, 12));
+    let m = chunked.metrics();
+    assert!(m.decode_only_steps < m.steps);
+    assert!(m.decode_only_steps <= m.generated_tokens);
+    assert!(m.decode_only_steps >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_equals_each_alone_under_concurrency() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(&dir).build().unwrap();
