@@ -262,17 +262,8 @@ fn rows_per_task(rows: usize, nb: usize, t: usize, threads: usize) -> usize {
 /// `y = x · wᵀ` for all rows of `x`: `out[a * w.rows + r]` (token-major), using the pool.
 /// Each task's kernel writes its rows of every activation row straight into `out`.
 pub(crate) fn matmul(pool: &Pool, isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
-    let t = x.rows;
-    let n = w.rows;
-    let chunk = rows_per_task(n, w.nb, t, pool.threads());
-    let dst = Dst::new(&mut out[..n * t], n, 0);
-    pool.run(n.div_ceil(chunk), &|i| {
-        let r0 = i * chunk;
-        let r1 = (r0 + chunk).min(n);
-        // SAFETY: task `i` alone writes rows `r0..r1` (the tasks' row ranges are disjoint).
-        let ok = unsafe { rows_into(isa, w, x, r0, r1, &dst) };
-        debug_assert!(ok);
-    });
+    let chunk = rows_per_task(w.rows, w.nb, x.rows, pool.threads());
+    matmul_then(pool, isa, w, x, out, chunk, &|_, _| {});
 }
 
 /// Weight rows per task of [`matmul_then`]: [`matmul`]'s choice rounded up to a multiple of

@@ -201,6 +201,11 @@ impl PlainQ {
         m
     }
 
+    /// `rows×cols format`, for messages.
+    fn shape(&self) -> String {
+        format!("{}x{} {}", self.rows, self.cols, self.qtype.name())
+    }
+
     /// Stacks the rows of matrices of the same format and width.
     pub(crate) fn stack(parts: Vec<Self>) -> Result<Self, LayoutError> {
         let mut it = parts.into_iter();
@@ -210,13 +215,9 @@ impl PlainQ {
         for p in it {
             if p.qtype != m.qtype || p.cols != m.cols {
                 return Err(LayoutError(format!(
-                    "cannot stack a {}x{} {} matrix under a {}x{} {} one",
-                    p.rows,
-                    p.cols,
-                    p.qtype.name(),
-                    m.rows,
-                    m.cols,
-                    m.qtype.name()
+                    "cannot stack a {} matrix under a {} one",
+                    p.shape(),
+                    m.shape()
                 )));
             }
             m.rows += p.rows;
@@ -233,13 +234,9 @@ impl PlainQ {
     pub(crate) fn interleave(a: &Self, b: &Self, run: usize) -> Result<Self, LayoutError> {
         if a.qtype != b.qtype || a.rows != b.rows || a.cols != b.cols {
             return Err(LayoutError(format!(
-                "cannot pair a {}x{} {} matrix with a {}x{} {} one",
-                a.rows,
-                a.cols,
-                a.qtype.name(),
-                b.rows,
-                b.cols,
-                b.qtype.name()
+                "cannot pair a {} matrix with a {} one",
+                a.shape(),
+                b.shape()
             )));
         }
         if run == 0 || !a.rows.is_multiple_of(run) {
