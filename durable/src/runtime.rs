@@ -643,8 +643,13 @@ impl Handle {
             state.borrow_and_update();
             let (read, mut failed) = match inner.current() {
                 // The journal is not kept across the wait: a reopen waits for every
-                // reference to the failed one to go.
-                Ok(j) => (j.record(self.id.as_str()), j.failure_watch()),
+                // reference to the failed one to go. The failure watch is taken before the
+                // read: a failure between the two would otherwise be marked as already seen
+                // by the new receiver, and the wait below would never wake.
+                Ok(j) => {
+                    let failed = j.failure_watch();
+                    (j.record(self.id.as_str()), failed)
+                }
                 Err(Error::Recovering { .. }) => {
                     state.changed().await.map_err(closed)?;
                     continue;
