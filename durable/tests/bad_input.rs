@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{builder, id, start, stop};
+use common::{builder, id, open_stopped_journal, start, stop};
 use keel_durable::{Context, Error, RuntimeBuilder, StartOptions, StepError, WorkflowStatus};
 
 /// A workflow that runs step `first` and then waits for signal `go`.
@@ -36,7 +36,7 @@ async fn leave_waiting(dir: &Path) {
 
 /// Writes raw key/values into the journal's sled database while no runtime holds it.
 fn poke(dir: &Path, entries: &[(&[u8], &[u8])]) {
-    let db = sled::open(dir.join("journal")).unwrap();
+    let db = open_stopped_journal(dir);
     for (k, v) in entries {
         db.insert(*k, *v).unwrap();
     }
@@ -68,7 +68,7 @@ async fn second_opener_gets_already_open() {
 async fn a_journal_still_closing_is_waited_for_then_reported() {
     let dir = tempfile::tempdir().unwrap();
     stop(builder(dir.path()).open().await.unwrap()).await;
-    let held = sled::open(dir.path().join("journal")).unwrap();
+    let held = open_stopped_journal(dir.path());
     let release = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         drop(held);
@@ -80,7 +80,7 @@ async fn a_journal_still_closing_is_waited_for_then_reported() {
     release.join().unwrap();
     stop(rt).await;
 
-    let held = sled::open(dir.path().join("journal")).unwrap();
+    let held = open_stopped_journal(dir.path());
     match builder(dir.path()).open().await {
         Err(e @ Error::Storage { .. }) => {
             let text = format!("{e}: {:?}", std::error::Error::source(&e));

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{builder, id, start, stop};
+use common::{builder, id, open_stopped_journal, start, stop};
 use keel_durable::{Context, Durability, Error, StepError, WorkflowStatus};
 use proptest::prelude::*;
 
@@ -165,7 +165,7 @@ fn replay_from_prefix(n: u32, k: u32) {
             .unwrap();
         stop(rt).await;
         {
-            let db = sled::open(dir.path().join("journal")).unwrap();
+            let db = open_stopped_journal(dir.path());
             let mut prefix = b"e/p\0".to_vec();
             let keys: Vec<_> = db.scan_prefix(&prefix).keys().map(|k| k.unwrap()).collect();
             for key in keys.iter().skip(k as usize) {

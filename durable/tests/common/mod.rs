@@ -27,3 +27,20 @@ pub(crate) fn id(s: &str) -> WorkflowId {
 pub(crate) fn builder(dir: &Path) -> RuntimeBuilder {
     Runtime::builder(dir)
 }
+
+/// Opens the journal's sled database of a runtime that just stopped. sled's threads may hold
+/// its file lock for a moment after the runtime is dropped (the runtime's own `open` waits for
+/// it the same way), so a refused open is retried for up to two seconds.
+pub(crate) fn open_stopped_journal(dir: &Path) -> sled::Db {
+    let path = dir.join("journal");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::open(&path) {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot open {path:?}: {e}"),
+        }
+    }
+}
