@@ -474,6 +474,41 @@ pub(crate) struct Journal {
     lock: Arc<File>,
 }
 
+/// Removes the snapshot files sled had not finished writing (`snap.<lsn>.generating`).
+///
+/// sled 0.34 writes a snapshot under that name, syncs it, renames it to `snap.<lsn>` and only
+/// then deletes the older snapshots, so such a file is left only by a process that died while
+/// writing it, and the previous complete snapshot is still there. But sled's own open takes the
+/// newest `snap.*` file whatever its suffix, and fails on the partial one with a corruption
+/// error until someone deletes it (found by the crash test: a kill during a snapshot write left
+/// an empty `.generating` file, and every later open failed). The caller holds the directory
+/// lock, so no other process is writing one.
+fn remove_unfinished_snapshots(db_dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(db_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("listing journal {db_dir:?}"), e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("removing the unfinished snapshot {path:?}"),
+                        e,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How long an open waits for sled's lock on the journal files when this process's previous
 /// runtime on the directory is still closing them (see `Journal::open_locked`).
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -540,6 +575,7 @@ impl Journal {
         // still taken, the holder is a runtime of this process that was dropped but whose
         // threads (a flush that was in flight, sled's flusher) have not closed the files yet.
         // Wait for them, briefly, instead of failing an open that would succeed a moment later.
+        remove_unfinished_snapshots(&db_dir)?;
         let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
         let db = loop {
             // sled 0.34 panics on some kinds of damaged files instead of returning an error;

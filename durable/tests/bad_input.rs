@@ -148,6 +148,35 @@ async fn corrupt_database_file_is_an_error_not_a_panic() {
     );
 }
 
+/// A process killed while sled wrote a snapshot leaves `snap.<lsn>.generating`, partial or
+/// empty; sled 0.34 would pick it as the newest snapshot and refuse to open. The open removes
+/// it, sled reads the previous snapshot and the log, and the workflow is there, still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_snapshot_left_by_a_crash_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_waiting(dir.path()).await;
+    let db_dir = dir.path().join("journal");
+    for (name, bytes) in [
+        ("snap.FFFFFFFFFFFFFFFF.generating", &b""[..]),
+        ("snap.FFFFFFFFFFFFFFFE.generating", &b"half a snapshot"[..]),
+    ] {
+        std::fs::write(db_dir.join(name), bytes).unwrap();
+    }
+    let rt = start(waiting(builder(dir.path()))).await;
+    assert_eq!(rt.status(&id("w")).unwrap().status, WorkflowStatus::Running);
+    let left: Vec<String> = std::fs::read_dir(&db_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".generating"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    rt.signal(&id("w"), "go", &2u32).await.unwrap();
+    let out: u32 = rt.handle(&id("w")).unwrap().result().await.unwrap();
+    assert_eq!(out, 3);
+    stop(rt).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_records_are_reported_and_others_run() {
     let dir = tempfile::tempdir().unwrap();

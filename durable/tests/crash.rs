@@ -72,6 +72,18 @@ impl Rng {
     }
 }
 
+/// Written by a child whose runtime failed to open the journal (see `child`).
+fn open_failed_marker(dir: &Path) -> PathBuf {
+    dir.with_extension("open-failed")
+}
+
+/// Fails the test if a child could not open the journal, however the child then ended.
+fn assert_opened(dir: &Path, seed: u64) {
+    if let Ok(why) = std::fs::read_to_string(open_failed_marker(dir)) {
+        panic!("a child could not open the journal after a kill: {why} (seed {seed})");
+    }
+}
+
 fn spawn_child(dir: &Path, ledger: &Path, round: u32) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
         .env("KEEL_CRASH_CHILD", "1")
@@ -120,6 +132,7 @@ fn parent() {
         }
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
+        assert_opened(&dir, seed);
         kills += 1;
     }
     let ledger = ledger_of(round);
@@ -413,7 +426,12 @@ fn child() {
             .register("job", job(ledger.clone()))
             .open()
             .await
-            .expect("open");
+            .unwrap_or_else(|e| {
+                // The parent may kill this process before it exits, which would pass for an
+                // ordinary kill; the marker makes a failed open fail the test.
+                let _ = std::fs::write(open_failed_marker(&dir), format!("{e:?}"));
+                panic!("open: {e:?}");
+            });
         tokio::spawn(runtime.worker().unwrap().run());
         let sent: std::collections::HashSet<u32> = std::fs::read_to_string(&ledger)
             .unwrap_or_default()
