@@ -571,11 +571,11 @@ impl Journal {
         generation: u64,
     ) -> Result<Self> {
         let db_dir = dir.join("journal");
+        remove_unfinished_snapshots(&db_dir)?;
         // We hold the directory's lock (`keel.lock`), so if sled's own lock on its files is
         // still taken, the holder is a runtime of this process that was dropped but whose
         // threads (a flush that was in flight, sled's flusher) have not closed the files yet.
         // Wait for them, briefly, instead of failing an open that would succeed a moment later.
-        remove_unfinished_snapshots(&db_dir)?;
         let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
         let db = loop {
             // sled 0.34 panics on some kinds of damaged files instead of returning an error;

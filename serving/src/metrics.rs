@@ -89,6 +89,12 @@ fn mean(sum: Duration, n: u64) -> Duration {
     }
 }
 
+/// `n` per second of `time` (0 before any time has passed).
+fn per_second(n: u64, time: Duration) -> f64 {
+    let secs = time.as_secs_f64();
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
 impl MetricsState {
     pub(crate) fn new(kv_blocks: usize) -> Self {
         Self {
@@ -105,19 +111,10 @@ impl MetricsState {
         m.mean_queue_time = mean(self.queue_sum, self.queue_n);
         m.mean_time_to_first_token = mean(self.ttft_sum, self.ttft_n);
         m.mean_inter_token_latency = mean(self.itl_sum, self.itl_n);
-        let busy = self.busy.as_secs_f64();
-        m.decode_tokens_per_second = if busy > 0.0 {
-            m.generated_tokens as f64 / busy
-        } else {
-            0.0
-        };
+        m.decode_tokens_per_second = per_second(m.generated_tokens, self.busy);
         m.mean_decode_only_step = mean(self.decode_only_busy, m.decode_only_steps);
-        let d = self.decode_only_busy.as_secs_f64();
-        m.decode_only_tokens_per_second = if d > 0.0 {
-            self.decode_only_tokens as f64 / d
-        } else {
-            0.0
-        };
+        m.decode_only_tokens_per_second =
+            per_second(self.decode_only_tokens, self.decode_only_busy);
         if m.steps > 0 {
             m.mean_batch_size = self.batch_sum as f64 / m.steps as f64;
             m.batch_occupancy = self.occupancy_sum / m.steps as f64;

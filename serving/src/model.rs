@@ -358,11 +358,8 @@ impl Model {
                             .into(),
                     });
                 }
-                let mut kv = cache.host().ok_or_else(|| Error::Execution {
-                    reason: "the CPU kernels need a host KV cache".into(),
-                })?;
                 let greedy: Vec<bool> = sample.iter().map(Option::is_some).collect();
-                return m.forward_picking(tokens, seqs, &mut kv, &greedy);
+                return m.forward_picking(tokens, seqs, &mut host_kv(cache)?, &greedy);
             }
             _ if on_device => {
                 return Err(Error::Execution {
@@ -428,14 +425,16 @@ impl Model {
                 }
                 CandlePath::Kernels => m.forward_kernels(tokens, seqs, cache),
             },
-            Imp::Cpu(m) => {
-                let mut kv = cache.host().ok_or_else(|| Error::Execution {
-                    reason: "the CPU kernels need a host KV cache".into(),
-                })?;
-                m.forward(tokens, seqs, &mut kv)
-            }
+            Imp::Cpu(m) => m.forward(tokens, seqs, &mut host_kv(cache)?),
         }
     }
+}
+
+/// The f16 host cache the CPU kernels run on.
+fn host_kv(cache: &mut KvCache) -> Result<crate::cpu::HostKv<'_>> {
+    cache.host().ok_or_else(|| Error::Execution {
+        reason: "the CPU kernels need a host KV cache".into(),
+    })
 }
 
 /// Checks a step before candle's own forward pass indexes with it: the sequences cover the

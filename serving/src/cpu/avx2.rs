@@ -602,17 +602,18 @@ pub(super) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// The largest of `x` (`-inf` when empty), eight lanes at a time: the same value as a
-/// sequential `f32::max` fold whenever `x` holds no NaN (a maximum is exact in any order).
-/// Callable only where AVX2 exists.
+/// The largest of `x` (`-inf` when empty or all NaN), eight lanes at a time: the value of a
+/// sequential `f32::max` fold, which ignores NaN (a maximum is exact in any order). Callable
+/// only where AVX2 exists.
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn max_of(x: &[f32]) -> f32 {
     let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
-        // SAFETY: `c` holds 8 floats.
-        m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+        // SAFETY: `c` holds 8 floats. `maxps` returns its second operand when either is NaN,
+        // so a NaN lane keeps the running maximum.
+        m = _mm256_max_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, m);
     }
     let mut lanes = [0f32; 8];
     // SAFETY: `lanes` holds 8 floats.
@@ -624,29 +625,16 @@ pub(super) fn max_of(x: &[f32]) -> f32 {
     max
 }
 
-/// The index of the first largest value (see `kernels::argmax`): one pass for the largest
-/// number (a NaN lane keeps the running maximum: `maxps` returns its second operand when
-/// either is NaN), one for the first lane equal to it. A NaN in front is the scalar scan's
+/// The index of the first largest value (see `kernels::argmax`): [`max_of`] for the largest
+/// number, then a pass for the first lane equal to it. A NaN in front is the scalar scan's
 /// answer, kept here. Callable only where AVX2 exists.
 #[target_feature(enable = "avx2")]
 pub(super) fn argmax(x: &[f32]) -> u32 {
     if x.first().is_none_or(|v| v.is_nan()) {
         return 0;
     }
-    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        // SAFETY: `c` holds 8 floats.
-        m = _mm256_max_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, m);
-    }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds 8 floats.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
-    // `f32::max` ignores NaN; `x[0]` is a number, so `max` is one of `x`'s numbers.
-    let max = lanes
-        .iter()
-        .chain(chunks.remainder())
-        .fold(f32::NEG_INFINITY, |a, v| a.max(*v));
+    // `x[0]` is a number, so `max` is one of `x`'s numbers.
+    let max = max_of(x);
     let mv = _mm256_set1_ps(max);
     let mut i = 0;
     while i + 8 <= x.len() {

@@ -72,9 +72,7 @@ impl Proj {
         let w = PlainQ::stack(mats).map_err(|e| Error::InvalidModel { reason: e.0 })?;
         Ok(Self::new(&w, any_bias.then_some(bias)))
     }
-}
 
-impl Proj {
     /// The gate and up projections as one matrix whose rows alternate in runs of 32 (one
     /// activation block): each task of the product then holds both halves of whole blocks of
     /// the down projection's input, and gates and quantizes them itself ([`gate_and_down_acts`]).
