@@ -81,6 +81,7 @@ pub struct EngineBuilder {
     threads: Option<usize>,
     prefix_caching: bool,
     cuda_graphs: bool,
+    pipelined_decode: bool,
 }
 
 impl EngineBuilder {
@@ -92,6 +93,23 @@ impl EngineBuilder {
     /// then on. No effect on the CPU.
     pub fn cuda_graphs(mut self, on: bool) -> Self {
         self.cuda_graphs = on;
+        self
+    }
+
+    /// Whether decode steps are pipelined (default on): when every running sequence decodes one
+    /// token picked by the device sampler (Keel's kernel path: a CUDA device, or a bf16 model on
+    /// the CPU), the engine launches the next step from the picked ids where they are, before it
+    /// reads them back, and streams, detokenizes and checks stop conditions for one step while
+    /// the device runs the next. Each sequence's tokens, finish reason and usage are the same
+    /// either way: a sequence that ends has the one step run ahead for it discarded. The engine
+    /// runs one step at a time whenever anything else is due (a request to admit, a prompt to
+    /// prefill, a sequence that ended, too few free KV blocks, a request that needs the host
+    /// sampler, shutdown), and
+    /// [`EngineMetrics::pipelined_steps`](crate::EngineMetrics::pipelined_steps) counts the
+    /// steps launched ahead. On the CPU every step completes before the next is launched, so
+    /// only the control flow changes; other models ignore the setting.
+    pub fn pipelined_decode(mut self, on: bool) -> Self {
+        self.pipelined_decode = on;
         self
     }
 
@@ -257,6 +275,7 @@ impl EngineBuilder {
                 max_seqs: self.max_seqs,
                 max_context,
                 prefix_caching: self.prefix_caching,
+                pipelined_decode: self.pipelined_decode,
             },
             tokenizer.clone(),
             metrics.clone(),
@@ -320,6 +339,7 @@ impl Engine {
             threads: None,
             prefix_caching: true,
             cuda_graphs: true,
+            pipelined_decode: true,
         }
     }
 

@@ -8,7 +8,8 @@ use std::sync::{Mutex, PoisonError};
 use crate::cpu::CpuModel;
 use crate::cuda::cuda_kernels::SampleParams;
 use crate::cuda::cuda_kernels::{self as kernels, AttentionShape, BlockTables, Rounding};
-use crate::cuda::{graph, ops};
+use crate::cuda::graph::{self, StepIds};
+use crate::cuda::ops;
 use crate::error::{Error, Result, exec};
 use crate::kv::{KvCache, KvLayout};
 
@@ -185,6 +186,38 @@ pub(crate) enum RowOutput {
     Token(u32),
 }
 
+/// Where a launched step's input token ids come from ([`Model::launch_step`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StepTokens<'a> {
+    /// Host values: prompts, and tokens the host has read back or sampled.
+    Host(&'a [u32]),
+    /// The ids an earlier launched step picked, one per sequence of a decode step in the same
+    /// order, fed to this step on the device without being read back.
+    Picked(&'a DeviceIds),
+}
+
+/// Token ids a launched step's device sampler picked, still on the model's device (a `[rows]`
+/// u32 tensor). The pipelined decode loop feeds them to the next step with
+/// [`StepTokens::Picked`] before it reads them back with [`DeviceIds::collect`].
+#[derive(Debug)]
+pub(crate) struct DeviceIds {
+    ids: Tensor,
+}
+
+impl DeviceIds {
+    /// How many ids: one per sequence of the step that picked them.
+    pub(crate) fn len(&self) -> usize {
+        self.ids.elem_count()
+    }
+
+    /// Reads the ids back to the host. On a GPU this waits for the step that picked them and
+    /// for everything queued on the stream before this call: it is the one call of a pipelined
+    /// step that waits for the device.
+    pub(crate) fn collect(&self) -> Result<Vec<u32>> {
+        ops::read_u32(&self.ids)
+    }
+}
+
 /// One sequence's slice of a batched forward step.
 #[derive(Debug, Clone)]
 pub(crate) struct SeqStep {
@@ -320,6 +353,78 @@ impl Model {
         matches!(&self.imp, Imp::Candle(m) if m.path == CandlePath::Kernels)
     }
 
+    /// Whether [`Model::launch_step`] can run: a step launched with its tokens picked on the
+    /// device and left there, so the next step can be launched from them before the host reads
+    /// them (pipelined decode). True on Keel's kernel path, on a CUDA device and on the CPU
+    /// (through the kernels' CPU references, where every call completes before it returns, so
+    /// the control flow is the same and only the overlap is missing).
+    pub(crate) fn can_chain(&self) -> bool {
+        self.samples_on_device()
+    }
+
+    /// Launches a step in which every sequence wants its token and gets it from the device
+    /// sampler (`sample` holds one setting per sequence, in order), and returns the picked ids
+    /// without reading them back ([`DeviceIds::collect`] does). Needs [`Model::can_chain`].
+    /// With [`StepTokens::Picked`] every sequence decodes one token, the one the earlier step
+    /// picked for it.
+    ///
+    /// # Errors
+    /// [`Error::Execution`] when the model cannot launch steps or the step is not of that
+    /// form, and the forward pass's errors.
+    pub(crate) fn launch_step(
+        &self,
+        tokens: StepTokens<'_>,
+        seqs: &[SeqStep],
+        cache: &mut KvCache,
+        sample: &[SampleParams],
+    ) -> Result<DeviceIds> {
+        let bad = |reason: String| Err(Error::Execution { reason });
+        let m = match &self.imp {
+            Imp::Candle(m) if m.path == CandlePath::Kernels => m,
+            _ => return bad("this model cannot launch steps ahead of reading their tokens".into()),
+        };
+        if sample.len() != seqs.len() || seqs.iter().any(|s| !s.want_logits || s.len == 0) {
+            return bad(format!(
+                "a launched step needs every one of its {} sequences to take a token and want \
+                 it, with one sampling setting each (got {})",
+                seqs.len(),
+                sample.len()
+            ));
+        }
+        let ids = match tokens {
+            StepTokens::Host(ids) => StepIds::Host(ids),
+            StepTokens::Picked(picked) => {
+                if picked.len() != seqs.len() || seqs.iter().any(|s| s.len != 1) {
+                    return bad(format!(
+                        "{} picked ids cannot feed a step of {} sequences that does not decode \
+                         one token each",
+                        picked.len(),
+                        seqs.len()
+                    ));
+                }
+                StepIds::Device(&picked.ids)
+            }
+        };
+        // Nothing from here to the return waits for a GPU, so the host goes back to its own
+        // work (the previous step's tokens) while this step runs:
+        // - the checks and the index arrays (positions, slots, block tables) use host values
+        //   only; picked ids are never read (see `kernel_logits` on the vocabulary check);
+        // - every upload is an asynchronous host-to-device copy (pageable memory is staged and
+        //   the call returns), picked ids reach a graph's fixed buffer with a device-to-device
+        //   copy kernel (`ops::copy_u32`), and an eager step reads them where they are;
+        // - the kernels, candle's ops and cuBLAS matmuls, a graph launch and the copy of its
+        //   output, and the sampling kernel are queued on the stream;
+        // - there is no `to_vec*`, `to_scalar` or move to the CPU on this path.
+        // The exception is the first step of a new decode-graph shape: its warm-up run
+        // synchronizes once before the capture (`DecodeGraphs::step`).
+        let Some(logits) = m.kernel_logits(ids, seqs, cache)? else {
+            return bad("a launched step has no tokens".into());
+        };
+        Ok(DeviceIds {
+            ids: ops::sample_on_device(&logits, sample)?,
+        })
+    }
+
     /// Whether [`Model::forward_step`] can pick greedy tokens where the logits are: on the
     /// device with the kernel path, and in Keel's CPU kernels, which read the argmax off their
     /// logits buffer instead of copying the row out for the host sampler.
@@ -371,7 +476,7 @@ impl Model {
                 return Ok(rows.into_iter().map(RowOutput::Logits).collect());
             }
         };
-        let Some(logits) = m.kernel_logits(tokens, seqs, cache)? else {
+        let Some(logits) = m.kernel_logits(StepIds::Host(tokens), seqs, cache)? else {
             return Ok(Vec::new());
         };
         let err = |e: candle_core::Error| ops::backend_error(e, &m.device);
@@ -469,13 +574,17 @@ fn check_step(c: &ModelConfig, tokens: &[u32], seqs: &[SeqStep], slots: usize) -
             ));
         }
     }
-    if let Some(tok) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-        return bad(format!(
-            "token id {tok} is outside the vocabulary of {}",
-            c.vocab
-        ));
+    check_tokens(c, tokens)
+}
+
+/// Checks that every token id is in the vocabulary.
+fn check_tokens(c: &ModelConfig, tokens: &[u32]) -> Result<()> {
+    match tokens.iter().find(|&&t| t as usize >= c.vocab) {
+        Some(tok) => Err(Error::Execution {
+            reason: format!("token id {tok} is outside the vocabulary of {}", c.vocab),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl CandleModel {
@@ -623,7 +732,7 @@ impl CandleModel {
         seqs: &[SeqStep],
         cache: &mut KvCache,
     ) -> Result<Vec<Vec<f32>>> {
-        match self.kernel_logits(tokens, seqs, cache)? {
+        match self.kernel_logits(StepIds::Host(tokens), seqs, cache)? {
             Some(logits) => logits
                 .to_vec2::<f32>()
                 .map_err(|e| ops::backend_error(e, &self.device)),
@@ -637,7 +746,7 @@ impl CandleModel {
     /// ([`CandleModel::graphs`]); every other step runs eagerly.
     fn kernel_logits(
         &self,
-        tokens: &[u32],
+        tokens: StepIds<'_>,
         seqs: &[SeqStep],
         cache: &mut KvCache,
     ) -> Result<Option<Tensor>> {
@@ -646,6 +755,13 @@ impl CandleModel {
         let t = tokens.len();
         if t == 0 {
             return Ok(None);
+        }
+        // The ids index the embedding table. Host ids are checked here; ids that a launched
+        // step's sampling kernel picked are in the vocabulary by construction (the kernel writes
+        // a column index of its `[rows, vocab]` logits), and checking them would mean reading
+        // them back, which is what pipelined decode avoids.
+        if let StepIds::Host(ids) = tokens {
+            check_tokens(&self.config, ids)?;
         }
         let bs = cache.block_size();
         let bad = |reason: String| Error::Execution { reason };
@@ -769,8 +885,12 @@ impl CandleModel {
             let n = logit_rows.len();
             Rows::Pick(Tensor::from_slice(&logit_rows, n, dev).map_err(err)?)
         };
+        let ids = match tokens {
+            StepIds::Host(ids) => Tensor::from_slice(ids, t, dev).map_err(err)?,
+            StepIds::Device(ids) => ids.clone(),
+        };
         let step = KernelStep {
-            ids: Tensor::from_slice(tokens, t, dev).map_err(err)?,
+            ids,
             // Every layer reads the same positions and slots: one upload each for the step.
             positions: ops::Indices::upload(&positions, dev)?,
             write_slots: ops::Indices::upload(&write_slots, dev)?,
@@ -1312,6 +1432,202 @@ mod tests {
         assert!(matches!(
             m.forward(&[3], &[outside_far], &mut cache),
             Err(Error::CacheIndexOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn steps_fed_from_picked_ids_give_the_host_fed_tokens() {
+        // Two sequences decode eight greedy tokens each. One model feeds every step the ids the
+        // host read back; the other launches each decode step from the previous step's ids on
+        // the device (`StepTokens::Picked`), eagerly and through decode graphs (whose fixed ids
+        // buffer is then filled device to device), and reads them only afterwards.
+        let spec = tiny(8);
+        let prompts = [prompts()[0].clone(), prompts()[2].clone()];
+        let greedy = [SampleParams::greedy(); 2];
+        let c = model(&spec, false).config.clone();
+        let new_cache = |m: &Model| {
+            KvCache::new(c.layers, 16, BLOCK, c.kv_dim(), &Device::Cpu, m.host_kv()).unwrap()
+        };
+        let steps_at = |lens: [usize; 2], cache: &KvCache| -> Vec<SeqStep> {
+            lens.iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    // Sequence i owns blocks 8i.. so tables never overlap.
+                    let table: Vec<u32> = (0..8).map(|b| (8 * i + b) as u32).collect();
+                    SeqStep {
+                        start_pos: len - 1,
+                        len: 1,
+                        slots: cache.slots(&table, len),
+                        want_logits: true,
+                    }
+                })
+                .collect()
+        };
+        let prefill = |m: &Model, cache: &mut KvCache| -> Vec<u32> {
+            let mut tokens = Vec::new();
+            let mut steps = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                tokens.extend_from_slice(p);
+                let table: Vec<u32> = (0..8).map(|b| (8 * i + b) as u32).collect();
+                steps.push(SeqStep {
+                    start_pos: 0,
+                    len: p.len(),
+                    slots: cache.slots(&table, p.len()),
+                    want_logits: true,
+                });
+            }
+            let ids = m.launch_step(StepTokens::Host(&tokens), &steps, cache, &greedy);
+            ids.unwrap().collect().unwrap()
+        };
+        let host_fed = {
+            let m = model(&spec, true);
+            let mut cache = new_cache(&m);
+            let mut last = prefill(&m, &mut cache);
+            let mut out = vec![last.clone()];
+            for k in 0..8 {
+                let lens = [prompts[0].len() + k + 1, prompts[1].len() + k + 1];
+                let steps = steps_at(lens, &cache);
+                let rows = m.forward_step(&last, &steps, &mut cache, &[Some(greedy[0]); 2]);
+                last = rows
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| match r {
+                        RowOutput::Token(t) => t,
+                        RowOutput::Logits(_) => panic!("expected a device pick"),
+                    })
+                    .collect();
+                out.push(last.clone());
+            }
+            out
+        };
+        for graphs in [false, true] {
+            let mut m = model(&spec, true);
+            m.set_decode_graphs(graphs);
+            assert!(m.can_chain());
+            let mut cache = new_cache(&m);
+            let mut out = vec![prefill(&m, &mut cache)];
+            let first = steps_at([prompts[0].len() + 1, prompts[1].len() + 1], &cache);
+            let mut flight = m
+                .launch_step(StepTokens::Host(&out[0]), &first, &mut cache, &greedy)
+                .unwrap();
+            for k in 1..8 {
+                let lens = [prompts[0].len() + k + 1, prompts[1].len() + k + 1];
+                let steps = steps_at(lens, &cache);
+                let next = m
+                    .launch_step(StepTokens::Picked(&flight), &steps, &mut cache, &greedy)
+                    .unwrap();
+                out.push(flight.collect().unwrap());
+                flight = next;
+            }
+            out.push(flight.collect().unwrap());
+            assert_eq!(out, host_fed, "graphs {graphs}");
+            if graphs {
+                let (stats, off) = m.graph_report().unwrap();
+                assert_eq!(off, None);
+                assert!(stats.replays >= 6, "{stats:?}");
+            }
+        }
+        // The distinct tokens show the comparison means something.
+        let distinct: std::collections::HashSet<_> = host_fed.iter().flatten().collect();
+        assert!(distinct.len() >= 6, "{host_fed:?}");
+    }
+
+    #[test]
+    fn launched_steps_of_the_wrong_form_are_typed_errors() {
+        let m = model(&tiny(9), true);
+        let c = &m.config;
+        let mut cache =
+            KvCache::new(c.layers, 8, BLOCK, c.kv_dim(), &Device::Cpu, m.host_kv()).unwrap();
+        let greedy = SampleParams::greedy();
+        let prefill = SeqStep {
+            start_pos: 0,
+            len: 2,
+            slots: vec![0, 1],
+            want_logits: true,
+        };
+        let picked = m
+            .launch_step(
+                StepTokens::Host(&[3, 4]),
+                std::slice::from_ref(&prefill),
+                &mut cache,
+                &[greedy],
+            )
+            .unwrap();
+        assert_eq!(picked.len(), 1);
+        let decode = SeqStep {
+            start_pos: 2,
+            len: 1,
+            slots: vec![0, 1, 2],
+            want_logits: true,
+        };
+        let bad = [
+            // Picked ids feed one token per sequence, not a prefill chunk.
+            (
+                StepTokens::Picked(&picked),
+                vec![prefill.clone()],
+                vec![greedy],
+            ),
+            // One id for two sequences.
+            (
+                StepTokens::Picked(&picked),
+                vec![decode.clone(), decode.clone()],
+                vec![greedy; 2],
+            ),
+            // A sampling setting missing, and a sequence that wants no token.
+            (StepTokens::Host(&[5]), vec![decode.clone()], vec![]),
+            (
+                StepTokens::Host(&[5]),
+                vec![SeqStep {
+                    want_logits: false,
+                    ..decode.clone()
+                }],
+                vec![greedy],
+            ),
+            // A host token outside the vocabulary.
+            (
+                StepTokens::Host(&[c.vocab as u32]),
+                vec![decode.clone()],
+                vec![greedy],
+            ),
+        ];
+        for (tokens, steps, params) in bad {
+            assert!(
+                matches!(
+                    m.launch_step(tokens, &steps, &mut cache, &params),
+                    Err(Error::Execution { .. })
+                ),
+                "{tokens:?} {steps:?}"
+            );
+        }
+        // A well-formed step still runs, and candle's own path cannot launch steps at all.
+        assert!(
+            m.launch_step(
+                StepTokens::Picked(&picked),
+                std::slice::from_ref(&decode),
+                &mut cache,
+                &[greedy]
+            )
+            .is_ok()
+        );
+        let plain = model(&tiny(9), false);
+        assert!(!plain.can_chain());
+        let mut plain_cache = KvCache::new(
+            c.layers,
+            8,
+            BLOCK,
+            c.kv_dim(),
+            &Device::Cpu,
+            plain.host_kv(),
+        )
+        .unwrap();
+        assert!(matches!(
+            plain.launch_step(
+                StepTokens::Host(&[5]),
+                &[decode],
+                &mut plain_cache,
+                &[greedy]
+            ),
+            Err(Error::Execution { .. })
         ));
     }
 

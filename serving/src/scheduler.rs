@@ -1,7 +1,9 @@
 //! The model thread: continuous batching at iteration level. Each step decodes one token for
 //! every running sequence and fills the rest of a token budget with prefill chunks of waiting
 //! sequences (first come, first served); when KV blocks run out the newest running sequence
-//! is preempted and recomputed later.
+//! is preempted and recomputed later. While the batch only decodes device-sampled tokens,
+//! steps are pipelined: the next is launched from the picked ids on the device before the host
+//! streams them (`InFlight`, `Scheduler::advance`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -10,10 +12,11 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::cuda::cuda_kernels::SampleParams;
 use crate::error::{Error, Result};
 use crate::kv::{BlockPool, KvCache, blocks_for};
 use crate::metrics::{LoadCounters, MetricsState};
-use crate::model::{Model, RowOutput, SeqStep};
+use crate::model::{DeviceIds, Model, RowOutput, SeqStep, StepTokens};
 use crate::request::{FinishReason, StreamEvent, Summary, Timings, TokenDelta, Usage};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -44,6 +47,9 @@ pub(crate) struct SchedulerConfig {
     pub(crate) max_seqs: usize,
     pub(crate) max_context: usize,
     pub(crate) prefix_caching: bool,
+    /// Whether decode steps may be launched one ahead of reading their predecessor's tokens
+    /// (`EngineBuilder::pipelined_decode`).
+    pub(crate) pipelined_decode: bool,
 }
 
 #[derive(Debug)]
@@ -153,6 +159,41 @@ impl Seq {
     }
 }
 
+/// A step launched on the device whose picked ids the host has not read yet (pipelined
+/// decode); at most one exists. While it is in flight, `running` holds exactly its sequences,
+/// in its batch order, and it feeds each one token, `tokens[computed]` at position `computed`
+/// (a token the host may not have yet), in a cache slot of a block the sequence already holds.
+/// Nothing leaves `running` and no block goes back to the pool until it is collected, since it
+/// still writes those slots.
+struct InFlight {
+    /// The ids its sampler picked, one per sequence, still on the device.
+    ids: DeviceIds,
+    /// When its planning began, for the step metrics.
+    t0: Instant,
+}
+
+/// The step after the one in flight, planned before that one's ids are read.
+struct Ahead {
+    steps: Vec<SeqStep>,
+    params: Vec<SampleParams>,
+    t0: Instant,
+}
+
+/// A sequence that ended at a step: its index in `running`, why it ended, and the text still
+/// to release.
+type Finished = (usize, (FinishReason, String));
+
+/// A finished request's summary and where it goes.
+type DoneEvent = (UnboundedSender<Result<StreamEvent>>, Summary);
+
+/// What applying one step's outputs did.
+#[derive(Default)]
+struct Absorbed {
+    finished: Vec<Finished>,
+    generated: u64,
+    prefill: u64,
+}
+
 pub(crate) struct Scheduler {
     model: Model,
     cache: KvCache,
@@ -164,6 +205,9 @@ pub(crate) struct Scheduler {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     shutting_down: bool,
+    in_flight: Option<InFlight>,
+    /// When the last step's accounting ended (pipelined steps overlap; see `account`).
+    last_step_end: Option<Instant>,
 }
 
 impl Scheduler {
@@ -195,6 +239,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             shutting_down: false,
+            in_flight: None,
+            last_step_end: None,
         })
     }
 
@@ -279,6 +325,18 @@ impl Scheduler {
     /// Drops cancelled requests and fails those past their deadline, freeing their blocks.
     fn reap(&mut self) {
         let now = Instant::now();
+        if self.in_flight.is_some() {
+            let discard: Vec<bool> = self
+                .running
+                .iter()
+                .map(|s| s.events.is_closed() || s.deadline.is_some_and(|d| now >= d))
+                .collect();
+            if discard.contains(&true) {
+                // The step in flight still writes these sequences' cache slots: collect it,
+                // with their rows discarded, before their blocks go back.
+                self.drain(&discard);
+            }
+        }
         let mut dead = Vec::new();
         let mut i = 0;
         while i < self.running.len() {
@@ -327,8 +385,13 @@ impl Scheduler {
         self.with_metrics(|m| m.m.preemptions += 1);
     }
 
-    /// Plans and runs one step.
+    /// Plans and runs one step. With a step in flight (pipelined decode), collects it instead,
+    /// launching the next one ahead when the batch can go on unchanged (see `advance`).
     fn step(&mut self) {
+        if let Some(flight) = self.in_flight.take() {
+            self.advance(flight);
+            return;
+        }
         let t0 = Instant::now();
         let bs = self.cfg.block_size;
         let mut budget = self.cfg.max_batch_tokens;
@@ -442,38 +505,240 @@ impl Scheduler {
                 });
             }
         }
-        let result = self
+        let want: Vec<bool> = steps.iter().map(|s| s.want_logits).collect();
+        if let Some(params) = self.starts_chain(&plan, &want, &sample) {
+            // The first step of a chain: launched with its ids left on the device, so that
+            // `advance` can launch the next step from them before reading them.
+            let launched =
+                self.model
+                    .launch_step(StepTokens::Host(&tokens), &steps, &mut self.cache, &params);
+            match launched {
+                Ok(ids) => self.advance(InFlight { ids, t0 }),
+                Err(e) => self.fail(plan.iter().map(|p| p.0).collect(), &e),
+            }
+            return;
+        }
+        let outputs = match self
             .model
-            .forward_step(&tokens, &steps, &mut self.cache, &sample);
-        let mut logits = match result {
-            Ok(l) => l.into_iter(),
+            .forward_step(&tokens, &steps, &mut self.cache, &sample)
+        {
+            Ok(rows) => rows,
             Err(e) => {
                 // Fail only this batch's requests; the engine keeps serving others.
-                let reason = e.to_string();
-                let mut idxs: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idxs.sort_unstable();
-                let mut failed = Vec::new();
-                for idx in idxs.into_iter().rev() {
-                    let s = self.running.remove(idx);
-                    failed.push(s.events.clone());
-                    self.with_metrics(|m| m.m.requests_failed += 1);
-                    self.finish_seq(s);
-                }
-                self.publish();
-                for tx in failed {
-                    let _ = tx.send(Err(Error::Execution {
-                        reason: reason.clone(),
-                    }));
-                }
+                self.fail(plan.iter().map(|p| p.0).collect(), &e);
                 return;
             }
         };
-
         let now = Instant::now();
-        let mut finished = Vec::new();
-        let mut generated = 0u64;
-        let mut prefill = 0u64;
-        for (&(idx, chunk), step) in plan.iter().zip(&steps) {
+        let out = self.absorb(&plan, &want, outputs, &[], now);
+        self.account(t0, plan.len(), &out);
+        let done = self.retire(out.finished, now);
+        self.publish();
+        Self::send_done(done);
+    }
+
+    /// The sampling settings of a step that can start a pipelined chain, `None` for any other:
+    /// pipelining is on and the model supports it, and the step decodes one token for every
+    /// running sequence, in order, each wanting its token from the device sampler.
+    fn starts_chain(
+        &self,
+        plan: &[(usize, usize)],
+        want: &[bool],
+        sample: &[Option<SampleParams>],
+    ) -> Option<Vec<SampleParams>> {
+        let whole_batch = plan.len() == self.running.len()
+            && plan.iter().enumerate().all(|(i, &p)| p == (i, 1))
+            && want.iter().all(|&w| w)
+            && sample.len() == plan.len();
+        if !(self.cfg.pipelined_decode && self.model.can_chain() && whole_batch) {
+            return None;
+        }
+        sample.iter().copied().collect()
+    }
+
+    /// Whether the step after the one in flight may be launched before that one is collected:
+    /// the same sequences would each just decode their next token, with nothing else due. Not
+    /// when a waiting request could join the batch, at shutdown, when some sequence needs the
+    /// host sampler, when the batch outgrows one step's token budget, or when a sequence's
+    /// next position would pass the context limit. (A sequence that ends at the step in flight
+    /// is found only when its token is processed; the step run ahead for it is then
+    /// discarded.)
+    fn may_chain(&self) -> bool {
+        let n = self.running.len();
+        let room = n < self.cfg.max_seqs && n < self.cfg.max_batch_tokens;
+        self.cfg.pipelined_decode
+            && self.model.can_chain()
+            && !self.shutting_down
+            && n > 0
+            && n <= self.cfg.max_batch_tokens
+            && (self.waiting.is_empty() || !room)
+            && self
+                .running
+                .iter()
+                .all(|s| s.params.device_sampleable() && s.computed + 2 <= self.cfg.max_context)
+    }
+
+    /// Plans the step after the one in flight for the same sequences in the same order,
+    /// assuming each goes on: one token at the position after the one in flight, in a slot of
+    /// a block taken now when the position starts a new block, with the next draw from the
+    /// sequence's own sampler (so a seed's draws stay in order). `None`, with no block taken
+    /// and nothing drawn, when the pool has too few free blocks; the next step then runs
+    /// synchronously, which may preempt.
+    fn plan_ahead(&mut self) -> Option<Ahead> {
+        let t0 = Instant::now();
+        let bs = self.cfg.block_size;
+        let needs: Vec<usize> = self
+            .running
+            .iter()
+            .map(|s| blocks_for(s.computed + 2, bs).saturating_sub(s.blocks.len()))
+            .collect();
+        let mut fresh = self.alloc.allocate(needs.iter().sum())?.into_iter();
+        let mut steps = Vec::with_capacity(needs.len());
+        let mut params = Vec::with_capacity(needs.len());
+        for (s, need) in self.running.iter_mut().zip(needs) {
+            s.blocks.extend(fresh.by_ref().take(need));
+            steps.push(SeqStep {
+                start_pos: s.computed + 1,
+                len: 1,
+                slots: self.cache.slots(&s.blocks, s.computed + 2),
+                want_logits: true,
+            });
+            params.push(s.sampler.device_params(&s.params));
+        }
+        // `may_chain` checked that every sequence samples on the device, so each has a setting;
+        // if one did not, the blocks stay with their sequences (their next step uses them).
+        let params = params.into_iter().collect::<Option<Vec<_>>>()?;
+        Some(Ahead { steps, params, t0 })
+    }
+
+    /// Collects the step in flight and processes its tokens. When the batch may go on as it is
+    /// (`may_chain`), the next step is planned while the device still runs this one, and
+    /// launched from this step's ids on the device right after they are read, before the host
+    /// streams them, so the device runs it while the host does that work. The read comes first
+    /// because the device runs a stream in order: a read queued behind the next step would
+    /// wait for it too. If a sequence ended at this step, the step run ahead is collected at
+    /// once and that sequence's row of it discarded (never streamed or counted), and only then
+    /// do its blocks go back.
+    fn advance(&mut self, flight: InFlight) {
+        let ahead = if self.may_chain() {
+            self.plan_ahead()
+        } else {
+            None
+        };
+        let ids = match self.read(&flight) {
+            Ok(ids) => ids,
+            Err(e) => {
+                // Blocks taken for the step ahead belong to these sequences and go back with
+                // them; nothing was launched with them.
+                self.fail((0..self.running.len()).collect(), &e);
+                return;
+            }
+        };
+        let mut failure = None;
+        let mut next = None;
+        if let Some(a) = ahead {
+            let picked = StepTokens::Picked(&flight.ids);
+            match self
+                .model
+                .launch_step(picked, &a.steps, &mut self.cache, &a.params)
+            {
+                Ok(ids) => {
+                    next = Some(InFlight { ids, t0: a.t0 });
+                    self.with_metrics(|m| m.m.pipelined_steps += 1);
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        let mut finished = self.absorb_decode(flight.t0, ids, &[]);
+        if let Some(next) = next {
+            if finished.is_empty() {
+                self.in_flight = Some(next);
+            } else {
+                let ended: Vec<bool> = (0..self.running.len())
+                    .map(|i| finished.iter().any(|f| f.0 == i))
+                    .collect();
+                match self.read(&next) {
+                    Ok(ids) => finished.extend(self.absorb_decode(next.t0, ids, &ended)),
+                    Err(e) => failure = Some(e),
+                }
+            }
+        }
+        let done = self.retire(finished, Instant::now());
+        if let Some(e) = failure {
+            // As when a synchronous step fails: the batch's remaining requests (all of
+            // `running`, since a chain admits nobody) fail, and the engine keeps serving.
+            self.fail((0..self.running.len()).collect(), &e);
+        }
+        self.publish();
+        Self::send_done(done);
+    }
+
+    /// Collects the step in flight, if any, with the rows of the sequences marked in `discard`
+    /// dropped, and retires the sequences that end. Called before sequences leave `running`
+    /// any other way, since the step in flight still writes their cache slots.
+    fn drain(&mut self, discard: &[bool]) {
+        let Some(flight) = self.in_flight.take() else {
+            return;
+        };
+        let done = match self.read(&flight) {
+            Ok(ids) => {
+                let finished = self.absorb_decode(flight.t0, ids, discard);
+                self.retire(finished, Instant::now())
+            }
+            Err(e) => {
+                self.fail((0..self.running.len()).collect(), &e);
+                Vec::new()
+            }
+        };
+        self.publish();
+        Self::send_done(done);
+    }
+
+    /// Reads a launched step's ids back: on a GPU, the wait for the device.
+    fn read(&self, flight: &InFlight) -> Result<Vec<u32>> {
+        let ids = flight.ids.collect()?;
+        if ids.len() != self.running.len() {
+            return Err(Error::Execution {
+                reason: format!(
+                    "a launched step returned {} ids for {} sequences",
+                    ids.len(),
+                    self.running.len()
+                ),
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Processes a launched decode step's ids (one per running sequence, in order) and counts
+    /// the step; rows marked in `discard` are dropped. Returns the sequences that ended.
+    fn absorb_decode(&mut self, t0: Instant, ids: Vec<u32>, discard: &[bool]) -> Vec<Finished> {
+        let n = ids.len();
+        let plan: Vec<(usize, usize)> = (0..n).map(|i| (i, 1)).collect();
+        let outputs = ids.into_iter().map(RowOutput::Token).collect();
+        let out = self.absorb(&plan, &vec![true; n], outputs, discard, Instant::now());
+        self.account(t0, n, &out);
+        out.finished
+    }
+
+    /// Applies a step's outputs: each planned sequence's fed tokens are now in the cache, and
+    /// each that wanted a token (`want`, per plan row) gets the next row of `outputs`, which is
+    /// sampled if need be, streamed and checked against the stop conditions. Rows marked in
+    /// `discard` (per plan row) change nothing and count for nothing.
+    fn absorb(
+        &mut self,
+        plan: &[(usize, usize)],
+        want: &[bool],
+        outputs: Vec<RowOutput>,
+        discard: &[bool],
+        now: Instant,
+    ) -> Absorbed {
+        let mut outputs = outputs.into_iter();
+        let mut out = Absorbed::default();
+        for (k, (&(idx, chunk), &wanted)) in plan.iter().zip(want).enumerate() {
+            let row = if wanted { outputs.next() } else { None };
+            if discard.get(k).copied().unwrap_or(false) {
+                continue;
+            }
             let s = &mut self.running[idx];
             s.computed += chunk;
             self.alloc.register(
@@ -484,26 +749,28 @@ impl Scheduler {
                 &mut s.indexed,
             );
             if !(chunk == 1 && s.tokens.len() > s.prompt_len) {
-                prefill += chunk as u64;
+                out.prefill += chunk as u64;
             }
-            if !step.want_logits {
-                continue;
-            }
-            let sampled = match logits.next() {
+            let sampled = match row {
                 Some(RowOutput::Logits(mut row)) => {
                     s.sampler.sample(&s.params, &mut row, &s.tokens)
                 }
                 Some(RowOutput::Token(token)) => s.sampler.record(token),
                 None => continue,
             };
-            generated += 1;
+            out.generated += 1;
             if let Some(done) = self.on_token(idx, sampled, now) {
-                finished.push((idx, done));
+                out.finished.push((idx, done));
             }
         }
+        out
+    }
+
+    /// Removes the sequences that ended, frees their blocks and builds their summaries, to be
+    /// sent after the step's accounting, so a caller who has its summary also sees the
+    /// request's blocks freed and counted in the metrics.
+    fn retire(&mut self, mut finished: Vec<Finished>, now: Instant) -> Vec<DoneEvent> {
         finished.sort_by_key(|f| f.0);
-        // Summaries go out after the step's accounting, so a caller who has its summary also
-        // sees the request's blocks freed and counted in the metrics.
         let mut done_events = Vec::new();
         for (idx, (reason, tail)) in finished.into_iter().rev() {
             let s = self.running.remove(idx);
@@ -527,10 +794,50 @@ impl Scheduler {
             done_events.push((s.events.clone(), summary));
             self.finish_seq(s);
         }
-        let batch = plan.len();
+        done_events
+    }
+
+    fn send_done(done: Vec<DoneEvent>) {
+        for (tx, summary) in done {
+            let _ = tx.send(Ok(StreamEvent::Done(summary)));
+        }
+    }
+
+    /// Fails the running sequences at `idxs` with `e` (a step that could not run): only they
+    /// fail, and the engine keeps serving others.
+    fn fail(&mut self, mut idxs: Vec<usize>, e: &Error) {
+        let reason = e.to_string();
+        idxs.sort_unstable();
+        idxs.dedup();
+        let mut failed = Vec::new();
+        for idx in idxs.into_iter().rev() {
+            if idx >= self.running.len() {
+                continue;
+            }
+            let s = self.running.remove(idx);
+            failed.push(s.events.clone());
+            self.with_metrics(|m| m.m.requests_failed += 1);
+            self.finish_seq(s);
+        }
+        self.publish();
+        for tx in failed {
+            let _ = tx.send(Err(Error::Execution {
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    /// Counts one model step in the metrics.
+    fn account(&mut self, t0: Instant, batch: usize, out: &Absorbed) {
+        let now = Instant::now();
+        // Pipelined steps overlap (the next is planned and launched before this one is
+        // processed), so a step's time starts no earlier than the end of the previous step's,
+        // and busy time is not counted twice.
+        let start = self.last_step_end.map_or(t0, |end| end.max(t0));
+        self.last_step_end = Some(now);
+        let took = now.saturating_duration_since(start);
+        let (generated, prefill) = (out.generated, out.prefill);
         let max_seqs = self.cfg.max_seqs;
-        let used = self.alloc.used();
-        let (running, waiting) = (self.running.len(), self.waiting.len());
         let graphs = self.model.graph_report();
         self.with_metrics(|m| {
             if let Some((stats, off)) = graphs {
@@ -538,7 +845,6 @@ impl Scheduler {
                 m.m.graph_replays = stats.replays;
                 m.m.graphs_off = off;
             }
-            let took = t0.elapsed();
             m.m.steps += 1;
             m.m.generated_tokens += generated;
             m.m.prefill_tokens += prefill;
@@ -550,14 +856,7 @@ impl Scheduler {
             m.batch_sum += batch as u64;
             m.occupancy_sum += batch as f64 / max_seqs as f64;
             m.busy += took;
-            m.m.kv_blocks_in_use = used;
-            m.m.running = running;
-            m.m.waiting = waiting;
         });
-        self.publish();
-        for (tx, summary) in done_events {
-            let _ = tx.send(Ok(StreamEvent::Done(summary)));
-        }
     }
 
     /// Handles a sampled token: emits it, and reports whether (and why) the sequence ended,
@@ -650,5 +949,222 @@ impl std::fmt::Debug for Scheduler {
             .field("total_blocks", &self.alloc.total())
             .field("block_size", &self.cache.block_size())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RandomModel;
+    use crate::cuda::cuda_kernels::Dtype;
+    use candle_core::Device;
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    const BLOCK: usize = 4;
+
+    /// A scheduler over a bf16 random model, which runs Keel's kernel path on the CPU (so
+    /// steps can chain), with `kv_blocks` blocks of four and no prefix cache, so every block in
+    /// use is held by exactly one sequence.
+    fn scheduler(kv_blocks: usize, pipelined: bool) -> Scheduler {
+        let spec = RandomModel::llama(64, 2, 4, 2, 96, 300)
+            .unwrap()
+            .seed(21)
+            .dtype(Dtype::Bf16);
+        let (model, tokenizer) = spec.build(&Device::Cpu).unwrap();
+        assert!(model.can_chain());
+        let cfg = SchedulerConfig {
+            block_size: BLOCK,
+            kv_blocks,
+            max_batch_tokens: 64,
+            max_seqs: 8,
+            max_context: 32,
+            prefix_caching: false,
+            pipelined_decode: pipelined,
+        };
+        let metrics = Arc::new(Mutex::new(MetricsState::new(kv_blocks)));
+        let load = Arc::new(LoadCounters::default());
+        Scheduler::new(model, cfg, Arc::new(tokenizer), metrics, load, &Device::Cpu).unwrap()
+    }
+
+    fn prompt(i: u32, len: u32) -> Vec<u32> {
+        (0..len).map(|k| (k * 37 + i * 11 + 5) % 300).collect()
+    }
+
+    fn greedy(max_tokens: usize) -> SamplingParams {
+        SamplingParams::greedy()
+            .max_tokens(max_tokens)
+            .ignore_eos(true)
+    }
+
+    fn submit(
+        s: &mut Scheduler,
+        id: u64,
+        tokens: Vec<u32>,
+        params: SamplingParams,
+    ) -> UnboundedReceiver<Result<StreamEvent>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        s.load.in_flight.fetch_add(1, Ordering::Relaxed);
+        s.handle(Command::Submit(Box::new(NewSeq {
+            id,
+            tokens,
+            params,
+            deadline: None,
+            submitted: Instant::now(),
+            events: tx,
+        })));
+        rx
+    }
+
+    /// The pool-level invariant between steps: while a step is in flight, every sequence it
+    /// runs is still running (none was retired and had its blocks freed) and holds the block
+    /// its slot is in; and every block in use is held by a sequence.
+    fn check_invariants(s: &Scheduler) {
+        if let Some(f) = &s.in_flight {
+            assert_eq!(f.ids.len(), s.running.len(), "a sequence left mid-flight");
+            for q in &s.running {
+                assert_eq!(q.tokens.len(), q.computed + 1);
+                assert!(q.blocks.len() >= blocks_for(q.computed + 1, BLOCK));
+            }
+        }
+        let held: usize = s
+            .running
+            .iter()
+            .chain(&s.waiting)
+            .map(|q| q.blocks.len())
+            .sum();
+        assert_eq!(
+            s.alloc.used(),
+            held,
+            "a block in use that no sequence holds"
+        );
+    }
+
+    /// One turn of the model thread's loop, then the invariants.
+    fn turn(s: &mut Scheduler) {
+        s.reap();
+        s.step();
+        check_invariants(s);
+    }
+
+    /// Runs until every request is done.
+    fn run(s: &mut Scheduler) {
+        while !(s.running.is_empty() && s.waiting.is_empty()) {
+            turn(s);
+        }
+        assert!(s.in_flight.is_none());
+        assert_eq!(s.alloc.used(), 0);
+    }
+
+    /// The tokens streamed so far and the summary, if it came.
+    fn events(rx: &mut UnboundedReceiver<Result<StreamEvent>>) -> (Vec<u32>, Option<Summary>) {
+        let mut tokens = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            match event.unwrap() {
+                StreamEvent::Token(t) => tokens.push(t.token()),
+                StreamEvent::Done(summary) => {
+                    assert!(rx.try_recv().is_err(), "an event after the summary");
+                    return (tokens, Some(summary));
+                }
+            }
+        }
+        (tokens, None)
+    }
+
+    fn metric(s: &Scheduler, f: impl Fn(&crate::EngineMetrics) -> u64) -> u64 {
+        f(&s.metrics.lock().unwrap().m)
+    }
+
+    #[test]
+    fn the_step_ahead_falls_back_when_the_pool_cannot_hold_it() {
+        // 9 + 16 tokens: finishing one step at a time needs slots for 24 positions, six
+        // blocks. The step run ahead of the last one would feed position 24, a seventh block.
+        let go = |kv_blocks, pipelined| {
+            let mut s = scheduler(kv_blocks, pipelined);
+            let mut rx = submit(&mut s, 1, prompt(0, 9), greedy(16));
+            run(&mut s);
+            let (tokens, summary) = events(&mut rx);
+            let summary = summary.unwrap();
+            assert_eq!(summary.finish_reason, FinishReason::Length);
+            assert_eq!(summary.usage.completion_tokens, 16);
+            assert_eq!(metric(&s, |m| m.preemptions), 0);
+            assert_eq!(metric(&s, |m| m.generated_tokens), 16);
+            (tokens, metric(&s, |m| m.pipelined_steps))
+        };
+        let (one_by_one, none) = go(6, false);
+        let (tight, fewer) = go(6, true);
+        let (roomy, more) = go(7, true);
+        assert_eq!(none, 0);
+        assert_eq!(tight, one_by_one);
+        assert_eq!(roomy, one_by_one);
+        // With a seventh block the last step is run ahead too (and discarded); without it the
+        // chain falls back to one step at a time there.
+        assert!(fewer > 0);
+        assert_eq!(more, fewer + 1);
+    }
+
+    #[test]
+    fn a_sequence_that_ends_mid_chain_is_retired_after_the_step_ahead() {
+        let go = |pipelined| {
+            let mut s = scheduler(32, pipelined);
+            let mut a = submit(&mut s, 1, prompt(0, 5), greedy(3));
+            let mut b = submit(&mut s, 2, prompt(1, 6), greedy(10));
+            let mut flights = Vec::new();
+            while !(s.running.is_empty() && s.waiting.is_empty()) {
+                turn(&mut s);
+                flights.push((s.running.len(), s.in_flight.is_some()));
+            }
+            let (a, sa) = events(&mut a);
+            let (b, sb) = events(&mut b);
+            let (sa, sb) = (sa.unwrap(), sb.unwrap());
+            // Nothing of the discarded row was streamed or counted.
+            assert_eq!(a.len(), sa.usage.completion_tokens);
+            assert_eq!(b.len(), sb.usage.completion_tokens);
+            assert_eq!(metric(&s, |m| m.generated_tokens), 13);
+            (a, b, flights)
+        };
+        let (a_sync, b_sync, _) = go(false);
+        let (a, b, flights) = go(true);
+        assert_eq!((a.len(), b.len()), (3, 10));
+        assert_eq!((a, b), (a_sync, b_sync));
+        // A chain ran with both sequences, stopped when the first one ended (the step ahead was
+        // collected at once), and started again with the other.
+        let both = flights.iter().position(|&f| f == (2, true)).unwrap();
+        let alone = flights.iter().position(|&f| f == (1, false)).unwrap();
+        assert!(both < alone);
+        assert!(flights[alone..].contains(&(1, true)));
+    }
+
+    #[test]
+    fn a_cancelled_sequence_has_its_row_of_the_step_in_flight_discarded() {
+        let go = |cancel_after: Option<usize>| {
+            let mut s = scheduler(32, true);
+            let mut a = Some(submit(&mut s, 1, prompt(0, 5), greedy(20)));
+            let mut b = submit(&mut s, 2, prompt(1, 6), greedy(12));
+            let mut seen_a = Vec::new();
+            while !(s.running.is_empty() && s.waiting.is_empty()) {
+                turn(&mut s);
+                if let Some(rx) = a.as_mut() {
+                    seen_a.extend(events(rx).0);
+                    if cancel_after.is_some_and(|n| seen_a.len() >= n) {
+                        // Cancelled while a step that runs it is in flight.
+                        assert!(s.in_flight.is_some());
+                        a = None;
+                        turn(&mut s);
+                        assert_eq!(s.running.len(), 1);
+                    }
+                }
+            }
+            let (b, summary) = events(&mut b);
+            assert_eq!(b.len(), summary.unwrap().usage.completion_tokens);
+            let generated = metric(&s, |m| m.generated_tokens);
+            (seen_a, b, generated, metric(&s, |m| m.requests_cancelled))
+        };
+        let (a_all, b_all, _, _) = go(None);
+        let (a, b, generated, cancelled) = go(Some(4));
+        assert_eq!(cancelled, 1);
+        assert_eq!(a, a_all[..a.len()]);
+        assert_eq!(b, b_all);
+        // The tokens the cancelled request received are all that was counted for it.
+        assert_eq!(generated, (a.len() + b.len()) as u64);
     }
 }

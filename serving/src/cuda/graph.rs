@@ -33,11 +33,29 @@ pub(crate) struct GraphKey {
     pub(crate) cache: candle_core::TensorId,
 }
 
-/// One decode step's inputs on the host: a token per sequence with its position and cache
-/// slot, and the sequences' block tables with their context lengths.
+/// A step's input token ids: host values, or a contiguous u32 tensor on the model's device that
+/// an earlier step's sampler wrote (pipelined decode), which is never read back to feed it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StepIds<'a> {
+    Host(&'a [u32]),
+    Device(&'a Tensor),
+}
+
+impl StepIds<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Host(ids) => ids.len(),
+            Self::Device(ids) => ids.elem_count(),
+        }
+    }
+}
+
+/// One decode step's inputs: a token per sequence with its position and cache slot, and the
+/// sequences' block tables with their context lengths. Everything but the token ids is on the
+/// host.
 #[derive(Debug)]
 pub(crate) struct DecodeInputs<'a> {
-    pub(crate) tokens: &'a [u32],
+    pub(crate) tokens: StepIds<'a>,
     pub(crate) positions: &'a [u32],
     pub(crate) slots: &'a [u32],
     pub(crate) tables: &'a [(Vec<u32>, usize)],
@@ -244,9 +262,14 @@ impl Entry {
         })
     }
 
-    /// Copies a step's inputs into the fixed buffers (queued after every earlier launch).
+    /// Copies a step's inputs into the fixed buffers (queued after every earlier launch): the
+    /// host's values with one host-to-device copy each, and ids already on the device with a
+    /// device-to-device copy, so a pipelined step never reads them back.
     fn fill(&self, inputs: &DecodeInputs<'_>, tables: &BlockTables) -> Result<()> {
-        ops::write_u32(&self.ids, inputs.tokens)?;
+        match inputs.tokens {
+            StepIds::Host(ids) => ops::write_u32(&self.ids, ids)?,
+            StepIds::Device(ids) => ops::copy_u32(&self.ids, ids)?,
+        }
         ops::write_u32(&self.positions, inputs.positions)?;
         ops::write_u32(&self.slots, inputs.slots)?;
         ops::write_u32(&self.flat, tables.flat())?;
@@ -327,7 +350,7 @@ mod tests {
         };
         let tables = vec![(vec![0u32], 1usize)];
         let inputs = DecodeInputs {
-            tokens: &[1, 2],
+            tokens: StepIds::Host(&[1, 2]),
             positions: &[0, 0],
             slots: &[0, 4],
             tables: &tables,

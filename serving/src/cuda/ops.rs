@@ -439,10 +439,18 @@ fn attention_inner(
 /// log-probabilities on the kernel path (`Model::forward_step`); gpu_check uses the poisoned
 /// variant.
 pub(crate) fn sample(logits: &Tensor, params: &[SampleParams]) -> Result<Vec<u32>> {
+    read_u32(&sample_on_device(logits, params)?)
+}
+
+/// [`sample`] without the read-back: the picked ids stay on the logits' device as a `[rows]`
+/// u32 tensor. On a GPU this only queues the kernel (its parameters go up with an asynchronous
+/// host-to-device copy); nothing waits for the device. Pipelined decode feeds these ids to the
+/// next step device to device and reads them with [`read_u32`] later.
+pub(crate) fn sample_on_device(logits: &Tensor, params: &[SampleParams]) -> Result<Tensor> {
     sample_inner(logits, params, false)
 }
 
-fn sample_inner(logits: &Tensor, params: &[SampleParams], poison: bool) -> Result<Vec<u32>> {
+fn sample_inner(logits: &Tensor, params: &[SampleParams], poison: bool) -> Result<Tensor> {
     kernel_dtype("sample", "logits", logits)?;
     let vocab = logits.dims().last().copied().unwrap_or(0);
     reference::check_sample(logits.elem_count(), vocab, params.len())?;
@@ -451,11 +459,49 @@ fn sample_inner(logits: &Tensor, params: &[SampleParams], poison: bool) -> Resul
         vocab,
         poison,
     };
-    let ids = logits
+    logits
         .apply_op1_no_bwd(&op)
-        .map_err(|e| backend_error(e, logits.device()))?;
-    ids.to_vec1::<u32>()
         .map_err(|e| backend_error(e, logits.device()))
+}
+
+/// The values of a u32 tensor on the host. On a GPU this waits for every launch queued on the
+/// tensor's stream so far (candle's device-to-host copy is synchronous).
+pub(crate) fn read_u32(t: &Tensor) -> Result<Vec<u32>> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<u32>())
+        .map_err(|e| backend_error(e, t.device()))
+}
+
+/// Copies `src`, a contiguous u32 tensor of at most `dst`'s length on the same device, into
+/// the first elements of `dst`, in place. On a GPU this is one device-to-device copy kernel
+/// queued on the stream (candle's `slice_set`), ordered after the launch that wrote `src`;
+/// nothing crosses to the host and nothing waits. A captured decode step's fixed ids buffer is
+/// refilled this way from the previous step's sampled ids (pipelined decode).
+pub(crate) fn copy_u32(dst: &Tensor, src: &Tensor) -> Result<()> {
+    let ok = |t: &Tensor| t.dtype() == DType::U32 && t.is_contiguous() && t.rank() == 1;
+    if !ok(dst) || !ok(src) || src.elem_count() > dst.elem_count() {
+        return Err(input_error(
+            "copy_u32",
+            format!(
+                "a {:?} {:?} tensor does not fit the first elements of a {:?} {:?} tensor (both must be contiguous 1-d u32)",
+                src.dtype(),
+                src.dims(),
+                dst.dtype(),
+                dst.dims()
+            ),
+        ));
+    }
+    if !src.device().same_device(dst.device()) {
+        return Err(input_error(
+            "copy_u32",
+            "the source and destination are on different devices".into(),
+        ));
+    }
+    if src.elem_count() == 0 {
+        return Ok(());
+    }
+    dst.slice_set(src, 0, 0)
+        .map_err(|e| backend_error(e, dst.device()))
 }
 
 /// The same ops with their outputs filled with NaN (or `u32::MAX`) before the kernel runs, so
@@ -487,7 +533,7 @@ pub(crate) mod poisoned {
 
     /// [`super::sample`] with a poisoned output.
     pub(crate) fn sample(logits: &Tensor, params: &[SampleParams]) -> Result<Vec<u32>> {
-        sample_inner(logits, params, true)
+        read_u32(&sample_inner(logits, params, true)?)
     }
 }
 
@@ -914,6 +960,24 @@ mod tests {
             write_u32(&f, &[1]),
             Err(Error::KernelInput { .. })
         ));
+    }
+
+    #[test]
+    fn sampled_ids_stay_on_the_device_and_copy_into_a_fixed_buffer() {
+        let logits = t(&[0.0, 3.0, 1.0, 5.0, 0.0, 1.0], &[2, 3]);
+        let ids = sample_on_device(&logits, &[SampleParams::greedy(); 2]).unwrap();
+        assert_eq!((ids.dtype(), ids.dims()), (DType::U32, &[2][..]));
+        assert_eq!(read_u32(&ids).unwrap(), [1, 0]);
+        // Into the first elements of a longer buffer; the rest is left alone.
+        let buffer = Tensor::from_slice(&[7u32, 7, 7], 3, &Device::Cpu).unwrap();
+        copy_u32(&buffer, &ids).unwrap();
+        assert_eq!(read_u32(&buffer).unwrap(), [1, 0, 7]);
+        // A source longer than the buffer, or of another dtype or rank, is a typed error.
+        let short = Tensor::from_slice(&[0u32], 1, &Device::Cpu).unwrap();
+        let wide = Tensor::from_slice(&[0u32, 1], (1, 2), &Device::Cpu).unwrap();
+        for (dst, src) in [(&short, &ids), (&buffer, &logits), (&buffer, &wide)] {
+            assert!(matches!(copy_u32(dst, src), Err(Error::KernelInput { .. })));
+        }
     }
 
     #[test]
