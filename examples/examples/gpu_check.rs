@@ -505,19 +505,21 @@ fn check_greedy(
         &[1, 5, 17, 33, 64, 100]
     };
     let new = if args.quick { 16 } else { 32 };
-    let build = |device, graphs| {
+    let build = |device, graphs, pipelined| {
         Engine::builder()
             .random_model(spec.clone())
             .device(device)
             .kv_blocks(256)
             .max_seqs(lens.len())
             .cuda_graphs(graphs)
+            .pipelined_decode(pipelined)
             .build()
     };
     let t = Instant::now();
-    let cpu = build(Device::Cpu, false)?;
-    let gpu = build(target, true)?;
-    let eager = build(target, false)?;
+    let cpu = build(Device::Cpu, false, false)?;
+    let gpu = build(target, true, true)?;
+    let serial = build(target, true, false)?;
+    let eager = build(target, false, true)?;
     let vocab = cpu.model_info().vocab_size;
     let prompts: Vec<Vec<u32>> = lens
         .iter()
@@ -532,13 +534,14 @@ fn check_greedy(
     let want = rt.block_on(greedy_runs(&cpu, &prompts, new, true))?;
     let mut ok = true;
     let mut lines = Vec::new();
-    // The GPU three times: sampling on the host (log-probabilities asked for), then on the
-    // device, both with decode steps as CUDA graphs; then the device sampler with every step
-    // launched eagerly.
+    // The GPU four times: sampling on the host (log-probabilities asked for), then on the
+    // device, both with decode steps as CUDA graphs and pipelined; then the device sampler
+    // with graphs one step at a time (pipelining off), and with every step launched eagerly.
     for (label, engine, logprobs) in [
         ("host sampler, graphs", &gpu, true),
-        ("device sampler, graphs", &gpu, false),
-        ("device sampler, eager", &eager, false),
+        ("device sampler, graphs, pipelined", &gpu, false),
+        ("device sampler, graphs, one step at a time", &serial, false),
+        ("device sampler, eager, pipelined", &eager, false),
     ] {
         lines.push(format!("  gpu, {label}:"));
         let got = rt.block_on(greedy_runs(engine, &prompts, new, logprobs))?;
@@ -585,6 +588,17 @@ fn check_greedy(
         )
     };
     lines.push(format!("  cuda graphs: {graphs}"));
+    // The device sampler's run must have pipelined its decode steps (the CPU's f32 model runs
+    // candle's path, which has none).
+    let pipelined = if target == Device::Cpu {
+        "not on the CPU's candle path".to_string()
+    } else if m.pipelined_steps == 0 {
+        ok = false;
+        "FAIL: no decode step was launched ahead".to_string()
+    } else {
+        format!("{} steps launched ahead", m.pipelined_steps)
+    };
+    lines.push(format!("  pipelined decode: {pipelined}"));
     println!("{}", lines.join("\n"));
     let summary = format!(
         "{} prompts, {} ({:.1} s)",
@@ -600,6 +614,8 @@ struct DecodeRow {
     model: &'static str,
     /// Whether decode steps ran as CUDA graphs.
     graphs: bool,
+    /// Whether decode steps were pipelined (launched before the previous step's ids were read).
+    pipelined: bool,
     batch: usize,
     tokens_per_s: f64,
     ms_per_step: f64,
@@ -637,17 +653,28 @@ fn decode_bench(
             ),
         ],
     };
-    // Each model with decode steps as CUDA graphs at every batch size, then launched eagerly
-    // at the small batches, where launch overhead matters most (not on the CPU: no graphs).
-    let eager_batches: &[usize] = if args.quick { &[1] } else { &[1, 32] };
+    // Each model with decode steps as pipelined CUDA graphs at every batch size; then, at the
+    // small batches, where launch overhead and the host's share of a step matter most, graphs
+    // one step at a time (pipelining off) and pipelined eager launches (not on the CPU: no
+    // graphs).
+    let small_batches: &[usize] = if args.quick { &[1] } else { &[1, 32] };
     let mut runs = Vec::new();
     for (name, spec, layers, kv_dim) in models {
-        runs.push((name, spec.clone(), layers, kv_dim, true, batches));
+        runs.push((name, spec.clone(), layers, kv_dim, true, true, batches));
         if target != Device::Cpu {
-            runs.push((name, spec, layers, kv_dim, false, eager_batches));
+            runs.push((
+                name,
+                spec.clone(),
+                layers,
+                kv_dim,
+                true,
+                false,
+                small_batches,
+            ));
+            runs.push((name, spec, layers, kv_dim, false, true, small_batches));
         }
     }
-    for (name, spec, layers, kv_dim, graphs, batches) in runs {
+    for (name, spec, layers, kv_dim, graphs, pipelined, batches) in runs {
         let spec = spec.seed(args.seed);
         let params = spec.parameters();
         let t = Instant::now();
@@ -662,9 +689,10 @@ fn decode_bench(
             .max_batch_tokens(max_batch * prompt)
             .prefix_caching(false)
             .cuda_graphs(graphs)
+            .pipelined_decode(pipelined)
             .build()?;
         println!(
-            "decode: {name} ({params} parameters, {}, kernels {:?}, graphs {graphs}) built in {:.1} s",
+            "decode: {name} ({params} parameters, {}, kernels {:?}, graphs {graphs}, pipelined {pipelined}) built in {:.1} s",
             engine.model_info().weight_type,
             engine.model_info().kernels,
             t.elapsed().as_secs_f64()
@@ -716,6 +744,7 @@ fn decode_bench(
             rows.push(DecodeRow {
                 model: name,
                 graphs,
+                pipelined,
                 batch,
                 tokens_per_s: tps,
                 ms_per_step: ms,
@@ -732,6 +761,12 @@ fn decode_bench(
                 m.graphs_off
                     .as_ref()
                     .map_or(String::new(), |why| format!(", TURNED OFF: {why}"))
+            );
+        }
+        if pipelined {
+            println!(
+                "  pipelined decode: {} steps launched ahead",
+                m.pipelined_steps
             );
         }
         drop(engine);
@@ -856,9 +891,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(decode) = &decode {
         println!();
         println!(
-            "{:<14} {:>6} {:>5} {:>12} {:>9} {:>14} {:>8}   (Keel engine, random weights (bf16 on a GPU), 16-token prompts, {} new tokens, greedy on the device: token ids to the host each step)",
+            "{:<14} {:>6} {:>9} {:>5} {:>12} {:>9} {:>14} {:>8}   (Keel engine, random weights (bf16 on a GPU), 16-token prompts, {} new tokens, greedy on the device: token ids to the host each step)",
             "model",
             "graphs",
+            "pipelined",
             "batch",
             "tokens/s",
             "ms/step",
@@ -875,9 +911,10 @@ fn main() -> anyhow::Result<()> {
                 None => ("-".into(), "-".into()),
             };
             println!(
-                "{:<14} {:>6} {:>5} {:>12.0} {:>9.2} {:>14} {:>8}",
+                "{:<14} {:>6} {:>9} {:>5} {:>12.0} {:>9.2} {:>14} {:>8}",
                 r.model,
                 if r.graphs { "yes" } else { "no" },
+                if r.pipelined { "yes" } else { "no" },
                 r.batch,
                 r.tokens_per_s,
                 r.ms_per_step,

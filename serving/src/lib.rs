@@ -60,9 +60,12 @@
 //!   ([`cuda_kernels`]), compiled with nvcc at build time (`scripts/cuda-env`, docs/cuda.md).
 //!   An engine on [`Device::Cuda`] runs candle's matmuls with Keel's kernels for the fused
 //!   residual add and RMSNorm, rotary embedding, the KV-cache write and paged decode
-//!   attention; sampling stays on the host. Without the feature nothing CUDA-related is
-//!   compiled and asking for [`Device::Cuda`] returns [`Error::CudaUnavailable`]; the
-//!   kernels' CPU references are always available.
+//!   attention, and its fused sampling kernel picks tokens for requests without penalties
+//!   or log-probabilities, so only ids cross to the host; decode steps run as captured CUDA
+//!   graphs and are pipelined (the next step is launched before the host reads and streams
+//!   this one's tokens; [`EngineBuilder::pipelined_decode`]). Without the feature nothing
+//!   CUDA-related is compiled and asking for [`Device::Cuda`] returns
+//!   [`Error::CudaUnavailable`]; the kernels' CPU references are always available.
 //!
 //! # Guarantees
 //! - [`Engine`] and [`GenerationStream`] are `Send + Sync`/`Send`; share the engine in an `Arc`.

@@ -161,6 +161,9 @@ pub(crate) struct CandleModel {
     /// Captured decode steps (see `cuda::graph`): on by default on a CUDA device, off on the
     /// CPU, where tests turn them on to run steps through the graphs' fixed buffers.
     graphs: Option<Mutex<graph::DecodeGraphs>>,
+    /// Page-locked buffers for reading picked ids back without waiting for the stream (used
+    /// on a GPU only; see `ops::start_read`).
+    readback: ops::Readback,
 }
 
 /// Which of the candle-tensor forward passes runs.
@@ -202,6 +205,8 @@ pub(crate) enum StepTokens<'a> {
 #[derive(Debug)]
 pub(crate) struct DeviceIds {
     ids: Tensor,
+    /// Their copy to the host, queued right behind the step that picked them.
+    read: ops::IdsRead,
 }
 
 impl DeviceIds {
@@ -210,11 +215,12 @@ impl DeviceIds {
         self.ids.elem_count()
     }
 
-    /// Reads the ids back to the host. On a GPU this waits for the step that picked them and
-    /// for everything queued on the stream before this call: it is the one call of a pipelined
-    /// step that waits for the device.
+    /// Reads the ids back to the host: the one call of a pipelined step that waits for the
+    /// device. On a GPU their copy was queued right behind the step that picked them, into
+    /// page-locked memory, so this waits for that step only, not for a step launched after it
+    /// (`ops::start_read`).
     pub(crate) fn collect(&self) -> Result<Vec<u32>> {
-        ops::read_u32(&self.ids)
+        self.read.wait()
     }
 }
 
@@ -278,6 +284,7 @@ impl Model {
                 device,
                 dtype,
                 path,
+                readback: ops::Readback::default(),
             })),
         })
     }
@@ -420,9 +427,11 @@ impl Model {
         let Some(logits) = m.kernel_logits(ids, seqs, cache)? else {
             return bad("a launched step has no tokens".into());
         };
-        Ok(DeviceIds {
-            ids: ops::sample_on_device(&logits, sample)?,
-        })
+        let ids = ops::sample_on_device(&logits, sample)?;
+        // The copy back is queued now, before anything else goes on the stream, so reading
+        // these ids never waits for the step launched from them.
+        let read = ops::start_read(&ids, &m.readback);
+        Ok(DeviceIds { ids, read })
     }
 
     /// Whether [`Model::forward_step`] can pick greedy tokens where the logits are: on the

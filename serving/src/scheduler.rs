@@ -612,28 +612,22 @@ impl Scheduler {
     }
 
     /// Collects the step in flight and processes its tokens. When the batch may go on as it is
-    /// (`may_chain`), the next step is planned while the device still runs this one, and
-    /// launched from this step's ids on the device right after they are read, before the host
-    /// streams them, so the device runs it while the host does that work. The read comes first
-    /// because the device runs a stream in order: a read queued behind the next step would
-    /// wait for it too. If a sequence ended at this step, the step run ahead is collected at
-    /// once and that sequence's row of it discarded (never streamed or counted), and only then
-    /// do its blocks go back.
+    /// (`may_chain`), the next step is planned while the device still runs this one and
+    /// launched from this step's ids on the device before they are read, so the device runs it
+    /// while the host reads and streams this step's tokens. (On a GPU the read waits for this
+    /// step only: its copy to page-locked memory was queued right behind it, ahead of the next
+    /// launch.) If a sequence ended at this step, the step run ahead is collected at once and
+    /// that sequence's row of it discarded (never streamed or counted), and only then do its
+    /// blocks go back.
     fn advance(&mut self, flight: InFlight) {
         let ahead = if self.may_chain() {
             self.plan_ahead()
         } else {
             None
         };
-        let ids = match self.read(&flight) {
-            Ok(ids) => ids,
-            Err(e) => {
-                // Blocks taken for the step ahead belong to these sequences and go back with
-                // them; nothing was launched with them.
-                self.fail((0..self.running.len()).collect(), &e);
-                return;
-            }
-        };
+        // The step ahead goes first: this step's ids were queued for the host right behind it
+        // (`Model::launch_step`), so the read below waits for this step only, while the step
+        // ahead keeps the device busy through the read and the streaming after it.
         let mut failure = None;
         let mut next = None;
         if let Some(a) = ahead {
@@ -649,6 +643,16 @@ impl Scheduler {
                 Err(e) => failure = Some(e),
             }
         }
+        let ids = match self.read(&flight) {
+            Ok(ids) => ids,
+            Err(e) => {
+                // The whole batch fails, the step ahead with it (dropped unread: it runs
+                // before anything launched later on the same stream, so the blocks it writes
+                // may go back now).
+                self.fail((0..self.running.len()).collect(), &e);
+                return;
+            }
+        };
         let mut finished = self.absorb_decode(flight.t0, ids, &[]);
         if let Some(next) = next {
             if finished.is_empty() {

@@ -4,7 +4,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor, WithDType, bail};
@@ -448,3 +448,107 @@ pub(crate) struct Graph(pub(crate) candle_core::cuda_backend::cudarc::driver::Cu
 // context is current (cudarc binds the context on each call); the engine moves the model, and
 // with it the graphs, to the model thread and uses them only there, behind `&mut`.
 unsafe impl Send for Graph {}
+
+/// Page-locked host buffers that picked ids are copied into without waiting for the stream,
+/// kept for reuse: allocating page-locked memory costs far more than a step's copy.
+#[derive(Debug, Default)]
+pub(crate) struct Readback {
+    free: std::sync::Mutex<Vec<PinnedHostSlice<u32>>>,
+}
+
+impl Readback {
+    fn take(&self, n: usize) -> Option<PinnedHostSlice<u32>> {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = free.iter().position(|b| b.len() >= n)?;
+        Some(free.swap_remove(at))
+    }
+
+    fn give(&self, buf: PinnedHostSlice<u32>) {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        free.push(buf);
+    }
+}
+
+/// Picked ids on their way to the host: a device-to-host copy queued on the stream right
+/// behind the step that picked them, into a page-locked buffer, so the copy is asynchronous and
+/// [`PendingIds::wait`] waits on the copy's own event, not on the stream: steps launched after
+/// it keep the GPU busy meanwhile. The buffer goes back to its [`Readback`] when this drops.
+#[derive(Debug)]
+pub(crate) struct PendingIds {
+    buf: Option<PinnedHostSlice<u32>>,
+    n: usize,
+    home: std::sync::Arc<Readback>,
+}
+
+/// Queues the copy of `ids` (a contiguous u32 tensor on the GPU) to the host.
+pub(crate) fn start_readback(
+    ids: &Tensor,
+    home: &std::sync::Arc<Readback>,
+) -> candle_core::Result<PendingIds> {
+    let (storage, layout) = ids.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("picked ids are not on the GPU")
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        bail!("picked ids are not contiguous")
+    };
+    let n = b - a;
+    let stream = cs.device().cuda_stream();
+    let mut buf = match home.take(n) {
+        Some(buf) => buf,
+        // SAFETY: the buffer's contents are unset until the copy below writes its first `n`
+        // elements, and only those are ever read, by `PendingIds::wait`, after it waits for
+        // the copy's event. Flags 0: plain page-locked memory (write-combined memory is slow
+        // for the host to read).
+        None => unsafe {
+            stream
+                .context()
+                .alloc_pinned_with_flags::<u32>(n.max(64).next_power_of_two(), 0)
+        }
+        .w()?,
+    };
+    // `buf` holds at least `n` elements (`take` and the allocation both ensure it), as the
+    // copy requires; it records the buffer's event on the stream after the copy.
+    stream
+        .memcpy_dtoh(&cs.as_cuda_slice::<u32>()?.slice(a..b), &mut buf)
+        .w()?;
+    Ok(PendingIds {
+        buf: Some(buf),
+        n,
+        home: home.clone(),
+    })
+}
+
+impl PendingIds {
+    /// The ids, once the copy (and so the step that picked them) has finished.
+    pub(crate) fn wait(&self) -> candle_core::Result<Vec<u32>> {
+        let Some(buf) = &self.buf else {
+            bail!("picked ids were already handed back")
+        };
+        let host = buf.as_slice().w()?;
+        match host.get(..self.n) {
+            Some(ids) => Ok(ids.to_vec()),
+            None => bail!(
+                "a read-back buffer of {} ids holds fewer than {}",
+                host.len(),
+                self.n
+            ),
+        }
+    }
+}
+
+impl Drop for PendingIds {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            // A later copy into it waits for this one's event first (cudarc orders uses of a
+            // page-locked buffer through its event).
+            self.home.give(buf);
+        }
+    }
+}

@@ -472,6 +472,54 @@ pub(crate) fn read_u32(t: &Tensor) -> Result<Vec<u32>> {
         .map_err(|e| backend_error(e, t.device()))
 }
 
+/// Where a model's picked ids are read back: on a GPU, a pool of page-locked host buffers
+/// ([`start_read`]); nothing on the CPU.
+#[derive(Debug, Default)]
+pub(crate) struct Readback {
+    #[cfg(feature = "cuda")]
+    pool: std::sync::Arc<super::gpu::Readback>,
+}
+
+/// Picked ids on their way to the host ([`start_read`]).
+#[derive(Debug)]
+pub(crate) enum IdsRead {
+    /// Read when asked: on the CPU the values are already there.
+    Now(Tensor),
+    /// On a GPU: a copy queued right behind the step that picked them, into page-locked
+    /// memory; waiting for it waits for that step only, not for steps launched after it.
+    #[cfg(feature = "cuda")]
+    Queued(super::gpu::PendingIds),
+}
+
+/// Starts reading `ids` (a u32 tensor a step's sampler wrote) back to the host. On a GPU the
+/// copy is queued now, on the stream right behind the step, and nothing waits; so a step
+/// launched after this call does not delay [`IdsRead::wait`]. If the queued copy cannot be set
+/// up (page-locked memory refused), the read falls back to candle's synchronous copy at
+/// [`IdsRead::wait`], which then also waits for whatever was launched after it.
+pub(crate) fn start_read(ids: &Tensor, readback: &Readback) -> IdsRead {
+    #[cfg(feature = "cuda")]
+    if ids.device().is_cuda()
+        && let Ok(pending) = super::gpu::start_readback(ids, &readback.pool)
+    {
+        return IdsRead::Queued(pending);
+    }
+    let _ = readback;
+    IdsRead::Now(ids.clone())
+}
+
+impl IdsRead {
+    /// The ids on the host: on a GPU, once the step that picked them has finished.
+    pub(crate) fn wait(&self) -> Result<Vec<u32>> {
+        match self {
+            Self::Now(ids) => read_u32(ids),
+            #[cfg(feature = "cuda")]
+            Self::Queued(pending) => pending.wait().map_err(|e| Error::Execution {
+                reason: format!("reading picked token ids back from the GPU: {e}"),
+            }),
+        }
+    }
+}
+
 /// Copies `src`, a contiguous u32 tensor of at most `dst`'s length on the same device, into
 /// the first elements of `dst`, in place. On a GPU this is one device-to-device copy kernel
 /// queued on the stream (candle's `slice_set`), ordered after the launch that wrote `src`;
