@@ -38,9 +38,12 @@ fn bench(c: &mut Criterion) {
             return;
         }
     };
+    // No prefix cache: every iteration feeds the same prompt, and a cached prefix would turn
+    // the prefill measured below into two tokens' work.
     let engine = Engine::builder()
         .model_path(&path)
         .kv_blocks(256)
+        .prefix_caching(false)
         .build()
         .unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

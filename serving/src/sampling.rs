@@ -53,11 +53,21 @@ impl SamplingParams {
         Self::default()
     }
 
-    /// Sampling temperature; `0` means greedy. Must be finite and non-negative.
+    /// Sampling temperature; `0` means greedy. Must be finite and non-negative. Temperatures
+    /// below [`SamplingParams::MIN_TEMPERATURE`] count as `0`: the most likely token already
+    /// takes all the probability there, and scaling logits by `1/t` would overflow to
+    /// infinities (whose differences are NaN) on either sampler.
     pub fn temperature(mut self, t: f32) -> Self {
-        self.temperature = t;
+        self.temperature = if t > 0.0 && t < Self::MIN_TEMPERATURE {
+            0.0
+        } else {
+            t
+        };
         self
     }
+
+    /// The smallest temperature that samples; positive ones below it are greedy.
+    pub const MIN_TEMPERATURE: f32 = 1e-5;
 
     /// Keep only the `k` most likely tokens; `0` disables the filter.
     pub fn top_k(mut self, k: usize) -> Self {
@@ -451,6 +461,27 @@ mod tests {
                 .is_err()
         );
         assert!(SamplingParams::default().top_p(0.0).validate().is_err());
+        // Tiny temperatures are greedy (their 1/t would overflow); NaN and negatives are
+        // still refused.
+        for t in [1e-30, f32::MIN_POSITIVE, 1e-6] {
+            let p = SamplingParams::default().temperature(t);
+            assert_eq!(p.temperature, 0.0, "{t}");
+            assert!(p.validate().is_ok());
+        }
+        let p = SamplingParams::default().temperature(SamplingParams::MIN_TEMPERATURE);
+        assert_eq!(p.temperature, SamplingParams::MIN_TEMPERATURE);
+        assert!(
+            SamplingParams::default()
+                .temperature(f32::NAN)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            SamplingParams::default()
+                .temperature(-1e-6)
+                .validate()
+                .is_err()
+        );
         assert!(SamplingParams::default().min_p(1.5).validate().is_err());
         assert!(SamplingParams::default().max_tokens(0).validate().is_err());
         assert!(SamplingParams::default().validate().is_ok());

@@ -325,6 +325,7 @@ impl Scheduler {
     /// Drops cancelled requests and fails those past their deadline, freeing their blocks.
     fn reap(&mut self) {
         let now = Instant::now();
+        let mut keep_running = false;
         if self.in_flight.is_some() {
             let discard: Vec<bool> = self
                 .running
@@ -335,11 +336,16 @@ impl Scheduler {
                 // The step in flight still writes these sequences' cache slots: collect it,
                 // with their rows discarded, before their blocks go back.
                 self.drain(&discard);
+            } else {
+                // Nothing running was dead at this look, and the step stays in flight, so
+                // `running` must stay exactly its batch: a stream dropped since the look is
+                // reaped at the next one, not now.
+                keep_running = true;
             }
         }
         let mut dead = Vec::new();
         let mut i = 0;
-        while i < self.running.len() {
+        while !keep_running && i < self.running.len() {
             let s = &self.running[i];
             if s.events.is_closed() || s.deadline.is_some_and(|d| now >= d) {
                 dead.push(self.running.remove(i));
