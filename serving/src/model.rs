@@ -1232,6 +1232,20 @@ mod tests {
         m
     }
 
+    /// A host cache of `blocks` blocks laid out for `m`.
+    fn cache_for(m: &Model, blocks: usize) -> KvCache {
+        let c = &m.config;
+        KvCache::new(
+            c.layers,
+            blocks,
+            BLOCK,
+            c.kv_dim(),
+            &Device::Cpu,
+            m.host_kv(),
+        )
+        .unwrap()
+    }
+
     /// One sequence of the little scheduler below: its tokens, how many are in the cache, and
     /// its block table.
     struct Seq {
@@ -1620,15 +1634,7 @@ mod tests {
         );
         let plain = model(&tiny(9), false);
         assert!(!plain.can_chain());
-        let mut plain_cache = KvCache::new(
-            c.layers,
-            8,
-            BLOCK,
-            c.kv_dim(),
-            &Device::Cpu,
-            plain.host_kv(),
-        )
-        .unwrap();
+        let mut plain_cache = cache_for(&plain, 8);
         assert!(matches!(
             plain.launch_step(
                 StepTokens::Host(&[5]),
@@ -1706,15 +1712,7 @@ mod tests {
         // A model without the kernel path samples on the host only.
         let plain = model(&tiny(6), false);
         assert!(!plain.samples_on_device());
-        let mut plain_cache = KvCache::new(
-            c.layers,
-            8,
-            BLOCK,
-            c.kv_dim(),
-            &Device::Cpu,
-            plain.host_kv(),
-        )
-        .unwrap();
+        let mut plain_cache = cache_for(&plain, 8);
         assert!(matches!(
             plain.forward_step(&tokens, &steps, &mut plain_cache, &[greedy, None]),
             Err(Error::Execution { .. })

@@ -4,20 +4,12 @@
 //! give the same greedy tokens, and a seed must repeat its output.
 #![allow(clippy::unwrap_used)] // Test set-up: failures should abort loudly.
 
-use keel_serving::cuda_kernels::Dtype;
-use keel_serving::{Completion, Engine, GenerateRequest, RandomModel, SamplingParams};
+mod common;
+
+use keel_serving::{Completion, Engine, GenerateRequest, SamplingParams};
 
 fn engine() -> Engine {
-    let spec = RandomModel::llama(64, 2, 4, 2, 96, 300)
-        .unwrap()
-        .seed(21)
-        .dtype(Dtype::Bf16);
-    Engine::builder()
-        .random_model(spec)
-        .threads(2)
-        .max_seqs(8)
-        .build()
-        .unwrap()
+    common::kernel_path_builder().build().unwrap()
 }
 
 async fn run(e: &Engine, prompt: &[u32], p: SamplingParams) -> Completion {

@@ -6,22 +6,15 @@
 //! reason or usage, and that steps really were launched ahead (`pipelined_steps`).
 #![allow(clippy::unwrap_used)] // Test set-up: failures should abort loudly.
 
-use keel_serving::cuda_kernels::Dtype;
+mod common;
+
 use keel_serving::{
     Completion, Engine, EngineBuilder, EngineMetrics, FinishReason, GenerateRequest,
-    GenerationStream, RandomModel, SamplingParams, StreamEvent, Usage,
+    GenerationStream, SamplingParams, StreamEvent, Usage,
 };
 
 fn builder(pipelined: bool) -> EngineBuilder {
-    let spec = RandomModel::llama(64, 2, 4, 2, 96, 300)
-        .unwrap()
-        .seed(21)
-        .dtype(Dtype::Bf16);
-    Engine::builder()
-        .random_model(spec)
-        .threads(2)
-        .max_seqs(8)
-        .pipelined_decode(pipelined)
+    common::kernel_path_builder().pipelined_decode(pipelined)
 }
 
 fn prompt(i: u32, len: u32) -> Vec<u32> {
@@ -141,15 +134,7 @@ async fn pipelining_changes_no_tokens_finish_reasons_or_usage() {
     assert_eq!(out[4].finish, FinishReason::StopToken);
     assert!(lengths[4] <= 5, "{:?}", out[4]);
     // Pipelining is on by default.
-    let (_, m) = run_all(
-        Engine::builder().random_model(
-            RandomModel::llama(64, 2, 4, 2, 96, 300)
-                .unwrap()
-                .dtype(Dtype::Bf16),
-        ),
-        &[(prompt(6, 5), greedy(6))],
-    )
-    .await;
+    let (_, m) = run_all(common::kernel_path_builder(), &[(prompt(6, 5), greedy(6))]).await;
     assert!(m.pipelined_steps > 0, "{m:?}");
 }
 

@@ -6,7 +6,8 @@ pub(crate) mod tiny;
 
 use std::path::PathBuf;
 
-use keel_serving::{Engine, resolve_model_path};
+use keel_serving::cuda_kernels::Dtype;
+use keel_serving::{Engine, EngineBuilder, RandomModel, resolve_model_path};
 
 /// The real test model; fails the test (never skips it) when the file is absent.
 pub(crate) fn model_path() -> PathBuf {
@@ -103,4 +104,15 @@ pub(crate) fn reference() -> Reference {
     );
     let text = std::fs::read_to_string(path).expect("fixture exists");
     serde_json::from_str(&text).expect("fixture parses")
+}
+
+/// An engine builder for a tiny bf16 random model (hidden 64, 2 layers, vocabulary 300), which
+/// runs Keel's kernel path through the kernels' CPU references: the device sampler and
+/// pipelined decode, without a GPU.
+pub(crate) fn kernel_path_builder() -> EngineBuilder {
+    let spec = RandomModel::llama(64, 2, 4, 2, 96, 300)
+        .unwrap()
+        .seed(21)
+        .dtype(Dtype::Bf16);
+    Engine::builder().random_model(spec).threads(2).max_seqs(8)
 }
