@@ -101,10 +101,12 @@ impl EngineBuilder {
     /// the CPU), the engine launches the next step from the picked ids where they are, before it
     /// reads them back, and streams, detokenizes and checks stop conditions for one step while
     /// the device runs the next. Each sequence's tokens, finish reason and usage are the same
-    /// either way: a sequence that ends has the one step run ahead for it discarded. The engine
-    /// runs one step at a time whenever anything else is due (a request to admit, a prompt to
-    /// prefill, a sequence that ended, too few free KV blocks, a request that needs the host
-    /// sampler, shutdown), and
+    /// either way: a sequence known to end at a step (its `max_tokens`, the context limit) is
+    /// left out of the step launched ahead, and one that ends otherwise (a stop token or stop
+    /// string) or is cancelled leaves the batch at once, its row of the step ahead discarded,
+    /// while the others go on pipelined. The engine runs one step at a time whenever anything
+    /// else is due (a request to admit, a prompt to prefill, too few free KV blocks, a request
+    /// that needs the host sampler, shutdown), and
     /// [`EngineMetrics::pipelined_steps`](crate::EngineMetrics::pipelined_steps) counts the
     /// steps launched ahead. On the CPU every step completes before the next is launched, so
     /// only the control flow changes; other models ignore the setting.

@@ -194,9 +194,14 @@ pub(crate) enum RowOutput {
 pub(crate) enum StepTokens<'a> {
     /// Host values: prompts, and tokens the host has read back or sampled.
     Host(&'a [u32]),
-    /// The ids an earlier launched step picked, one per sequence of a decode step in the same
-    /// order, fed to this step on the device without being read back.
-    Picked(&'a DeviceIds),
+    /// The ids an earlier launched step picked, fed to this step on the device without being
+    /// read back: one per sequence of a decode step, sequence `k` taking row `rows[k]` of
+    /// `ids` (`rows: None` is the identity: the same sequences in the same order). The pipelined
+    /// loop selects rows when some of the earlier step's sequences have left the batch.
+    Picked {
+        ids: &'a DeviceIds,
+        rows: Option<&'a [u32]>,
+    },
 }
 
 /// Token ids a launched step's device sampler picked, still on the model's device (a `[rows]`
@@ -221,6 +226,25 @@ impl DeviceIds {
     /// (`ops::start_read`).
     pub(crate) fn collect(&self) -> Result<Vec<u32>> {
         self.read.wait()
+    }
+
+    /// The ids at `rows`, in that order, as a new `[rows.len()]` tensor on the same device,
+    /// without reading them back: the row indices are checked on the host and uploaded, and the
+    /// gather (candle's `index_select`) is queued on the device's stream.
+    ///
+    /// # Errors
+    /// [`Error::Execution`] when a row is out of range, and the device's errors.
+    pub(crate) fn select(&self, rows: &[u32]) -> Result<Tensor> {
+        let device = self.ids.device();
+        let n = self.len();
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(Error::Execution {
+                reason: format!("row {bad} of {n} picked ids does not exist"),
+            });
+        }
+        let err = |e: candle_core::Error| ops::backend_error(e, device);
+        let index = Tensor::from_slice(rows, rows.len(), device).map_err(err)?;
+        self.ids.index_select(&index, 0).map_err(err)
     }
 }
 
@@ -398,18 +422,26 @@ impl Model {
                 sample.len()
             ));
         }
+        // Picked ids taken by row, when the step feeds a subset of the earlier step's rows.
+        let selected;
         let ids = match tokens {
             StepTokens::Host(ids) => StepIds::Host(ids),
-            StepTokens::Picked(picked) => {
-                if picked.len() != seqs.len() || seqs.iter().any(|s| s.len != 1) {
+            StepTokens::Picked { ids: picked, rows } => {
+                let fed = rows.map_or(picked.len(), <[u32]>::len);
+                if fed != seqs.len() || seqs.is_empty() || seqs.iter().any(|s| s.len != 1) {
                     return bad(format!(
-                        "{} picked ids cannot feed a step of {} sequences that does not decode \
-                         one token each",
-                        picked.len(),
+                        "{fed} picked ids cannot feed a step of {} sequences that does not \
+                         decode one token each",
                         seqs.len()
                     ));
                 }
-                StepIds::Device(&picked.ids)
+                match rows {
+                    None => StepIds::Device(&picked.ids),
+                    Some(rows) => {
+                        selected = picked.select(rows)?;
+                        StepIds::Device(&selected)
+                    }
+                }
             }
         };
         // Nothing from here to the return waits for a GPU, so the host goes back to its own
@@ -418,7 +450,9 @@ impl Model {
         //   only; picked ids are never read (see `kernel_logits` on the vocabulary check);
         // - every upload is an asynchronous host-to-device copy (pageable memory is staged and
         //   the call returns), picked ids reach a graph's fixed buffer with a device-to-device
-        //   copy kernel (`ops::copy_u32`), and an eager step reads them where they are;
+        //   copy kernel (`ops::copy_u32`), and an eager step reads them where they are; rows
+        //   are selected with candle's `index_select`, a queued gather kernel whose row
+        //   indices were checked on the host (`DeviceIds::select`);
         // - the kernels, candle's ops and cuBLAS matmuls, a graph launch and the copy of its
         //   output, and the sampling kernel are queued on the stream;
         // - there is no `to_vec*`, `to_scalar` or move to the CPU on this path.
@@ -1523,7 +1557,9 @@ mod tests {
             }
             out
         };
-        for graphs in [false, true] {
+        // With `swap`, every launched step lists the two sequences in the other order from the
+        // step before, so each takes its token from the other row (`rows: Some([1, 0])`).
+        for (graphs, swap) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut m = model(&spec, true);
             m.set_decode_graphs(graphs);
             assert!(m.can_chain());
@@ -1533,17 +1569,29 @@ mod tests {
             let mut flight = m
                 .launch_step(StepTokens::Host(&out[0]), &first, &mut cache, &greedy)
                 .unwrap();
+            // Whether the step in flight lists the sequences in reverse order.
+            let mut reversed = false;
+            let in_order = |mut ids: Vec<u32>, reversed: bool| {
+                if reversed {
+                    ids.reverse();
+                }
+                ids
+            };
             for k in 1..8 {
                 let lens = [prompts[0].len() + k + 1, prompts[1].len() + k + 1];
-                let steps = steps_at(lens, &cache);
-                let next = m
-                    .launch_step(StepTokens::Picked(&flight), &steps, &mut cache, &greedy)
-                    .unwrap();
-                out.push(flight.collect().unwrap());
+                let mut steps = steps_at(lens, &cache);
+                let rows = swap.then_some(&[1, 0][..]);
+                if swap && k % 2 == 1 {
+                    steps.reverse();
+                }
+                let picked = StepTokens::Picked { ids: &flight, rows };
+                let next = m.launch_step(picked, &steps, &mut cache, &greedy).unwrap();
+                out.push(in_order(flight.collect().unwrap(), reversed));
                 flight = next;
+                reversed = swap && k % 2 == 1;
             }
-            out.push(flight.collect().unwrap());
-            assert_eq!(out, host_fed, "graphs {graphs}");
+            out.push(in_order(flight.collect().unwrap(), reversed));
+            assert_eq!(out, host_fed, "graphs {graphs}, swap {swap}");
             if graphs {
                 let (stats, off) = m.graph_report().unwrap();
                 assert_eq!(off, None);
@@ -1586,15 +1634,47 @@ mod tests {
         let bad = [
             // Picked ids feed one token per sequence, not a prefill chunk.
             (
-                StepTokens::Picked(&picked),
+                StepTokens::Picked {
+                    ids: &picked,
+                    rows: None,
+                },
                 vec![prefill.clone()],
                 vec![greedy],
             ),
             // One id for two sequences.
             (
-                StepTokens::Picked(&picked),
+                StepTokens::Picked {
+                    ids: &picked,
+                    rows: None,
+                },
                 vec![decode.clone(), decode.clone()],
                 vec![greedy; 2],
+            ),
+            // Row selection: a row the picked ids do not have, and two rows for one sequence.
+            (
+                StepTokens::Picked {
+                    ids: &picked,
+                    rows: Some(&[1]),
+                },
+                vec![decode.clone()],
+                vec![greedy],
+            ),
+            (
+                StepTokens::Picked {
+                    ids: &picked,
+                    rows: Some(&[0, 0]),
+                },
+                vec![decode.clone()],
+                vec![greedy],
+            ),
+            // No sequences at all.
+            (
+                StepTokens::Picked {
+                    ids: &picked,
+                    rows: Some(&[]),
+                },
+                vec![],
+                vec![],
             ),
             // A sampling setting missing, and a sequence that wants no token.
             (StepTokens::Host(&[5]), vec![decode.clone()], vec![]),
@@ -1622,10 +1702,21 @@ mod tests {
                 "{tokens:?} {steps:?}"
             );
         }
+        // Selecting rows directly: out of range is a typed error, in range keeps the ids.
+        assert!(matches!(
+            picked.select(&[0, 1]),
+            Err(Error::Execution { .. })
+        ));
+        let ids = picked.collect().unwrap();
+        let twice = picked.select(&[0, 0]).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(twice, [ids[0], ids[0]]);
         // A well-formed step still runs, and candle's own path cannot launch steps at all.
         assert!(
             m.launch_step(
-                StepTokens::Picked(&picked),
+                StepTokens::Picked {
+                    ids: &picked,
+                    rows: None
+                },
                 std::slice::from_ref(&decode),
                 &mut cache,
                 &[greedy]

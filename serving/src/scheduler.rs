@@ -160,22 +160,36 @@ impl Seq {
 }
 
 /// A step launched on the device whose picked ids the host has not read yet (pipelined
-/// decode); at most one exists. While it is in flight, `running` holds exactly its sequences,
-/// in its batch order, and it feeds each one token, `tokens[computed]` at position `computed`
-/// (a token the host may not have yet), in a cache slot of a block the sequence already holds.
-/// Nothing leaves `running` and no block goes back to the pool until it is collected, since it
-/// still writes those slots.
+/// decode); at most one exists. It feeds each of its sequences one token, `tokens[computed]`
+/// at position `computed`, in a cache slot of a block the sequence held when it was launched.
+///
+/// While it is in flight, every running sequence has a row in it, in the same order (`running`
+/// is a subsequence of `rows`), and nothing joins `running`. A sequence may leave (it ended at
+/// the step before, or was cancelled or expired): it is retired at once and its blocks go back
+/// to the pool at once, and its row is dead, discarded when the step is collected (never
+/// streamed or counted). Freeing a block this step still writes is safe: every launch goes on
+/// the device's one stream, so a later step that reuses the block is queued behind this one
+/// and writes after it, and on the CPU a launched step has completed before `launch_step`
+/// returns. The slot written is never in a block the prefix cache indexed: it is at or past the
+/// sequence's `computed`, and only whole computed blocks are indexed.
 struct InFlight {
-    /// The ids its sampler picked, one per sequence, still on the device.
+    /// The ids its sampler picked, one per row, still on the device.
     ids: DeviceIds,
+    /// The sequence (`Seq::id`) of each row, in batch order.
+    rows: Vec<u64>,
     /// When its planning began, for the step metrics.
     t0: Instant,
 }
 
-/// The step after the one in flight, planned before that one's ids are read.
+/// The step after the one in flight, planned before that one's ids are read, for the running
+/// sequences that go on past it.
 struct Ahead {
     steps: Vec<SeqStep>,
     params: Vec<SampleParams>,
+    /// Each planned sequence's row of the step in flight, which holds its input token.
+    rows: Vec<u32>,
+    /// Each planned sequence's id.
+    seqs: Vec<u64>,
     t0: Instant,
 }
 
@@ -323,50 +337,44 @@ impl Scheduler {
     }
 
     /// Drops cancelled requests and fails those past their deadline, freeing their blocks.
+    /// With a step in flight, a running sequence reaped here leaves the batch at once: its row
+    /// of that step is dead (see `InFlight` on why its blocks may go back now), and the chain
+    /// goes on for the others.
     fn reap(&mut self) {
         let now = Instant::now();
-        let mut keep_running = false;
-        if self.in_flight.is_some() {
-            let discard: Vec<bool> = self
-                .running
-                .iter()
-                .map(|s| s.events.is_closed() || s.deadline.is_some_and(|d| now >= d))
-                .collect();
-            if discard.contains(&true) {
-                // The step in flight still writes these sequences' cache slots: collect it,
-                // with their rows discarded, before their blocks go back.
-                self.drain(&discard);
+        // One look per sequence: whether it is dead, and whether because its stream was
+        // dropped (cancelled) or its deadline passed. A stream dropped after its look is
+        // reaped at the next turn.
+        let look = |s: &Seq| {
+            if s.events.is_closed() {
+                Some(true)
+            } else if s.deadline.is_some_and(|d| now >= d) {
+                Some(false)
             } else {
-                // Nothing running was dead at this look, and the step stays in flight, so
-                // `running` must stay exactly its batch: a stream dropped since the look is
-                // reaped at the next one, not now.
-                keep_running = true;
+                None
             }
-        }
+        };
         let mut dead = Vec::new();
-        let mut i = 0;
-        while !keep_running && i < self.running.len() {
-            let s = &self.running[i];
-            if s.events.is_closed() || s.deadline.is_some_and(|d| now >= d) {
-                dead.push(self.running.remove(i));
-            } else {
-                i += 1;
+        let mut keep = Vec::with_capacity(self.running.len());
+        for s in self.running.drain(..) {
+            match look(&s) {
+                Some(cancelled) => dead.push((s, cancelled)),
+                None => keep.push(s),
             }
         }
+        self.running = keep;
         let mut keep = VecDeque::with_capacity(self.waiting.len());
         for s in self.waiting.drain(..) {
-            if s.events.is_closed() || s.deadline.is_some_and(|d| now >= d) {
-                dead.push(s);
-            } else {
-                keep.push_back(s);
+            match look(&s) {
+                Some(cancelled) => dead.push((s, cancelled)),
+                None => keep.push_back(s),
             }
         }
         self.waiting = keep;
-        for s in dead {
+        for (s, cancelled) in dead {
             // Account first, so a caller who sees the error also sees its effects.
             let events = s.events.clone();
             let id = s.id;
-            let cancelled = events.is_closed();
             self.with_metrics(|m| {
                 if cancelled {
                     m.m.requests_cancelled += 1;
@@ -379,6 +387,17 @@ impl Scheduler {
             if !cancelled {
                 let _ = events.send(Err(Error::DeadlineExceeded { id }));
             }
+        }
+        self.settle();
+    }
+
+    /// Collects the step in flight once no running sequence is left in it (every row dead),
+    /// so the thread never idles with a step unread.
+    fn settle(&mut self) {
+        if self.running.is_empty()
+            && let Some(flight) = self.in_flight.take()
+        {
+            self.drain(flight);
         }
     }
 
@@ -519,7 +538,10 @@ impl Scheduler {
                 self.model
                     .launch_step(StepTokens::Host(&tokens), &steps, &mut self.cache, &params);
             match launched {
-                Ok(ids) => self.advance(InFlight { ids, t0 }),
+                Ok(ids) => {
+                    let rows = self.running.iter().map(|s| s.id).collect();
+                    self.advance(InFlight { ids, rows, t0 });
+                }
                 Err(e) => self.fail(plan.iter().map(|p| p.0).collect(), &e),
             }
             return;
@@ -536,7 +558,7 @@ impl Scheduler {
             }
         };
         let now = Instant::now();
-        let out = self.absorb(&plan, &want, outputs, &[], now);
+        let out = self.absorb(&plan, &want, outputs, now);
         self.account(t0, plan.len(), &out);
         let done = self.retire(out.finished, now);
         self.publish();
@@ -562,15 +584,22 @@ impl Scheduler {
         sample.iter().copied().collect()
     }
 
-    /// Whether the step after the one in flight may be launched before that one is collected:
-    /// the same sequences would each just decode their next token, with nothing else due. Not
-    /// when a waiting request could join the batch, at shutdown, when some sequence needs the
-    /// host sampler, when the batch outgrows one step's token budget, or when a sequence's
-    /// next position would pass the context limit. (A sequence that ends at the step in flight
-    /// is found only when its token is processed; the step run ahead for it is then
-    /// discarded.)
+    /// Whether a running sequence goes on past the step in flight, as far as the host can tell
+    /// before reading it: not when that step's token reaches its `max_tokens` or the context
+    /// limit (`on_token`'s length checks, one token on). A stop token or stop string is found
+    /// only when the token is read.
+    fn goes_on(&self, s: &Seq) -> bool {
+        s.generated + 1 < s.params.max_tokens && s.tokens.len() + 1 < self.cfg.max_context
+    }
+
+    /// Whether the step after the one in flight may be launched before that one is collected,
+    /// for the running sequences that go on past it (`goes_on`), each decoding its next token:
+    /// some sequence goes on, and nothing else is due. Not when a waiting request could join
+    /// the batch those sequences leave, at shutdown, when some sequence needs the host sampler,
+    /// or when they outgrow one step's token budget. (The context check is in `goes_on`: a
+    /// sequence that goes on has room for the position after the one in flight.)
     fn may_chain(&self) -> bool {
-        let n = self.running.len();
+        let n = self.running.iter().filter(|s| self.goes_on(s)).count();
         let room = n < self.cfg.max_seqs && n < self.cfg.max_batch_tokens;
         self.cfg.pipelined_decode
             && self.model.can_chain()
@@ -578,30 +607,45 @@ impl Scheduler {
             && n > 0
             && n <= self.cfg.max_batch_tokens
             && (self.waiting.is_empty() || !room)
-            && self
-                .running
-                .iter()
-                .all(|s| s.params.device_sampleable() && s.computed + 2 <= self.cfg.max_context)
+            && self.running.iter().all(|s| s.params.device_sampleable())
     }
 
-    /// Plans the step after the one in flight for the same sequences in the same order,
-    /// assuming each goes on: one token at the position after the one in flight, in a slot of
-    /// a block taken now when the position starts a new block, with the next draw from the
-    /// sequence's own sampler (so a seed's draws stay in order). `None`, with no block taken
-    /// and nothing drawn, when the pool has too few free blocks; the next step then runs
+    /// Plans the step after `flight` for the running sequences that go on past it (`goes_on`),
+    /// in order, assuming each does: one token, the one `flight` picks for it (its row there),
+    /// at the position after the one in flight, in a slot of a block taken now when the
+    /// position starts a new block, with the next draw from the sequence's own sampler (so a
+    /// seed's draws stay in order; a sequence left out draws nothing). `None`, with no block
+    /// taken and nothing drawn, when the pool has too few free blocks; the next step then runs
     /// synchronously, which may preempt.
-    fn plan_ahead(&mut self) -> Option<Ahead> {
+    fn plan_ahead(&mut self, flight: &InFlight) -> Option<Ahead> {
         let t0 = Instant::now();
         let bs = self.cfg.block_size;
-        let needs: Vec<usize> = self
-            .running
+        let mut going = Vec::new();
+        let mut rows = Vec::new();
+        let mut next_row = 0;
+        for (i, s) in self.running.iter().enumerate() {
+            // `running` is a subsequence of the rows, so one pass finds every row.
+            let later = flight.rows.get(next_row..)?;
+            let k = next_row + later.iter().position(|&id| id == s.id)?;
+            next_row = k + 1;
+            if self.goes_on(s) {
+                going.push(i);
+                rows.push(u32::try_from(k).ok()?);
+            }
+        }
+        let needs: Vec<usize> = going
             .iter()
-            .map(|s| blocks_for(s.computed + 2, bs).saturating_sub(s.blocks.len()))
+            .map(|&i| {
+                let s = &self.running[i];
+                blocks_for(s.computed + 2, bs).saturating_sub(s.blocks.len())
+            })
             .collect();
         let mut fresh = self.alloc.allocate(needs.iter().sum())?.into_iter();
-        let mut steps = Vec::with_capacity(needs.len());
-        let mut params = Vec::with_capacity(needs.len());
-        for (s, need) in self.running.iter_mut().zip(needs) {
+        let mut steps = Vec::with_capacity(going.len());
+        let mut params = Vec::with_capacity(going.len());
+        let mut seqs = Vec::with_capacity(going.len());
+        for (&i, need) in going.iter().zip(needs) {
+            let s = &mut self.running[i];
             s.blocks.extend(fresh.by_ref().take(need));
             steps.push(SeqStep {
                 start_pos: s.computed + 1,
@@ -610,24 +654,31 @@ impl Scheduler {
                 want_logits: true,
             });
             params.push(s.sampler.device_params(&s.params));
+            seqs.push(s.id);
         }
         // `may_chain` checked that every sequence samples on the device, so each has a setting;
         // if one did not, the blocks stay with their sequences (their next step uses them).
         let params = params.into_iter().collect::<Option<Vec<_>>>()?;
-        Some(Ahead { steps, params, t0 })
+        Some(Ahead {
+            steps,
+            params,
+            rows,
+            seqs,
+            t0,
+        })
     }
 
-    /// Collects the step in flight and processes its tokens. When the batch may go on as it is
-    /// (`may_chain`), the next step is planned while the device still runs this one and
-    /// launched from this step's ids on the device before they are read, so the device runs it
-    /// while the host reads and streams this step's tokens. (On a GPU the read waits for this
-    /// step only: its copy to page-locked memory was queued right behind it, ahead of the next
-    /// launch.) If a sequence ended at this step, the step run ahead is collected at once and
-    /// that sequence's row of it discarded (never streamed or counted), and only then do its
-    /// blocks go back.
+    /// Collects the step in flight and processes its tokens. When the batch may go on
+    /// (`may_chain`), the next step is planned while the device still runs this one, for the
+    /// sequences that go on past it, and launched from this step's ids on the device (each
+    /// sequence's own row) before they are read, so the device runs it while the host reads and
+    /// streams this step's tokens. (On a GPU the read waits for this step only: its copy to
+    /// page-locked memory was queued right behind it, ahead of the next launch.) A sequence
+    /// that ends at this step (a stop token or stop string, found only now) is retired at once
+    /// and its row of the step ahead is dead; the chain goes on for the others.
     fn advance(&mut self, flight: InFlight) {
         let ahead = if self.may_chain() {
-            self.plan_ahead()
+            self.plan_ahead(&flight)
         } else {
             None
         };
@@ -637,13 +688,22 @@ impl Scheduler {
         let mut failure = None;
         let mut next = None;
         if let Some(a) = ahead {
-            let picked = StepTokens::Picked(&flight.ids);
+            let identity = a.rows.len() == flight.rows.len()
+                && a.rows.iter().enumerate().all(|(k, &r)| r as usize == k);
+            let picked = StepTokens::Picked {
+                ids: &flight.ids,
+                rows: (!identity).then_some(&a.rows[..]),
+            };
             match self
                 .model
                 .launch_step(picked, &a.steps, &mut self.cache, &a.params)
             {
                 Ok(ids) => {
-                    next = Some(InFlight { ids, t0: a.t0 });
+                    next = Some(InFlight {
+                        ids,
+                        rows: a.seqs,
+                        t0: a.t0,
+                    });
                     self.with_metrics(|m| m.m.pipelined_steps += 1);
                 }
                 Err(e) => failure = Some(e),
@@ -659,40 +719,28 @@ impl Scheduler {
                 return;
             }
         };
-        let mut finished = self.absorb_decode(flight.t0, ids, &[]);
-        if let Some(next) = next {
-            if finished.is_empty() {
-                self.in_flight = Some(next);
-            } else {
-                let ended: Vec<bool> = (0..self.running.len())
-                    .map(|i| finished.iter().any(|f| f.0 == i))
-                    .collect();
-                match self.read(&next) {
-                    Ok(ids) => finished.extend(self.absorb_decode(next.t0, ids, &ended)),
-                    Err(e) => failure = Some(e),
-                }
-            }
-        }
+        let finished = self.absorb_decode(&flight, ids);
+        // The sequences that ended leave now, their blocks back in the pool while the step
+        // ahead may still write one of their slots: safe, see `InFlight`.
         let done = self.retire(finished, Instant::now());
         if let Some(e) = failure {
             // As when a synchronous step fails: the batch's remaining requests (all of
             // `running`, since a chain admits nobody) fail, and the engine keeps serving.
             self.fail((0..self.running.len()).collect(), &e);
+        } else if let Some(next) = next {
+            self.in_flight = Some(next);
         }
+        self.settle();
         self.publish();
         Self::send_done(done);
     }
 
-    /// Collects the step in flight, if any, with the rows of the sequences marked in `discard`
-    /// dropped, and retires the sequences that end. Called before sequences leave `running`
-    /// any other way, since the step in flight still writes their cache slots.
-    fn drain(&mut self, discard: &[bool]) {
-        let Some(flight) = self.in_flight.take() else {
-            return;
-        };
+    /// Collects a step in flight whose batch goes no further (no step is launched from it),
+    /// and retires the sequences that end at it.
+    fn drain(&mut self, flight: InFlight) {
         let done = match self.read(&flight) {
             Ok(ids) => {
-                let finished = self.absorb_decode(flight.t0, ids, discard);
+                let finished = self.absorb_decode(&flight, ids);
                 self.retire(finished, Instant::now())
             }
             Err(e) => {
@@ -707,48 +755,57 @@ impl Scheduler {
     /// Reads a launched step's ids back: on a GPU, the wait for the device.
     fn read(&self, flight: &InFlight) -> Result<Vec<u32>> {
         let ids = flight.ids.collect()?;
-        if ids.len() != self.running.len() {
+        if ids.len() != flight.rows.len() {
             return Err(Error::Execution {
                 reason: format!(
                     "a launched step returned {} ids for {} sequences",
                     ids.len(),
-                    self.running.len()
+                    flight.rows.len()
                 ),
             });
         }
         Ok(ids)
     }
 
-    /// Processes a launched decode step's ids (one per running sequence, in order) and counts
-    /// the step; rows marked in `discard` are dropped. Returns the sequences that ended.
-    fn absorb_decode(&mut self, t0: Instant, ids: Vec<u32>, discard: &[bool]) -> Vec<Finished> {
-        let n = ids.len();
-        let plan: Vec<(usize, usize)> = (0..n).map(|i| (i, 1)).collect();
-        let outputs = ids.into_iter().map(RowOutput::Token).collect();
-        let out = self.absorb(&plan, &vec![true; n], outputs, discard, Instant::now());
-        self.account(t0, n, &out);
+    /// Processes a launched decode step's ids (one per row of `flight`) and counts the step.
+    /// A row whose sequence is no longer running (it left while the step was in flight) is
+    /// dead: dropped, never streamed or counted; a step with only dead rows is not counted at
+    /// all. Returns the sequences that ended.
+    fn absorb_decode(&mut self, flight: &InFlight, ids: Vec<u32>) -> Vec<Finished> {
+        let mut plan = Vec::with_capacity(self.running.len());
+        let mut outputs = Vec::with_capacity(self.running.len());
+        // `running` is a subsequence of the rows, in order, so one pass pairs them.
+        let mut live = self.running.iter().enumerate().peekable();
+        for (&id, token) in flight.rows.iter().zip(ids) {
+            if let Some(&(idx, _)) = live.peek().filter(|(_, s)| s.id == id) {
+                plan.push((idx, 1));
+                outputs.push(RowOutput::Token(token));
+                live.next();
+            }
+        }
+        if plan.is_empty() {
+            return Vec::new();
+        }
+        let want = vec![true; plan.len()];
+        let out = self.absorb(&plan, &want, outputs, Instant::now());
+        self.account(flight.t0, plan.len(), &out);
         out.finished
     }
 
     /// Applies a step's outputs: each planned sequence's fed tokens are now in the cache, and
     /// each that wanted a token (`want`, per plan row) gets the next row of `outputs`, which is
-    /// sampled if need be, streamed and checked against the stop conditions. Rows marked in
-    /// `discard` (per plan row) change nothing and count for nothing.
+    /// sampled if need be, streamed and checked against the stop conditions.
     fn absorb(
         &mut self,
         plan: &[(usize, usize)],
         want: &[bool],
         outputs: Vec<RowOutput>,
-        discard: &[bool],
         now: Instant,
     ) -> Absorbed {
         let mut outputs = outputs.into_iter();
         let mut out = Absorbed::default();
-        for (k, (&(idx, chunk), &wanted)) in plan.iter().zip(want).enumerate() {
+        for (&(idx, chunk), &wanted) in plan.iter().zip(want) {
             let row = if wanted { outputs.next() } else { None };
-            if discard.get(k).copied().unwrap_or(false) {
-                continue;
-            }
             let s = &mut self.running[idx];
             s.computed += chunk;
             self.alloc.register(
@@ -1025,13 +1082,25 @@ mod tests {
         rx
     }
 
-    /// The pool-level invariant between steps: while a step is in flight, every sequence it
-    /// runs is still running (none was retired and had its blocks freed) and holds the block
-    /// its slot is in; and every block in use is held by a sequence.
+    /// The invariants between steps: while a step is in flight, every running sequence has a
+    /// row in it, in order (rows of sequences that left are dead), is fed its last token there
+    /// and holds the block its slot is in; and every block in use is held by a sequence (so a
+    /// sequence that left gave its blocks back).
     fn check_invariants(s: &Scheduler) {
         if let Some(f) = &s.in_flight {
-            assert_eq!(f.ids.len(), s.running.len(), "a sequence left mid-flight");
+            assert_eq!(f.ids.len(), f.rows.len());
+            assert!(
+                !s.running.is_empty(),
+                "a step in flight with every row dead"
+            );
+            let mut rows = f.rows.iter();
             for q in &s.running {
+                assert!(
+                    rows.any(|&id| id == q.id),
+                    "sequence {} has no row in the step in flight (rows {:?})",
+                    q.id,
+                    f.rows
+                );
                 assert_eq!(q.tokens.len(), q.computed + 1);
                 assert!(q.blocks.len() >= blocks_for(q.computed + 1, BLOCK));
             }
@@ -1056,15 +1125,6 @@ mod tests {
         check_invariants(s);
     }
 
-    /// Runs until every request is done.
-    fn run(s: &mut Scheduler) {
-        while !(s.running.is_empty() && s.waiting.is_empty()) {
-            turn(s);
-        }
-        assert!(s.in_flight.is_none());
-        assert_eq!(s.alloc.used(), 0);
-    }
-
     /// The tokens streamed so far and the summary, if it came.
     fn events(rx: &mut UnboundedReceiver<Result<StreamEvent>>) -> (Vec<u32>, Option<Summary>) {
         let mut tokens = Vec::new();
@@ -1084,97 +1144,144 @@ mod tests {
         f(&s.metrics.lock().unwrap().m)
     }
 
+    /// Runs `requests` (prompt, parameters) to the end, one turn at a time; returns each
+    /// request's streamed tokens (checked against its usage), the running count and whether a
+    /// step was in flight after each turn, and the scheduler for its metrics.
+    fn run_turns(
+        kv_blocks: usize,
+        pipelined: bool,
+        requests: &[(Vec<u32>, SamplingParams)],
+    ) -> (Vec<Vec<u32>>, Vec<(usize, bool)>, Scheduler) {
+        let mut s = scheduler(kv_blocks, pipelined);
+        let mut rxs: Vec<_> = requests
+            .iter()
+            .zip(1..)
+            .map(|((p, params), id)| submit(&mut s, id, p.clone(), params.clone()))
+            .collect();
+        let mut flights = Vec::new();
+        while !(s.running.is_empty() && s.waiting.is_empty()) {
+            turn(&mut s);
+            flights.push((s.running.len(), s.in_flight.is_some()));
+        }
+        assert!(s.in_flight.is_none());
+        assert_eq!(s.alloc.used(), 0);
+        let outs = rxs
+            .iter_mut()
+            .map(|rx| {
+                let (tokens, summary) = events(rx);
+                assert_eq!(tokens.len(), summary.unwrap().usage.completion_tokens);
+                tokens
+            })
+            .collect();
+        (outs, flights, s)
+    }
+
     #[test]
     fn the_step_ahead_falls_back_when_the_pool_cannot_hold_it() {
-        // 9 + 16 tokens: finishing one step at a time needs slots for 24 positions, six
-        // blocks. The step run ahead of the last one would feed position 24, a seventh block.
+        // Two sequences of 9 + 16 tokens need six blocks of four each to finish (24 positions).
+        // With eleven blocks, when both reach position 20 one of them must be preempted: the
+        // chain cannot take the two blocks the step ahead needs, falls back, and the
+        // synchronous step preempts, as it does without pipelining. With twelve, nothing is.
+        let requests = [(prompt(0, 9), greedy(16)), (prompt(1, 9), greedy(16))];
         let go = |kv_blocks, pipelined| {
-            let mut s = scheduler(kv_blocks, pipelined);
-            let mut rx = submit(&mut s, 1, prompt(0, 9), greedy(16));
-            run(&mut s);
-            let (tokens, summary) = events(&mut rx);
-            let summary = summary.unwrap();
-            assert_eq!(summary.finish_reason, FinishReason::Length);
-            assert_eq!(summary.usage.completion_tokens, 16);
-            assert_eq!(metric(&s, |m| m.preemptions), 0);
-            assert_eq!(metric(&s, |m| m.generated_tokens), 16);
-            (tokens, metric(&s, |m| m.pipelined_steps))
+            let (outs, _, s) = run_turns(kv_blocks, pipelined, &requests);
+            assert_eq!(metric(&s, |m| m.generated_tokens), 32);
+            let preempted = metric(&s, |m| m.preemptions);
+            (outs, preempted, metric(&s, |m| m.pipelined_steps))
         };
-        let (one_by_one, none) = go(6, false);
-        let (tight, fewer) = go(6, true);
-        let (roomy, more) = go(7, true);
+        let (one_by_one, preempted, none) = go(11, false);
+        let (tight, preempted_on, some) = go(11, true);
+        let (roomy, no_preemption, more) = go(12, true);
         assert_eq!(none, 0);
         assert_eq!(tight, one_by_one);
         assert_eq!(roomy, one_by_one);
-        // With a seventh block the last step is run ahead too (and discarded); without it the
-        // chain falls back to one step at a time there.
-        assert!(fewer > 0);
-        assert_eq!(more, fewer + 1);
+        assert!(preempted > 0);
+        assert_eq!(preempted_on, preempted, "the chain preempted");
+        assert_eq!(no_preemption, 0);
+        assert!(some > 0);
+        assert!(more > some, "{more} {some}");
     }
 
     #[test]
-    fn a_sequence_that_ends_mid_chain_is_retired_after_the_step_ahead() {
-        let go = |pipelined| {
-            let mut s = scheduler(32, pipelined);
-            let mut a = submit(&mut s, 1, prompt(0, 5), greedy(3));
-            let mut b = submit(&mut s, 2, prompt(1, 6), greedy(10));
-            let mut flights = Vec::new();
-            while !(s.running.is_empty() && s.waiting.is_empty()) {
-                turn(&mut s);
-                flights.push((s.running.len(), s.in_flight.is_some()));
-            }
-            let (a, sa) = events(&mut a);
-            let (b, sb) = events(&mut b);
-            let (sa, sb) = (sa.unwrap(), sb.unwrap());
-            // Nothing of the discarded row was streamed or counted.
-            assert_eq!(a.len(), sa.usage.completion_tokens);
-            assert_eq!(b.len(), sb.usage.completion_tokens);
-            assert_eq!(metric(&s, |m| m.generated_tokens), 13);
-            (a, b, flights)
-        };
-        let (a_sync, b_sync, _) = go(false);
-        let (a, b, flights) = go(true);
-        assert_eq!((a.len(), b.len()), (3, 10));
-        assert_eq!((a, b), (a_sync, b_sync));
-        // A chain ran with both sequences, stopped when the first one ended (the step ahead was
-        // collected at once), and started again with the other.
-        let both = flights.iter().position(|&f| f == (2, true)).unwrap();
-        let alone = flights.iter().position(|&f| f == (1, false)).unwrap();
-        assert!(both < alone);
-        assert!(flights[alone..].contains(&(1, true)));
+    fn the_chain_survives_sequences_ending_at_different_steps() {
+        // Four sequences of 3, 5, 7 and 9 tokens, prefilled together (turn 1, their first
+        // token). Turn 2 starts the chain; from then on each turn k collects step k and leaves
+        // step k + 1 in flight for the sequences that go on past k, and a sequence that ends
+        // leaves the batch without stopping the chain. The last turn launches nothing: its
+        // sequence is known to end there.
+        let lengths = [3usize, 5, 7, 9];
+        let requests: Vec<_> = (0u32..)
+            .zip(lengths)
+            .map(|(i, n)| (prompt(i, 5 + i), greedy(n)))
+            .collect();
+        let (sync, _, off) = run_turns(32, false, &requests);
+        let (outs, flights, s) = run_turns(32, true, &requests);
+        assert_eq!(outs, sync);
+        let got: Vec<usize> = outs.iter().map(Vec::len).collect();
+        assert_eq!(got, lengths);
+        let last = lengths[3];
+        let expected: Vec<(usize, bool)> = (1..=last)
+            .map(|k| {
+                let running = lengths.iter().filter(|&&n| n > k).count();
+                (running, k >= 2 && k < last)
+            })
+            .collect();
+        assert_eq!(flights, expected);
+        // Every step after the chain's first was launched ahead, none twice and none run for
+        // nothing: the longest sequence's decode steps (all but its first token) less one.
+        assert_eq!(metric(&s, |m| m.pipelined_steps), (last - 2) as u64);
+        assert_eq!(metric(&s, |m| m.steps), metric(&off, |m| m.steps));
+        assert_eq!(metric(&s, |m| m.steps), last as u64);
+        let total: usize = lengths.iter().sum();
+        assert_eq!(metric(&s, |m| m.generated_tokens), total as u64);
+        assert_eq!(metric(&s, |m| m.requests_finished), 4);
     }
 
     #[test]
-    fn a_cancelled_sequence_has_its_row_of_the_step_in_flight_discarded() {
+    fn a_cancelled_sequence_leaves_mid_chain_and_the_chain_goes_on() {
         let go = |cancel_after: Option<usize>| {
             let mut s = scheduler(32, true);
             let mut a = Some(submit(&mut s, 1, prompt(0, 5), greedy(20)));
             let mut b = submit(&mut s, 2, prompt(1, 6), greedy(12));
             let mut seen_a = Vec::new();
+            let mut after_cancel = Vec::new();
             while !(s.running.is_empty() && s.waiting.is_empty()) {
                 turn(&mut s);
+                if a.is_none() {
+                    after_cancel.push(s.in_flight.is_some());
+                }
                 if let Some(rx) = a.as_mut() {
                     seen_a.extend(events(rx).0);
                     if cancel_after.is_some_and(|n| seen_a.len() >= n) {
-                        // Cancelled while a step that runs it is in flight.
+                        // Cancelled while a step that runs it is in flight: it leaves at the
+                        // next look, its row dead, and the step ahead runs the other alone.
                         assert!(s.in_flight.is_some());
                         a = None;
                         turn(&mut s);
                         assert_eq!(s.running.len(), 1);
+                        assert!(s.in_flight.is_some(), "the chain stopped");
                     }
                 }
             }
             let (b, summary) = events(&mut b);
             assert_eq!(b.len(), summary.unwrap().usage.completion_tokens);
-            let generated = metric(&s, |m| m.generated_tokens);
-            (seen_a, b, generated, metric(&s, |m| m.requests_cancelled))
+            (seen_a, b, after_cancel, s)
         };
         let (a_all, b_all, _, _) = go(None);
-        let (a, b, generated, cancelled) = go(Some(4));
-        assert_eq!(cancelled, 1);
+        let (a, b, after_cancel, s) = go(Some(4));
+        assert_eq!(metric(&s, |m| m.requests_cancelled), 1);
+        assert_eq!(metric(&s, |m| m.requests_finished), 1);
         assert_eq!(a, a_all[..a.len()]);
         assert_eq!(b, b_all);
         // The tokens the cancelled request received are all that was counted for it.
-        assert_eq!(generated, (a.len() + b.len()) as u64);
+        assert_eq!(
+            metric(&s, |m| m.generated_tokens),
+            (a.len() + b.len()) as u64
+        );
+        // The chain never stopped: every step after the chain's first (turn 2) was launched
+        // ahead, up to the other request's last; each step counted once.
+        assert!(after_cancel[..after_cancel.len() - 1].iter().all(|&f| f));
+        assert_eq!(metric(&s, |m| m.pipelined_steps), (b.len() - 2) as u64);
+        assert_eq!(metric(&s, |m| m.steps), b.len() as u64);
     }
 }

@@ -145,12 +145,65 @@ async fn pipelining_crosses_block_boundaries() {
     check(|on| builder(on).block_size(2), &requests).await;
 }
 
+/// Whether the chain survived everything but admissions: a chain starts with the first
+/// decode-only step after a step with prefill, and every other decode-only step must have been
+/// launched ahead. (Prefill steps are the steps that are not decode-only; here nothing else
+/// stops a chain: no host sampler, no shutdown before the end, a pool with room.) Sequences
+/// ending or being cancelled must not cost a step.
+fn assert_chain_survives(m: &EngineMetrics) {
+    let prefill_steps = m.steps - m.decode_only_steps;
+    assert!(
+        m.pipelined_steps + prefill_steps >= m.decode_only_steps,
+        "the chain stopped other than for an admission: {m:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_too_small_for_the_step_ahead_falls_back() {
+async fn the_chain_survives_requests_ending_at_different_steps() {
+    // Six requests of different lengths, greedy and seeded, one ending on a stop token.
+    let probe = builder(false).build().unwrap();
+    let stop_prompt = prompt(4, 7);
+    let first = submit(&probe, &(stop_prompt.clone(), greedy(16)))
+        .collect()
+        .await
+        .unwrap();
+    let stop = first.tokens[5];
+    let requests = vec![
+        (prompt(0, 9), greedy(4)),
+        (prompt(1, 3), greedy(9)),
+        (prompt(2, 17), seeded(7, 14)),
+        (prompt(3, 6), seeded(8, 6).temperature(0.8)),
+        (stop_prompt, greedy(20).stop_tokens([stop])),
+        (prompt(5, 4), greedy(24)),
+    ];
+    let (out, on, _) = check(builder, &requests).await;
+    let lengths: Vec<usize> = out.iter().map(|o| o.usage.completion_tokens).collect();
+    assert_eq!(lengths[..4], [4, 9, 14, 6]);
+    assert_eq!(lengths[5], 24);
+    assert_eq!(out[4].finish, FinishReason::StopToken);
+    assert_chain_survives(&on);
+    // From the scenario: the longest request (24 tokens, the first from its prefill) runs in
+    // 23 decode steps, the first of which starts the chain, so 22 are launched ahead if
+    // every request is prefilled in one step. The requests may reach the engine over several
+    // steps; each later step with prefill stops the chain and costs two of those steps (it
+    // runs synchronously, and the decode step after it starts a new chain). No slack beyond
+    // that: endings (max_tokens, the stop token) must cost nothing.
+    let prefill_steps = on.steps - on.decode_only_steps;
+    let longest_decode_steps = 23;
+    assert!(
+        on.pipelined_steps + 1 + 2 * (prefill_steps - 1) >= longest_decode_steps,
+        "{on:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_exactly_large_enough_needs_no_more_for_the_chain() {
     // Each request needs blocks for 9 + 16 - 1 = 24 positions (six blocks of four) to finish
-    // one step at a time, and the pool holds exactly that for both; the step run ahead of
-    // their last one would need a seventh block each, so the engine must run it
-    // synchronously. Both have the same lengths, so this holds whenever each is admitted.
+    // one step at a time, and the pool holds exactly that for both. The step ahead never needs
+    // more: a sequence known to end at the step in flight (its `max_tokens`) is left out of it,
+    // and one that goes on needs the same block for its next step either way. (A pool that
+    // cannot hold the step ahead is the scheduler's unit test: the chain falls back and the
+    // synchronous step preempts.)
     let b = |on| builder(on).block_size(4).kv_blocks(12);
     let requests = vec![(prompt(0, 9), greedy(16)), (prompt(1, 9), seeded(3, 16))];
     let (_, on, off) = check(b, &requests).await;
@@ -193,6 +246,8 @@ async fn a_cancelled_request_does_not_disturb_the_others() {
         assert_eq!(m.requests_finished, 2);
         assert_eq!(m.kv_blocks_in_use, 0);
     }
+    // The cancellation did not stop the chain for the others.
+    assert_chain_survives(&on.2);
     assert!(on.2.pipelined_steps > 0);
     assert_eq!(off.2.pipelined_steps, 0);
 }
