@@ -100,17 +100,21 @@ async fn check(
     (on, m_on, m_off)
 }
 
-/// Greedy and seeded requests of different lengths, one ending on a stop token and one that
-/// needs the host sampler (log-probabilities, so no step chains while it runs).
-async fn mixed_requests() -> Vec<Request> {
-    // The stop token: one the greedy run of this prompt produces a few tokens in.
+/// A prompt and a token its greedy run produces a few tokens in, to end a request on.
+async fn stop_probe() -> (Vec<u32>, u32) {
     let probe = builder(false).build().unwrap();
     let stop_prompt = prompt(4, 7);
     let first = submit(&probe, &(stop_prompt.clone(), greedy(16)))
         .collect()
         .await
         .unwrap();
-    let stop = first.tokens[5];
+    (stop_prompt, first.tokens[5])
+}
+
+/// Greedy and seeded requests of different lengths, one ending on a stop token and one that
+/// needs the host sampler (log-probabilities, so no step chains while it runs).
+async fn mixed_requests() -> Vec<Request> {
+    let (stop_prompt, stop) = stop_probe().await;
     vec![
         (prompt(0, 9), greedy(12)),
         (prompt(1, 3), greedy(5)),
@@ -161,13 +165,7 @@ fn assert_chain_survives(m: &EngineMetrics) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chain_survives_requests_ending_at_different_steps() {
     // Six requests of different lengths, greedy and seeded, one ending on a stop token.
-    let probe = builder(false).build().unwrap();
-    let stop_prompt = prompt(4, 7);
-    let first = submit(&probe, &(stop_prompt.clone(), greedy(16)))
-        .collect()
-        .await
-        .unwrap();
-    let stop = first.tokens[5];
+    let (stop_prompt, stop) = stop_probe().await;
     let requests = vec![
         (prompt(0, 9), greedy(4)),
         (prompt(1, 3), greedy(9)),
