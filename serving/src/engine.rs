@@ -104,9 +104,11 @@ impl EngineBuilder {
     /// either way: a sequence known to end at a step (its `max_tokens`, the context limit) is
     /// left out of the step launched ahead, and one that ends otherwise (a stop token or stop
     /// string) or is cancelled leaves the batch at once, its row of the step ahead discarded,
-    /// while the others go on pipelined. The engine runs one step at a time whenever anything
-    /// else is due (a request to admit, a prompt to prefill, too few free KV blocks, a request
-    /// that needs the host sampler, shutdown), and
+    /// while the others go on pipelined. Requests that arrive meanwhile and sample on the
+    /// device are admitted into the step launched ahead (their prompts as prefill chunks, under
+    /// the same token budget and first-come-first-served order). The engine runs one step at a
+    /// time whenever anything else is due (too few free KV blocks for the sequences that go on,
+    /// a request that needs the host sampler, shutdown), and
     /// [`EngineMetrics::pipelined_steps`](crate::EngineMetrics::pipelined_steps) counts the
     /// steps launched ahead. On the CPU every step completes before the next is launched, so
     /// only the control flow changes; other models ignore the setting.

@@ -59,8 +59,8 @@ pub struct EngineMetrics {
     pub graph_captures: u64,
     /// Decode steps served by a captured graph.
     pub graph_replays: u64,
-    /// Decode steps launched from the previous step's device-picked ids before the host read
-    /// those ids back (pipelined decode, [`EngineBuilder::pipelined_decode`](crate::EngineBuilder::pipelined_decode)).
+    /// Steps launched from the previous step's device-picked ids before the host read those ids
+    /// back (decode rows, with prefill chunks of requests admitted into them) (pipelined decode, [`EngineBuilder::pipelined_decode`](crate::EngineBuilder::pipelined_decode)).
     pub pipelined_steps: u64,
     /// Why captured decode steps turned off, if a capture failed (the engine then runs every
     /// step eagerly).

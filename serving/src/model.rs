@@ -202,6 +202,16 @@ pub(crate) enum StepTokens<'a> {
         ids: &'a DeviceIds,
         rows: Option<&'a [u32]>,
     },
+    /// A mixed step, fed partly from an earlier launched step's picked ids and partly from the
+    /// host: one entry of `rows` per sequence, in batch order, `Some(r)` for a sequence that
+    /// decodes one token, row `r` of `ids`, and `None` for one whose tokens are the next
+    /// `len` of `host` (a prefill chunk). The ids are concatenated with an upload of `host` and
+    /// gathered into batch order on the device, without reading them back (`DeviceIds::mix`).
+    Mixed {
+        ids: &'a DeviceIds,
+        rows: &'a [Option<u32>],
+        host: &'a [u32],
+    },
 }
 
 /// Token ids a launched step's device sampler picked, still on the model's device (a `[rows]`
@@ -245,6 +255,65 @@ impl DeviceIds {
         let err = |e: candle_core::Error| ops::backend_error(e, device);
         let index = Tensor::from_slice(rows, rows.len(), device).map_err(err)?;
         self.ids.index_select(&index, 0).map_err(err)
+    }
+
+    /// The token ids of a mixed step (`StepTokens::Mixed`), in batch order, as a new tensor on
+    /// the same device, without reading the picked ids back: `host` is uploaded (an
+    /// asynchronous copy) and concatenated after the picked ids, and one gather (candle's
+    /// `index_select`, queued on the stream) puts each sequence's tokens in its place. The
+    /// gather's indices are built and checked on the host: sequence `k` takes row `rows[k]`
+    /// of the picked ids, or, when `rows[k]` is `None`, its next `lens[k]` host tokens.
+    ///
+    /// # Errors
+    /// [`Error::Execution`] when a row is out of range, a picked row would feed more than one
+    /// token, or the host tokens do not match the chunks; and the device's errors.
+    pub(crate) fn mix(&self, rows: &[Option<u32>], lens: &[usize], host: &[u32]) -> Result<Tensor> {
+        let device = self.ids.device();
+        let bad = |reason: String| Err(Error::Execution { reason });
+        let n = self.len();
+        if rows.len() != lens.len() {
+            return bad(format!(
+                "{} token sources for {} sequences",
+                rows.len(),
+                lens.len()
+            ));
+        }
+        let mut index = Vec::with_capacity(lens.iter().sum());
+        let mut next_host = 0usize;
+        for (&row, &len) in rows.iter().zip(lens) {
+            match row {
+                Some(r) if (r as usize) < n && len == 1 => index.push(r),
+                Some(r) => {
+                    return bad(format!(
+                        "row {r} of {n} picked ids cannot feed a chunk of {len} tokens"
+                    ));
+                }
+                None => {
+                    for k in next_host..next_host + len {
+                        let Ok(at) = u32::try_from(n + k) else {
+                            return bad(format!("host token {k} is out of range"));
+                        };
+                        index.push(at);
+                    }
+                    next_host += len;
+                }
+            }
+        }
+        if next_host != host.len() {
+            return bad(format!(
+                "{} host tokens for chunks of {next_host}",
+                host.len()
+            ));
+        }
+        let err = |e: candle_core::Error| ops::backend_error(e, device);
+        let index = Tensor::from_slice(&index, index.len(), device).map_err(err)?;
+        let all = if host.is_empty() {
+            self.ids.clone()
+        } else {
+            let up = Tensor::from_slice(host, host.len(), device).map_err(err)?;
+            Tensor::cat(&[&self.ids, &up], 0).map_err(err)?
+        };
+        all.index_select(&index, 0).map_err(err)
     }
 }
 
@@ -393,11 +462,13 @@ impl Model {
         self.samples_on_device()
     }
 
-    /// Launches a step in which every sequence wants its token and gets it from the device
-    /// sampler (`sample` holds one setting per sequence, in order), and returns the picked ids
+    /// Launches a step in which every sequence that wants its token (`SeqStep::want_logits`)
+    /// gets it from the device sampler (`sample` holds one setting per wanting sequence, in
+    /// order; at least one wants), and returns the picked ids, one row per wanting sequence,
     /// without reading them back ([`DeviceIds::collect`] does). Needs [`Model::can_chain`].
     /// With [`StepTokens::Picked`] every sequence decodes one token, the one the earlier step
-    /// picked for it.
+    /// picked for it; with [`StepTokens::Mixed`] some do, and the others are fed host tokens
+    /// (prefill chunks, which may not want a token).
     ///
     /// # Errors
     /// [`Error::Execution`] when the model cannot launch steps or the step is not of that
@@ -414,10 +485,12 @@ impl Model {
             Imp::Candle(m) if m.path == CandlePath::Kernels => m,
             _ => return bad("this model cannot launch steps ahead of reading their tokens".into()),
         };
-        if sample.len() != seqs.len() || seqs.iter().any(|s| !s.want_logits || s.len == 0) {
+        let wanting = seqs.iter().filter(|s| s.want_logits).count();
+        if sample.len() != wanting || wanting == 0 || seqs.iter().any(|s| s.len == 0) {
             return bad(format!(
-                "a launched step needs every one of its {} sequences to take a token and want \
-                 it, with one sampling setting each (got {})",
+                "a launched step needs every one of its {} sequences to take a token, some to \
+                 want one, and one sampling setting for each that does ({wanting} want, got {} \
+                 settings)",
                 seqs.len(),
                 sample.len()
             ));
@@ -426,9 +499,23 @@ impl Model {
         let selected;
         let ids = match tokens {
             StepTokens::Host(ids) => StepIds::Host(ids),
+            StepTokens::Mixed {
+                ids: picked,
+                rows,
+                host,
+            } => {
+                // Host tokens are checked here, as `kernel_logits` checks a host-fed step's.
+                check_tokens(&self.config, host)?;
+                let lens: Vec<usize> = seqs.iter().map(|s| s.len).collect();
+                selected = picked.mix(rows, &lens, host)?;
+                StepIds::Device(&selected)
+            }
             StepTokens::Picked { ids: picked, rows } => {
                 let fed = rows.map_or(picked.len(), <[u32]>::len);
-                if fed != seqs.len() || seqs.is_empty() || seqs.iter().any(|s| s.len != 1) {
+                if fed != seqs.len()
+                    || seqs.is_empty()
+                    || seqs.iter().any(|s| s.len != 1 || !s.want_logits)
+                {
                     return bad(format!(
                         "{fed} picked ids cannot feed a step of {} sequences that does not \
                          decode one token each",
@@ -452,7 +539,9 @@ impl Model {
         //   the call returns), picked ids reach a graph's fixed buffer with a device-to-device
         //   copy kernel (`ops::copy_u32`), and an eager step reads them where they are; rows
         //   are selected with candle's `index_select`, a queued gather kernel whose row
-        //   indices were checked on the host (`DeviceIds::select`);
+        //   indices were checked on the host (`DeviceIds::select`); a mixed step's host tokens
+        //   are uploaded, concatenated after the picked ids (a queued copy) and gathered into
+        //   batch order the same way (`DeviceIds::mix`);
         // - the kernels, candle's ops and cuBLAS matmuls, a graph launch and the copy of its
         //   output, and the sampling kernel are queued on the stream;
         // - there is no `to_vec*`, `to_scalar` or move to the CPU on this path.
@@ -1692,6 +1781,56 @@ mod tests {
                 vec![decode.clone()],
                 vec![greedy],
             ),
+            // Mixed steps: a picked row feeding a chunk, a row out of range, host tokens that
+            // do not match the chunks, one outside the vocabulary, and no sequence wanting.
+            (
+                StepTokens::Mixed {
+                    ids: &picked,
+                    rows: &[Some(0)],
+                    host: &[],
+                },
+                vec![prefill.clone()],
+                vec![greedy],
+            ),
+            (
+                StepTokens::Mixed {
+                    ids: &picked,
+                    rows: &[Some(1), None],
+                    host: &[5, 6],
+                },
+                vec![decode.clone(), prefill.clone()],
+                vec![greedy; 2],
+            ),
+            (
+                StepTokens::Mixed {
+                    ids: &picked,
+                    rows: &[Some(0), None],
+                    host: &[5],
+                },
+                vec![decode.clone(), prefill.clone()],
+                vec![greedy; 2],
+            ),
+            (
+                StepTokens::Mixed {
+                    ids: &picked,
+                    rows: &[Some(0), None],
+                    host: &[5, c.vocab as u32],
+                },
+                vec![decode.clone(), prefill.clone()],
+                vec![greedy; 2],
+            ),
+            (
+                StepTokens::Mixed {
+                    ids: &picked,
+                    rows: &[None],
+                    host: &[5, 6],
+                },
+                vec![SeqStep {
+                    want_logits: false,
+                    ..prefill.clone()
+                }],
+                vec![],
+            ),
         ];
         for (tokens, steps, params) in bad {
             assert!(
@@ -1710,6 +1849,14 @@ mod tests {
         let ids = picked.collect().unwrap();
         let twice = picked.select(&[0, 0]).unwrap().to_vec1::<u32>().unwrap();
         assert_eq!(twice, [ids[0], ids[0]]);
+        // Mixing: each sequence's tokens in batch order, picked rows and host chunks
+        // interleaved.
+        let mixed = picked
+            .mix(&[None, Some(0), None], &[2, 1, 1], &[7, 8, 9])
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(mixed, [7, 8, ids[0], 9]);
         // A well-formed step still runs, and candle's own path cannot launch steps at all.
         assert!(
             m.launch_step(

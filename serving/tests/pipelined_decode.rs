@@ -283,3 +283,64 @@ async fn a_request_arriving_mid_chain_joins_and_nothing_changes() {
     assert_eq!(runs[1].1.pipelined_steps, 0);
     assert_eq!(runs[0].1.requests_finished, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_of_requests_join_the_chain_without_stopping_it() {
+    // Two requests decode while three waves arrive, each after the first request has streamed
+    // some tokens. The first request runs longest, so some sequence always goes on and the
+    // chain has no reason to stop before the end: each wave is admitted into a step launched
+    // ahead (a 30-token prompt over two of them, with a budget of 16 tokens a step).
+    let first = [(prompt(0, 9), greedy(64)), (prompt(1, 4), seeded(5, 40))];
+    let waves = [
+        vec![(prompt(2, 20), greedy(10)), (prompt(3, 3), seeded(6, 12))],
+        vec![(prompt(4, 13), seeded(9, 8))],
+        vec![(prompt(5, 6), greedy(14)), (prompt(6, 30), greedy(6))],
+    ];
+    let at = [6, 14, 22];
+    let mut runs = Vec::new();
+    for on in [true, false] {
+        let e = builder(on).max_batch_tokens(16).build().unwrap();
+        let mut streams: Vec<_> = first.iter().map(|r| submit(&e, r)).collect();
+        let mut seen = Vec::new();
+        for (wave, &at) in waves.iter().zip(&at) {
+            while seen.len() < at {
+                if let StreamEvent::Token(t) = streams[0].next().await.unwrap().unwrap() {
+                    seen.push(t.token());
+                }
+            }
+            streams.extend(wave.iter().map(|r| submit(&e, r)));
+        }
+        let mut out = Vec::new();
+        for (i, s) in streams.into_iter().enumerate() {
+            let mut o = outcome(&s.collect().await.unwrap());
+            if i == 0 {
+                o.tokens = [seen.clone(), o.tokens].concat();
+            }
+            out.push(o);
+        }
+        e.shutdown().await;
+        runs.push((out, e.metrics()));
+    }
+    let ((on, m_on), (off, m_off)) = (&runs[0], &runs[1]);
+    assert_eq!(on, off);
+    let lengths: Vec<usize> = on.iter().map(|o| o.usage.completion_tokens).collect();
+    assert_eq!(lengths, [64, 40, 10, 12, 8, 14, 6]);
+    for m in [m_on, m_off] {
+        assert_eq!(m.requests_finished, 7, "{m:?}");
+        assert_eq!(m.kv_blocks_in_use, 0);
+        assert_eq!(m.generated_tokens, 154);
+        assert_eq!(m.prefill_tokens, 9 + 4 + 20 + 3 + 13 + 6 + 30);
+    }
+    assert_eq!(m_off.pipelined_steps, 0);
+    // The chain no longer stops for admissions. Before it starts: the first step prefills and
+    // the step after it (the first decode-only one) starts the chain; every later step must be
+    // launched ahead. Slack of one: the first two requests may reach the model thread in two
+    // turns, and the second one's prefill then runs in a synchronous step of its own before
+    // the chain starts. (Without admissions into the chain, each wave costs two steps: its
+    // prefill runs synchronously and the next decode step starts a new chain.)
+    let slack = 1;
+    assert!(
+        m_on.pipelined_steps + 2 + slack >= m_on.steps,
+        "the chain stopped: {m_on:?}"
+    );
+}
