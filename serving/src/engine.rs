@@ -96,9 +96,10 @@ impl EngineBuilder {
         self
     }
 
-    /// Whether decode steps are pipelined (default on): when every running sequence decodes one
-    /// token picked by the device sampler (Keel's kernel path: a CUDA device, or a bf16 model on
-    /// the CPU), the engine launches the next step from the picked ids where they are, before it
+    /// Whether decode steps are pipelined (default on): when every running sequence that wants
+    /// a token gets it from the device sampler (Keel's kernel path: a CUDA device, or a bf16
+    /// model on the CPU), the engine launches the next step from the picked ids where they are
+    /// (a chain can start at a step with prefill chunks in it), before it
     /// reads them back, and streams, detokenizes and checks stop conditions for one step while
     /// the device runs the next. Each sequence's tokens, finish reason and usage are the same
     /// either way: a sequence known to end at a step (its `max_tokens`, the context limit) is

@@ -515,13 +515,14 @@ impl Scheduler {
                     .launch_step(StepTokens::Host(&tokens), &steps, &mut self.cache, &params);
             match launched {
                 Ok(ids) => {
-                    let fed = self
-                        .running
+                    // `starts_chain` checked that the plan is every running sequence in order.
+                    let fed = plan
                         .iter()
-                        .map(|s| Fed {
-                            seq: s.id,
-                            chunk: 1,
-                            wants: true,
+                        .zip(&want)
+                        .map(|(&(idx, chunk), &wants)| Fed {
+                            seq: self.running[idx].id,
+                            chunk,
+                            wants,
                         })
                         .collect();
                     self.advance(InFlight { ids, fed, t0 });
@@ -631,18 +632,25 @@ impl Scheduler {
     }
 
     /// The sampling settings of a step that can start a pipelined chain, `None` for any other:
-    /// pipelining is on and the model supports it, and the step decodes one token for every
-    /// running sequence, in order, each wanting its token from the device sampler.
+    /// pipelining is on and the model supports it, the step feeds every running sequence, in
+    /// order (decode tokens, prefill chunks, or both: a chain can start at a mixed step, so a
+    /// steady stream of arrivals does not keep it from starting), some sequence wants a token,
+    /// and every one that does gets it from the device sampler.
     fn starts_chain(
         &self,
         plan: &[(usize, usize)],
         want: &[bool],
         sample: &[Option<SampleParams>],
     ) -> Option<Vec<SampleParams>> {
+        let wanting = want.iter().filter(|&&w| w).count();
         let whole_batch = plan.len() == self.running.len()
-            && plan.iter().enumerate().all(|(i, &p)| p == (i, 1))
-            && want.iter().all(|&w| w)
-            && sample.len() == plan.len();
+            && want.len() == plan.len()
+            && plan
+                .iter()
+                .enumerate()
+                .all(|(i, &(idx, chunk))| idx == i && chunk > 0)
+            && wanting > 0
+            && sample.len() == wanting;
         if !(self.cfg.pipelined_decode && self.model.can_chain() && whole_batch) {
             return None;
         }
@@ -1379,10 +1387,11 @@ mod tests {
     #[test]
     fn the_chain_survives_sequences_ending_at_different_steps() {
         // Four sequences of 3, 5, 7 and 9 tokens, prefilled together (turn 1, their first
-        // token). Turn 2 starts the chain; from then on each turn k collects step k and leaves
-        // step k + 1 in flight for the sequences that go on past k, and a sequence that ends
-        // leaves the batch without stopping the chain. The last turn launches nothing: its
-        // sequence is known to end there.
+        // token). Their prefill step starts the chain (every wanting row samples on the
+        // device); from then on each turn k collects step k and leaves step k + 1 in flight for
+        // the sequences that go on past k, and a sequence that ends leaves the batch without
+        // stopping the chain. The last turn launches nothing: its sequence is known to end
+        // there.
         let lengths = [3usize, 5, 7, 9];
         let requests: Vec<_> = (0u32..)
             .zip(lengths)
@@ -1397,13 +1406,13 @@ mod tests {
         let expected: Vec<(usize, bool)> = (1..=last)
             .map(|k| {
                 let running = lengths.iter().filter(|&&n| n > k).count();
-                (running, k >= 2 && k < last)
+                (running, k < last)
             })
             .collect();
         assert_eq!(flights, expected);
-        // Every step after the chain's first was launched ahead, none twice and none run for
-        // nothing: the longest sequence's decode steps (all but its first token) less one.
-        assert_eq!(metric(&s, |m| m.pipelined_steps), (last - 2) as u64);
+        // Every step after the chain's first (the prefill step) was launched ahead, none twice
+        // and none run for nothing: one per token of the longest sequence after its first.
+        assert_eq!(metric(&s, |m| m.pipelined_steps), (last - 1) as u64);
         assert_eq!(metric(&s, |m| m.steps), metric(&off, |m| m.steps));
         assert_eq!(metric(&s, |m| m.steps), last as u64);
         let total: usize = lengths.iter().sum();
@@ -1452,10 +1461,10 @@ mod tests {
             metric(&s, |m| m.generated_tokens),
             (a.len() + b.len()) as u64
         );
-        // The chain never stopped: every step after the chain's first (turn 2) was launched
-        // ahead, up to the other request's last; each step counted once.
+        // The chain never stopped: every step after the chain's first (the prefill step) was
+        // launched ahead, up to the other request's last; each step counted once.
         assert!(after_cancel[..after_cancel.len() - 1].iter().all(|&f| f));
-        assert_eq!(metric(&s, |m| m.pipelined_steps), (b.len() - 2) as u64);
+        assert_eq!(metric(&s, |m| m.pipelined_steps), (b.len() - 1) as u64);
         assert_eq!(metric(&s, |m| m.steps), b.len() as u64);
     }
 
