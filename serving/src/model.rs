@@ -239,22 +239,14 @@ impl DeviceIds {
     }
 
     /// The ids at `rows`, in that order, as a new `[rows.len()]` tensor on the same device,
-    /// without reading them back: the row indices are checked on the host and uploaded, and the
-    /// gather (candle's `index_select`) is queued on the device's stream.
+    /// without reading them back: [`DeviceIds::mix`] with every sequence decoding and no host
+    /// tokens.
     ///
     /// # Errors
     /// [`Error::Execution`] when a row is out of range, and the device's errors.
     pub(crate) fn select(&self, rows: &[u32]) -> Result<Tensor> {
-        let device = self.ids.device();
-        let n = self.len();
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
-            return Err(Error::Execution {
-                reason: format!("row {bad} of {n} picked ids does not exist"),
-            });
-        }
-        let err = |e: candle_core::Error| ops::backend_error(e, device);
-        let index = Tensor::from_slice(rows, rows.len(), device).map_err(err)?;
-        self.ids.index_select(&index, 0).map_err(err)
+        let rows: Vec<Option<u32>> = rows.iter().copied().map(Some).collect();
+        self.mix(&rows, &vec![1; rows.len()], &[])
     }
 
     /// The token ids of a mixed step (`StepTokens::Mixed`), in batch order, as a new tensor on

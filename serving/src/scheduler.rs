@@ -217,6 +217,51 @@ struct Ahead {
     t0: Instant,
 }
 
+impl Ahead {
+    /// Adds `s` to the step: `chunk` tokens from position `start`, its input token from `row`
+    /// of the step in flight's ids (it decodes), or, with `row: None`, from its own `tokens`
+    /// (a prefill chunk, uploaded with `host`). It wants a token when the chunk reaches the end
+    /// of its known tokens (a decoding sequence's input token is not in `tokens` yet: it is
+    /// read with the step in flight), and then draws its setting from its own sampler. `false`
+    /// when it wants one and cannot sample on the device.
+    fn feed(
+        &mut self,
+        s: &mut Seq,
+        cache: &KvCache,
+        start: usize,
+        chunk: usize,
+        row: Option<u32>,
+    ) -> bool {
+        let wants = row.is_some() || start + chunk == s.tokens.len();
+        if row.is_none() {
+            let tokens = s.tokens.get(start..start + chunk).unwrap_or_default();
+            self.host.extend_from_slice(tokens);
+        }
+        self.steps.push(SeqStep {
+            start_pos: start,
+            len: chunk,
+            slots: cache.slots(&s.blocks, start + chunk),
+            want_logits: wants,
+        });
+        self.rows.push(row);
+        self.fed.push(Fed {
+            seq: s.id,
+            chunk,
+            wants,
+        });
+        if !wants {
+            return true;
+        }
+        match s.sampler.device_params(&s.params) {
+            Some(p) => {
+                self.params.push(p);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// A sequence that ended at a step: its index in `running`, why it ended, and the text still
 /// to release.
 type Finished = (usize, (FinishReason, String));
@@ -750,72 +795,32 @@ impl Scheduler {
             needs.push(blocks_for(next + chunk, bs).saturating_sub(s.blocks.len()));
         }
         let mut fresh = self.alloc.allocate(needs.iter().sum())?.into_iter();
-        let mut steps = Vec::with_capacity(going.len());
-        let mut params = Vec::with_capacity(going.len());
-        let mut rows = Vec::with_capacity(going.len());
-        let mut host = Vec::new();
-        let mut fed = Vec::with_capacity(going.len());
+        let mut ahead = Ahead {
+            steps: Vec::with_capacity(going.len()),
+            params: Vec::with_capacity(going.len()),
+            rows: Vec::with_capacity(going.len()),
+            host: Vec::new(),
+            fed: Vec::with_capacity(going.len()),
+            t0,
+        };
+        // `may_chain` and `admit` checked that every sequence samples on the device, so each
+        // that wants a token has a setting; if one did not, the blocks stay with their
+        // sequences (their next step uses them).
+        let mut settled = true;
         for ((&(i, row, next), chunk), need) in going.iter().zip(chunks).zip(needs) {
             let s = &mut self.running[i];
             s.blocks.extend(fresh.by_ref().take(need));
-            // A decoding sequence's input token is not in `tokens` yet (it is read with the
-            // step in flight); a prefill chunk's are.
-            let wants = row.is_some() || next + chunk == s.tokens.len();
-            if row.is_none() {
-                host.extend_from_slice(s.tokens.get(next..next + chunk).unwrap_or_default());
-            }
-            steps.push(SeqStep {
-                start_pos: next,
-                len: chunk,
-                slots: self.cache.slots(&s.blocks, next + chunk),
-                want_logits: wants,
-            });
-            if wants {
-                params.push(s.sampler.device_params(&s.params));
-            }
-            rows.push(row);
-            fed.push(Fed {
-                seq: s.id,
-                chunk,
-                wants,
-            });
+            settled &= ahead.feed(s, &self.cache, next, chunk, row);
         }
         // Admissions go last: they join `running` now, after every sequence of the step in
         // flight. (Should nothing be launched after all, they are running sequences with
         // nothing computed yet, and the next synchronous step feeds them.)
         for (idx, chunk) in self.admit(&mut spare, seats, t0, true) {
             let s = &mut self.running[idx];
-            let end = s.computed + chunk;
-            let wants = end == s.tokens.len();
-            host.extend_from_slice(s.tokens.get(s.computed..end).unwrap_or_default());
-            steps.push(SeqStep {
-                start_pos: s.computed,
-                len: chunk,
-                slots: self.cache.slots(&s.blocks, end),
-                want_logits: wants,
-            });
-            if wants {
-                params.push(s.sampler.device_params(&s.params));
-            }
-            rows.push(None);
-            fed.push(Fed {
-                seq: s.id,
-                chunk,
-                wants,
-            });
+            let start = s.computed;
+            settled &= ahead.feed(s, &self.cache, start, chunk, None);
         }
-        // `may_chain` and `admit` checked that every sequence samples on the device, so each
-        // has a setting; if one did not, the blocks stay with their sequences (their next
-        // step uses them).
-        let params = params.into_iter().collect::<Option<Vec<_>>>()?;
-        Some(Ahead {
-            steps,
-            params,
-            rows,
-            host,
-            fed,
-            t0,
-        })
+        settled.then_some(ahead)
     }
 
     /// Collects the step in flight and processes its tokens. When the batch may go on
