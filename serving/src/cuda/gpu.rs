@@ -495,10 +495,8 @@ pub(crate) fn start_readback(
     let Storage::Cuda(cs) = &*storage else {
         bail!("picked ids are not on the GPU")
     };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        bail!("picked ids are not contiguous")
-    };
-    let n = b - a;
+    let src = view::<u32>(cs, layout)?;
+    let n = src.len();
     let stream = cs.device().cuda_stream();
     let mut buf = match home.take(n) {
         Some(buf) => buf,
@@ -514,10 +512,12 @@ pub(crate) fn start_readback(
         .w()?,
     };
     // `buf` holds at least `n` elements (`take` and the allocation both ensure it), as the
-    // copy requires; it records the buffer's event on the stream after the copy.
-    stream
-        .memcpy_dtoh(&cs.as_cuda_slice::<u32>()?.slice(a..b), &mut buf)
-        .w()?;
+    // copy requires; it records the buffer's event on the stream after the copy. A failed
+    // copy hands the buffer back to the pool.
+    if let Err(e) = stream.memcpy_dtoh(&src, &mut buf).w() {
+        home.give(buf);
+        return Err(e);
+    }
     Ok(PendingIds {
         buf: Some(buf),
         n,
